@@ -1,0 +1,99 @@
+"""Opening models: a registry from HF architecture names to declarative adapters."""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+
+from ..errors import MechsinkError, UnsupportedModel
+from .base import Adapter, Batch, BlockParts, Model
+
+# One module per architecture family; each exports ADAPTERS (or ADAPTER).
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "llava_onevision", "encoders")
+
+
+def adapters() -> dict[str, Adapter]:
+    """HF architecture class name -> adapter."""
+    table: dict[str, Adapter] = {}
+    for fam in FAMILIES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{fam}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{fam}":
+                continue
+            raise
+        for ad in getattr(mod, "ADAPTERS", None) or [mod.ADAPTER]:
+            for arch in ad.architectures:
+                table[arch] = ad
+    return table
+
+
+def adapter_for(architecture: str) -> Adapter:
+    table = adapters()
+    if architecture not in table:
+        raise UnsupportedModel(f"unsupported architecture {architecture!r}; supported: {', '.join(sorted(table))}")
+    return table[architecture]
+
+
+def wrap(hf, processor, name: str | None = None, source: str | None = None) -> Model:
+    """A Model around an HF module you already built."""
+    arch = type(hf).__name__
+    return Model(hf, processor, adapter_for(arch), name or arch, source)
+
+
+def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, device_map: str | dict | None = None,
+         attn_implementation: str | None = None, **kw) -> Model:
+    """Open a model by zoo name (``tiny-llava``, ``planted-llava``, ``toy-llava``, ...), by a
+    directory written with ``save_pretrained``, or by a Hugging Face id.
+
+    ``device_map="auto"`` spreads a large model over the available GPUs (accelerate)."""
+    from .. import testing
+    name = str(model)
+    if name in testing.ZOO:
+        m = testing.build(name, **kw)
+        return _place(m, device, dtype)
+    path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        raise MechsinkError(f"{path} is a directory without config.json; expected a save_pretrained folder")
+    import transformers
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise MechsinkError(f"cannot open model {name!r}: not a zoo name ({', '.join(testing.ZOO)}), "
+                            f"not a save_pretrained folder, and the hub is unreachable or has no such id") from e
+    archs = getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "Model")]
+    adapter = adapter_for(archs[0])
+    cls = getattr(transformers, archs[0])
+    load_kw = {}
+    if dtype is not None:
+        load_kw["dtype"] = _dtype(dtype)
+    if device_map is not None:
+        load_kw["device_map"] = device_map
+    if attn_implementation is not None:
+        load_kw["attn_implementation"] = attn_implementation
+    hf = cls.from_pretrained(name, **load_kw)
+    if adapter.vision_only:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+    else:
+        processor = transformers.AutoProcessor.from_pretrained(name)
+    m = Model(hf, processor, adapter, path.name if path.is_dir() else name, source=str(path.resolve()) if path.is_dir() else name)
+    return m if device_map is not None else _place(m, device, None)
+
+
+def _dtype(dtype):
+    import torch
+    if isinstance(dtype, str):
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    return dtype
+
+
+def _place(m: Model, device, dtype) -> Model:
+    if dtype is not None:
+        m.hf.to(_dtype(dtype))
+    if device is not None:
+        m.hf.to(device)
+    return m
+
+
+__all__ = ["Adapter", "Batch", "BlockParts", "Model", "adapter_for", "adapters", "load", "wrap"]

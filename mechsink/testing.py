@@ -1,0 +1,69 @@
+"""The test zoo: models with known structure or known answers, reachable by name in `load`.
+
+- ``tiny-*``: seeded random, architecture-faithful models built offline from configs.
+- ``planted-llava`` / ``planted-llava-null``: sinks created by the weights at known patches.
+- ``toy-llava``: the bundled trained toy LVLM.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .models import wrap
+
+TOY_DIR = Path(__file__).parent / "zoo" / "toy_llava"
+
+
+def _builders() -> dict[str, Callable]:
+    table: dict[str, Callable] = {}
+    for mod in ("tiny", "planted"):
+        try:
+            table.update(importlib.import_module(f"mechsink.zoo.{mod}").BUILDERS)
+        except ModuleNotFoundError as e:
+            if e.name != f"mechsink.zoo.{mod}":
+                raise
+    return table
+
+
+class _Zoo(dict):
+    """Names are resolved lazily so that importing mechsink stays cheap."""
+    def _table(self):
+        t = _builders()
+        t["toy-llava"] = None
+        return t
+
+    def __contains__(self, name) -> bool:
+        return name in self._table()
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def keys(self):
+        return self._table().keys()
+
+
+ZOO = _Zoo()
+
+
+def build(name: str, seed: int = 0, **kw):
+    """Build a zoo model by name -> mechsink Model."""
+    if name == "toy-llava":
+        from .models import load
+        m = load(TOY_DIR)
+        m.name = "toy-llava"
+        return m
+    hf, proc = _builders()[name](seed=seed, **kw)
+    return wrap(hf, proc, name=name, source=f"zoo:{name}")
+
+
+def test_image(size: int = 64, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test image: a bright square on a dark, mildly textured background."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    a = (rng.random((size, size, 3)) * 40).astype("uint8")
+    q = size // 4
+    a[q:2 * q + q // 2, q:2 * q + q // 2] = [220, 180, 40]
+    return Image.fromarray(a)

@@ -1,0 +1,92 @@
+"""TokenMap: where every visual token of a batch lives, at every site.
+
+One row per ViT patch (``patches``) says which sample/image/tile and which grid cell it is, and its
+index on each token axis: the ViT sequence (``vit_item``, ``vit_pos``), the projector input
+(``out_item``, ``out_pos``), the projector output (``proj_item``, ``proj_pos``) and the LLM
+sequence (``llm_pos``). ``*_item`` is -1 when that axis has no batch dimension (Qwen2-VL flattens
+all patches of a batch into one sequence). ``llm_pos`` is -1 for patches that never reach the LLM
+(LLaVA-NeXT unpadding). Several patches share one ``llm_pos`` when the projector merges them
+(Qwen2-VL's 2x2 merger).
+
+``special`` lists ViT tokens that are not patches (CLS, registers), ``llm_tokens`` lists the LLM
+positions that carry image content (role ``image`` or ``newline``) with their token-grid cell, and
+``roles`` gives the role code of every LLM position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROLES = ("pad", "text", "image", "newline", "answer")
+ROLE = {r: i for i, r in enumerate(ROLES)}
+
+PATCH_COLUMNS = ["sample", "image", "tile", "row", "col", "vit_item", "vit_pos", "out_item", "out_pos",
+                 "proj_item", "proj_pos", "llm_pos"]
+SPECIAL_COLUMNS = ["sample", "image", "tile", "role", "vit_item", "vit_pos", "out_item", "out_pos",
+                   "proj_item", "proj_pos", "llm_pos"]
+LLM_COLUMNS = ["sample", "llm_pos", "role", "image", "tile", "row", "col"]
+_AXIS_COLUMNS = {"vit": ("vit_item", "vit_pos"), "vit_out": ("out_item", "out_pos"),
+                 "proj": ("proj_item", "proj_pos"), "llm": ("sample", "llm_pos")}
+
+
+def _frame(rows: list[dict] | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=columns)
+    for c in columns:
+        if c != "role":
+            df[c] = df[c].astype("int64")
+    return df.reset_index(drop=True)
+
+
+@dataclass
+class TokenMap:
+    patches: pd.DataFrame
+    special: pd.DataFrame
+    llm_tokens: pd.DataFrame
+    roles: np.ndarray                      # [batch, seq] codes into ROLES
+    grids: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)  # (sample, image, tile) -> (rows, cols)
+
+    def __post_init__(self):
+        self.patches = _frame(self.patches, PATCH_COLUMNS)
+        self.special = _frame(self.special, SPECIAL_COLUMNS)
+        self.llm_tokens = _frame(self.llm_tokens, LLM_COLUMNS)
+
+    # -- selections -----------------------------------------------------------------------
+    def index(self, axis: str, rows: pd.DataFrame) -> tuple[torch.Tensor, ...]:
+        """Index tuple selecting `rows` (a subset of `patches`, `special` or `llm_tokens`) on a
+        site tensor of the given axis: ``tensor[tm.index("proj", rows)]`` -> [n, d]. Rows that do
+        not exist on that axis (-1) are dropped; duplicates (merged patches) are kept once."""
+        item, pos = _AXIS_COLUMNS[axis]
+        if pos not in rows.columns:
+            raise KeyError(f"rows have no {pos!r} column (axis {axis!r})")
+        rows = rows[rows[pos] >= 0]
+        flat = len(rows) > 0 and bool((rows[item] < 0).all()) if item != "sample" else False
+        keys = rows[[pos]] if flat else rows[[item, pos]]
+        keys = keys.drop_duplicates()
+        cols = [torch.as_tensor(keys[c].to_numpy(), dtype=torch.long) for c in keys.columns]
+        return tuple(cols)
+
+    def llm_positions(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Distinct (sample, llm_pos) pairs that `rows` reach in the LLM."""
+        return rows.loc[rows["llm_pos"] >= 0, ["sample", "llm_pos"]].drop_duplicates().reset_index(drop=True)
+
+    def role_mask(self, *roles: str) -> torch.Tensor:
+        """Boolean [batch, seq] mask of LLM positions with any of the given roles."""
+        codes = [ROLE[r] for r in roles]
+        return torch.as_tensor(np.isin(self.roles, codes))
+
+    def for_sample(self, sample: int) -> pd.DataFrame:
+        return self.patches[self.patches["sample"] == sample]
+
+    def records(self) -> list[dict]:
+        """JSON-ready list over LLM image tokens (what `mechsink inspect --json` prints)."""
+        out = []
+        for r in self.llm_tokens.itertuples(index=False):
+            out.append({"sample": int(r.sample), "llm_pos": int(r.llm_pos), "role": r.role, "image": int(r.image),
+                        "tile": int(r.tile), "row": int(r.row), "col": int(r.col)})
+        return out
+
+    def grid(self, sample: int = 0, image: int = 0, tile: int = 0) -> tuple[int, int]:
+        return self.grids[(sample, image, tile)]

@@ -1,0 +1,1 @@
+"""Bundled models: the trained toy LVLM and the builders behind the test zoo."""
