@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import SiteError
 from .sites import Site
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -34,6 +35,9 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
     writes = {Site.parse(k): v for k, v in (write or {}).items()}
     if not model.adapter.vision_only and model.adapter.lm_head:
         reads.append(Site.parse("llm.logits"))
+    for s in writes:
+        if s.kind == "pattern" and model.locate(s)[1] == "derived":
+            raise SiteError(f"site {s} is recomputed from the attention inputs and cannot be written")
     sites = _expand(set(reads) | set(writes))
     eager = any(s.kind == "pattern" for s in sites)
     saved: dict[str, torch.Tensor] = {}
@@ -46,7 +50,10 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
             envoys: dict[tuple[str, str], object] = {}
             for site in sorted(sites, key=lambda s: s.order):
                 path, io, idx = model.locate(site)
-                if io == "derived":   # resid_mid: a write goes through attn_out
+                if io == "derived" and site.kind == "pattern":
+                    value = model.derive_pattern(site, _envoy(nn, path).inputs)
+                    values[site] = value
+                elif io == "derived":   # resid_mid: a write goes through attn_out
                     pre, attn = Site(site.part, "resid_pre", site.layer), Site(site.part, "attn_out", site.layer)
                     value = values[pre] + values[attn]
                     values[site] = value

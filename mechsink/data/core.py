@@ -145,10 +145,15 @@ class Dataset(Sequence[Sample]):
         every image, so it costs one pass over the data.
         """
         h = hashlib.sha256(_FINGERPRINT_VERSION)
+        digests: dict[str, str] = {}  # several questions often share one image file
         for s in self._samples:
             meta = [s.id, s.prompt, s.answer, s.question_type, s.labels]
             h.update(json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode())
-            h.update(b"\0" + s.image_digest().encode() + b"\n")
+            if s.image_path is None:
+                digest = s.image_digest()
+            elif (digest := digests.get(s.image_path)) is None:
+                digest = digests[s.image_path] = s.image_digest()
+            h.update(b"\0" + digest.encode() + b"\n")
         return h.hexdigest()
 
     def label_columns(self) -> list[str]:

@@ -146,12 +146,13 @@ class ErrorLog:
         }
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write one JSON line per skipped sample; a directory gets errors.jsonl inside it.
+        """Write one JSON line per skipped sample. A directory, or a path without a suffix, gets
+        errors.jsonl inside it.
 
         The file is replaced atomically, so a crash never leaves half a log. Returns the file path.
         """
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or not path.suffix:
             path = path / "errors.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -72,7 +72,9 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
     if attn_implementation is not None:
         load_kw["attn_implementation"] = attn_implementation
     hf = cls.from_pretrained(name, **load_kw)
-    if adapter.vision_only:
+    if adapter.processor_loader is not None:
+        processor = adapter.processor_loader(name)
+    elif adapter.vision_only:
         processor = transformers.AutoImageProcessor.from_pretrained(name)
     else:
         processor = transformers.AutoProcessor.from_pretrained(name)

@@ -28,6 +28,9 @@ class BlockParts:
     mlp_out_proj: str = "mlp.fc2"     # its input is mlp.hook_post
     attn_out: str | None = None       # when the residual adds another module's output (DINOv2's layer scale)
     mlp_out: str | None = None
+    # When the attention module does not return its pattern (Qwen2-VL's ViT): a function
+    # (attention module, args, kwargs) -> pattern, recomputed from the module's inputs.
+    pattern: Callable[[torch.nn.Module, tuple, dict], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,14 @@ class Adapter:
     """Declarative description of one architecture family.
 
     Paths are dotted module names from the HF model root. ``vit_out`` is (path, "input"|"output")
-    of the tensor the projector reads. ``layout`` builds the TokenMap from processor outputs.
+    of the tensor the projector reads; ``vit_embed`` is a path (its output) or such a pair. A path
+    may contain ``{last}``, the index of the last ViT block. ``layout`` builds the TokenMap from
+    processor outputs. ``processor_loader`` opens the processor of a saved model when
+    ``AutoProcessor`` cannot (processors that insist on a video processor need torchvision).
     """
     family: str
     architectures: tuple[str, ...]
-    vit_embed: str
+    vit_embed: str | tuple[str, str]
     vit_blocks: str
     vit_out: tuple[str, str]
     layout: Callable[["Model", "BatchFeature", list[list[Image.Image]]], TokenMap]
@@ -53,6 +59,7 @@ class Adapter:
     default_question: str = "Describe the image."
     vision_only: bool = False
     processor_kwargs: dict = field(default_factory=dict)
+    processor_loader: Callable[[str], Any] | None = None
 
 
 @dataclass
@@ -127,21 +134,33 @@ class Model:
         if s.part != "vit" and a.vision_only:
             raise SiteError(f"site {s} does not exist: {self.name} is a vision encoder without projector or LLM")
         if not s.is_block:
-            return {"vit.embed": (a.vit_embed, "output", None),
-                    "vit.out": (a.vit_out[0], a.vit_out[1], None),
+            embed = (a.vit_embed, "output") if isinstance(a.vit_embed, str) else a.vit_embed
+            last = self.n_vit_layers - 1
+            return {"vit.embed": (embed[0].format(last=last), embed[1], None),
+                    "vit.out": (a.vit_out[0].format(last=last), a.vit_out[1], None),
                     "proj.out": (a.projector, "output", None),
                     "llm.embed": (f"{a.llm_blocks}.0", "input", None),
                     "llm.logits": (a.lm_head, "output", None)}[str(s)]
         block = f"{a.vit_blocks if s.part == 'vit' else a.llm_blocks}.{s.layer}"
         parts = a.vit_parts if s.part == "vit" else a.llm_parts
         return {"resid_pre": (block, "input", None),
-                "pattern": (f"{block}.{parts.attn}", "output", 1),
+                "pattern": ((f"{block}.{parts.attn}", "derived", None) if parts.pattern
+                            else (f"{block}.{parts.attn}", "output", 1)),
                 "attn_out": ((f"{block}.{parts.attn_out}", "output", None) if parts.attn_out
                              else (f"{block}.{parts.attn}", "output", 0)),
                 "mlp_post": (f"{block}.{parts.mlp_out_proj}", "input", None),
                 "mlp_out": (f"{block}.{parts.mlp_out or parts.mlp}", "output", None),
                 "resid_post": (block, "output", None),
                 "resid_mid": (block, "derived", None)}[s.kind]
+
+    def derive_pattern(self, site: Site | str, inputs: tuple[tuple, dict]) -> torch.Tensor:
+        """The attention pattern of a block whose attention module does not return it, computed
+        from that module's (args, kwargs)."""
+        s = Site.parse(site)
+        parts = self.adapter.vit_parts if s.part == "vit" else self.adapter.llm_parts
+        path, _, _ = self.locate(s)
+        args, kwargs = inputs
+        return parts.pattern(self.module(path), args, kwargs)
 
     # -- inputs -------------------------------------------------------------------------------
     def format_prompt(self, question: str | None = None) -> str:

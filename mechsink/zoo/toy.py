@@ -258,7 +258,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
 
 
 class Batcher:
@@ -367,6 +366,15 @@ def train(out: Path = TOY_DIR, tc: TrainConfig = TrainConfig(), mc: ToyConfig = 
 
     The schedule is fixed by `tc.steps` (reproducible); `minutes` is a wall-clock cap that stops early
     and still saves. Returns the training log."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(Path(out), tc, mc, minutes, device, threads)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(out: Path, tc: TrainConfig, mc: ToyConfig, minutes: float | None, device: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     seed_everything(tc.seed)
     pools = load_fashion("train")

@@ -1,0 +1,256 @@
+"""Figure helpers: a tidy DataFrame in, a matplotlib Figure out.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas instead of pyplot, so they
+render the same headless, never switch the backend of a notebook that imports this module, and
+need no ``plt.close``. Jupyter still displays a returned Figure.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mechsink.report.manifest import ReportError
+
+# Fixed colours for the conditions analyses compare, so every figure reads the same way.
+CONDITION_COLOURS = {
+    "sink": "#c0392b",
+    "sinks": "#c0392b",
+    "random": "#7f8c8d",
+    "nonsink": "#2471a3",
+    "nonsinks": "#2471a3",
+    "diff": "#1e8449",
+    "full": "#34495e",
+}
+
+
+def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
+    """A Figure with one seaborn-styled axes on an Agg canvas (no pyplot state)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    with sns.axes_style("whitegrid"):
+        ax = fig.add_subplot()
+    return fig, ax
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str | None], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise ReportError(f"{what} needs a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c is not None and c not in df.columns]
+    if missing:
+        raise ReportError(f"{what}: DataFrame lacks columns {missing}; it has {list(df.columns)}")
+    if df.empty:
+        raise ReportError(f"{what}: DataFrame is empty")
+
+
+def _levels(df: pd.DataFrame, col: str | None, order: Sequence | None) -> list:
+    if col is None:
+        return [None]
+    return list(order) if order is not None else list(pd.unique(df[col]))
+
+
+def _colours(levels: list, palette: Mapping | Sequence | str | None) -> dict:
+    if isinstance(palette, Mapping):
+        return {lv: palette[lv] for lv in levels}
+    if palette is None and all(str(lv).lower() in CONDITION_COLOURS for lv in levels if lv is not None):
+        return {lv: CONDITION_COLOURS.get(str(lv).lower(), "#34495e") for lv in levels}
+    colours = sns.color_palette(palette or "colorblind", n_colors=max(len(levels), 1))
+    return dict(zip(levels, colours))
+
+
+def _yerr(sub: pd.DataFrame, y: str, low: str | None, high: str | None):
+    if low is None or high is None:
+        return None
+    return np.vstack([sub[y] - sub[low], sub[high] - sub[y]]).clip(min=0)
+
+
+def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
+    if title:
+        ax.set_title(title)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+
+
+def effect_plot(
+    df: pd.DataFrame,
+    *,
+    x: str = "label",
+    y: str = "mean",
+    hue: str | None = "condition",
+    low: str | None = "ci_low",
+    high: str | None = "ci_high",
+    order: Sequence | None = None,
+    hue_order: Sequence | None = None,
+    palette: Mapping | Sequence | str | None = None,
+    title: str | None = None,
+    ylabel: str = "effect",
+) -> Figure:
+    """Point estimates with CI bars, one dodged marker per (x, hue): sink vs random effects.
+
+    df: long format, one row per (x, hue) with columns y, low, high — e.g.
+    :func:`mechsink.stats.comparison_frame`. A dashed line marks zero effect.
+    """
+    _require(df, [x, y, hue, low, high], "effect_plot")
+    xs, hues = _levels(df, x, order), _levels(df, hue, hue_order)
+    colours = _colours(hues, palette)
+    fig, ax = new_figure(max(4.0, 1.2 * len(xs) + 2.5), 4.0)
+    width = 0.7
+    for j, h in enumerate(hues):
+        sub = df if h is None else df[df[hue] == h]
+        sub = sub.set_index(x).reindex(xs).dropna(subset=[y])
+        pos = np.array([xs.index(v) for v in sub.index], float)
+        if len(hues) > 1:
+            pos += (j - (len(hues) - 1) / 2) * width / len(hues)
+        ax.errorbar(pos, sub[y], yerr=_yerr(sub, y, low, high), fmt="o", ms=7, capsize=4, lw=1.6,
+                    color=colours[h], label=None if h is None else str(h))
+    ax.axhline(0.0, color="black", lw=0.8, ls="--", zorder=0)
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    ax.set_xlim(-0.6, len(xs) - 0.4)
+    if hue is not None:  # outside the axes: estimates and intervals are never hidden
+        ax.legend(title=hue, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _label(ax, title, "", ylabel)
+    return fig
+
+
+def layer_heatmap(
+    table: pd.DataFrame,
+    *,
+    index: str | None = None,
+    columns: str | None = None,
+    values: str | None = None,
+    cmap: str = "viridis",
+    center: float | None = None,
+    annot: bool | None = None,
+    fmt: str = ".2f",
+    cbar_label: str | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+) -> Figure:
+    """Heatmap of a wide table (rows x columns, e.g. layer x head); or pivot a long table.
+
+    With index/columns/values the long DataFrame is pivoted first (duplicates are averaged).
+    Cells are annotated when the grid is small enough to read (<= 16 x 16) unless annot says.
+    """
+    if index is not None or columns is not None or values is not None:
+        _require(table, [index, columns, values], "layer_heatmap")
+        table = table.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise ReportError("layer_heatmap needs a non-empty DataFrame")
+    grid = table.apply(pd.to_numeric, errors="coerce")
+    if annot is None:
+        annot = grid.shape[0] <= 16 and grid.shape[1] <= 16
+    fig, ax = new_figure(min(14.0, 1.5 + 0.55 * grid.shape[1] + 1.5), min(12.0, 1.2 + 0.4 * grid.shape[0] + 0.8))
+    sns.heatmap(grid, ax=ax, cmap=cmap, center=center, annot=annot, fmt=fmt, linewidths=0.4,
+                cbar_kws={"label": cbar_label} if cbar_label else None)
+    _label(ax, title, xlabel, ylabel)
+    return fig
+
+
+def accuracy_by_layer(
+    df: pd.DataFrame,
+    *,
+    x: str = "layer",
+    y: str = "accuracy",
+    hue: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
+    hue_order: Sequence | None = None,
+    palette: Mapping | Sequence | str | None = None,
+    chance: float | None = None,
+    title: str | None = None,
+    ylabel: str = "accuracy",
+    xlabel: str | None = None,
+) -> Figure:
+    """One line per hue level (e.g. probe accuracy from sink vs non-sink tokens) across layers.
+
+    low/high draw a shaded CI band; chance draws a dotted reference line.
+    """
+    _require(df, [x, y, hue, low, high], "accuracy_by_layer")
+    hues = _levels(df, hue, hue_order)
+    colours = _colours(hues, palette)
+    fig, ax = new_figure(6.4, 4.0)
+    for h in hues:
+        sub = (df if h is None else df[df[hue] == h]).sort_values(x)
+        ax.plot(sub[x], sub[y], marker="o", color=colours[h], label=None if h is None else str(h))
+        if low is not None and high is not None:
+            ax.fill_between(sub[x], sub[low], sub[high], color=colours[h], alpha=0.2, lw=0)
+    if chance is not None:
+        ax.axhline(chance, color="black", ls=":", lw=1, label="chance")
+    if hue is not None or chance is not None:
+        ax.legend(frameon=False)
+    _label(ax, title, x if xlabel is None else xlabel, ylabel)
+    return fig
+
+
+def norm_histogram(
+    norms,
+    threshold: float | None = None,
+    *,
+    bins: int = 60,
+    log_y: bool = True,
+    colour: str = "#2471a3",
+    title: str | None = None,
+    xlabel: str = "token L2 norm",
+) -> Figure:
+    """Histogram of token norms with the sink threshold marked and the count above it.
+
+    norms: any array-like of shape [...] (flattened); NaN are dropped.
+    """
+    values = np.asarray(norms, dtype=float).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ReportError("norm_histogram needs at least one finite norm")
+    fig, ax = new_figure(6.4, 4.0)
+    ax.hist(values, bins=bins, color=colour, alpha=0.85, log=log_y)
+    if threshold is not None:
+        above = int(np.count_nonzero(values >= threshold))
+        ax.axvline(threshold, color=CONDITION_COLOURS["sink"], ls="--", lw=1.5,
+                   label=f"threshold {threshold:g}: {above} of {values.size} above ({100 * above / values.size:.2f} %)")
+        ax.legend(frameon=False)
+    _label(ax, title, xlabel, "tokens")
+    return fig
+
+
+def binned_bar(
+    df: pd.DataFrame,
+    *,
+    x: str = "bin",
+    y: str = "value",
+    hue: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
+    order: Sequence | None = None,
+    hue_order: Sequence | None = None,
+    palette: Mapping | Sequence | str | None = None,
+    title: str | None = None,
+    ylabel: str | None = None,
+    xlabel: str | None = None,
+) -> Figure:
+    """Grouped bars of a precomputed value per bin (e.g. accuracy per question type), with CI bars.
+
+    Intervals are taken from low/high columns, never re-estimated here.
+    """
+    _require(df, [x, y, hue, low, high], "binned_bar")
+    xs, hues = _levels(df, x, order), _levels(df, hue, hue_order)
+    colours = _colours(hues, palette)
+    fig, ax = new_figure(max(4.0, 0.9 * len(xs) * max(1, len(hues)) + 2.0), 4.0)
+    width = 0.8 / len(hues)
+    for j, h in enumerate(hues):
+        sub = (df if h is None else df[df[hue] == h]).set_index(x).reindex(xs).dropna(subset=[y])
+        pos = np.array([xs.index(v) for v in sub.index], float) + (j - (len(hues) - 1) / 2) * width
+        ax.bar(pos, sub[y], width=width * 0.95, color=colours[h], label=None if h is None else str(h),
+               yerr=_yerr(sub, y, low, high), capsize=3, error_kw={"lw": 1.2})
+    ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+    if hue is not None:
+        ax.legend(title=hue, frameon=False)
+    _label(ax, title, x if xlabel is None else xlabel, y if ylabel is None else ylabel)
+    return fig
