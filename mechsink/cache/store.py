@@ -22,7 +22,7 @@ import json
 import os
 import re
 import struct
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -605,8 +605,6 @@ class Store:
     ``row`` = position), ``sites``, ``dims`` ({site: d}), ``dtype``, ``summary``.
     """
 
-    _MAX_OPEN = 64  # memory maps kept open (each holds a file descriptor)
-
     def __init__(self, path: Path, config: dict, summary: dict, index: pd.DataFrame) -> None:
         self.path, self.config, self.summary, self.index = path, config, summary, index
         self.id: str = config["id"]
@@ -616,7 +614,7 @@ class Store:
         codes, self._shard_list = pd.factorize(index["shard"], sort=False)
         self._code = codes.astype(np.int64)
         self._offset = index["shard_row"].to_numpy(np.int64)
-        self._maps: OrderedDict[tuple[int, str], np.memmap] = OrderedDict()
+        self._specs: dict[tuple[int, str], tuple[Path, np.dtype, int, tuple[int, int]]] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Store":
@@ -639,10 +637,12 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, rows={len(self)}, sites={list(self.sites)}, dtype={self.dtype})"
 
-    def _map(self, code: int, site: str) -> np.memmap:
+    def _map(self, code: int, site: str) -> np.ndarray:
+        """A fresh read-only map of one shard's tensor [n, d]; dropping it unmaps the pages it touched,
+        so resident memory stays at one batch however much of the store has been read."""
         key = (code, site)
-        mm = self._maps.get(key)
-        if mm is None:
+        spec = self._specs.get(key)
+        if spec is None:
             file = self.path / "shards" / f"{self._shard_list[code]}.safetensors"
             start, header = read_safetensors_header(file)
             h = header[site]
@@ -650,15 +650,11 @@ class Store:
             dt = np.dtype(_NP_OF_ST[h["dtype"]])
             if hi - lo != dt.itemsize * int(np.prod(h["shape"])):
                 raise StoreError(f"{file.name}:{site} has a corrupt header (offsets do not match its shape)")
-            if h["shape"][0] == 0:  # np.memmap refuses empty maps
-                return np.zeros(h["shape"], dtype=dt)
-            mm = np.memmap(file, dtype=dt, mode="r", offset=start + lo, shape=tuple(h["shape"]))
-            self._maps[key] = mm
-            if len(self._maps) > self._MAX_OPEN:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(key)
-        return mm
+            spec = self._specs[key] = (file, dt, start + lo, tuple(h["shape"]))
+        file, dt, offset, shape = spec
+        if shape[0] == 0:  # np.memmap refuses empty maps
+            return np.zeros(shape, dtype=dt)
+        return np.memmap(file, dtype=dt, mode="r", offset=offset, shape=shape)
 
     def _check_site(self, site: str) -> None:
         if site not in self.dims:

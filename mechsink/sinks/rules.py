@@ -24,7 +24,13 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import MechsinkError
+
 MAD_SCALE = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+class SinkError(MechsinkError, ValueError):
+    """Bad sink-detection input: unknown rule or parameter, missing calibration, mismatched shapes."""
 
 
 def _robust_scale(s: np.ndarray, med: float) -> float:
@@ -77,7 +83,7 @@ def gap(s: np.ndarray, *, min_rel_gap: float = 0.5, max_fraction: float = 0.25) 
 
 def quantile(s: np.ndarray, *, q: float = 0.99, tau: float | None = None) -> np.ndarray:
     if tau is None:
-        raise ValueError("the quantile rule has no threshold yet: run mechsink.sinks.calibrate(model, batches, spec) first")
+        raise SinkError("the quantile rule has no threshold yet: run mechsink.sinks.calibrate(model, batches, spec) first")
     return s >= tau
 
 
@@ -123,7 +129,7 @@ class QuantileSketch:
 
     def __init__(self, rel_err: float = 0.005, lo: float = 1e-6, hi: float = 1e9):
         if not 0 < rel_err < 1 or not 0 < lo < hi:
-            raise ValueError(f"QuantileSketch needs 0 < rel_err < 1 and 0 < lo < hi, got {rel_err}, {lo}, {hi}")
+            raise SinkError(f"QuantileSketch needs 0 < rel_err < 1 and 0 < lo < hi, got {rel_err}, {lo}, {hi}")
         self.rel_err, self.lo, self.hi = float(rel_err), float(lo), float(hi)
         self._log_gamma = math.log((1 + rel_err) / (1 - rel_err))
         self.counts = np.zeros(int(math.ceil(math.log(hi / lo) / self._log_gamma)) + 2, dtype=np.int64)
@@ -142,23 +148,23 @@ class QuantileSketch:
         v = v[np.isfinite(v)]
         if len(v):
             if (v < 0).any():
-                raise ValueError("QuantileSketch takes non-negative scores (norms or absolute values)")
+                raise SinkError("QuantileSketch takes non-negative scores (norms or absolute values)")
             self.counts += np.bincount(self._bin(v), minlength=len(self.counts))
             self.min, self.max = min(self.min, float(v.min())), max(self.max, float(v.max()))
         return self
 
     def merge(self, other: "QuantileSketch") -> "QuantileSketch":
         if (other.rel_err, other.lo, other.hi) != (self.rel_err, self.lo, self.hi):
-            raise ValueError("cannot merge quantile sketches with different bins")
+            raise SinkError("cannot merge quantile sketches with different bins")
         self.counts += other.counts
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         return self
 
     def quantile(self, q: float) -> float:
         if self.n == 0:
-            raise ValueError("the quantile sketch is empty: calibration saw no tokens")
+            raise SinkError("the quantile sketch is empty: calibration saw no tokens")
         if not 0 <= q <= 1:
-            raise ValueError(f"quantile q must lie in [0, 1], got {q}")
+            raise SinkError(f"quantile q must lie in [0, 1], got {q}")
         rank = q * (self.n - 1)
         k = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
         # The bin's midpoint in log space is within rel_err of every value in it.

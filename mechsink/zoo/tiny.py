@@ -50,3 +50,28 @@ def tiny_llava(seed: int = 0, *, vision: dict | None = None, text: dict | None =
 
 
 BUILDERS = {"tiny-llava": tiny_llava}
+
+
+# -- any-resolution LLaVA ------------------------------------------------------------------------
+# 16 px tiles of 4 px patches (a 4x4 grid per tile); canvases of up to 2x2 tiles.
+PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+
+
+def tiny_llava_next(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
+    """(hf model, processor) for a tiny LLaVA-NeXT (CLIP + Llama, any-res tiles, unpadding)."""
+    vc = clip_vision_config(**{"image_size": 16, "patch_size": 4, **(vision or {})})
+    tok = word_tokenizer(list(WORDS))
+    ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": vc.image_size}, image_grid_pinpoints=PINPOINTS,
+                                       crop_size={"height": vc.image_size, "width": vc.image_size})
+    proc = tf.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size,
+                                 vision_feature_select_strategy="default", image_token="<image>",
+                                 num_additional_image_tokens=1)
+    tc = llama_config(len(tok), **(text or {}))
+    cfg = tf.LlavaNextConfig(vision_config=vc, text_config=tc, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"), **cfg_kw)
+    seeded(seed)
+    return tf.LlavaNextForConditionalGeneration(cfg).eval(), proc
+
+
+BUILDERS["tiny-llava-next"] = tiny_llava_next
