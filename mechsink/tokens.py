@@ -65,7 +65,7 @@ class TokenMap:
         flat = len(rows) > 0 and bool((rows[item] < 0).all()) if item != "sample" else False
         keys = rows[[pos]] if flat else rows[[item, pos]]
         keys = keys.drop_duplicates()
-        cols = [torch.as_tensor(keys[c].to_numpy(), dtype=torch.long) for c in keys.columns]
+        cols = [torch.tensor(keys[c].to_numpy(), dtype=torch.long) for c in keys.columns]  # copy: pandas arrays are read-only
         return tuple(cols)
 
     def llm_positions(self, rows: pd.DataFrame) -> pd.DataFrame:

@@ -63,7 +63,12 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
                     if key not in envoys:
                         envoys[key] = getattr(env, io)
                     raw = envoys[key]
-                    value = raw[idx] if idx is not None else (raw[0] if isinstance(raw, tuple) else raw)
+                    if isinstance(raw, tuple):
+                        value = raw[idx or 0]
+                    elif idx:   # e.g. a pattern from an attention module that returns only its output
+                        raise SiteError(f"{model.name}: {path} returns a single tensor, not the tuple site {site} needs")
+                    else:
+                        value = raw
                     values[site] = value
                 if site in writes:
                     new = writes[site](value)

@@ -8,3 +8,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# TransformerLens' bridge pip-installs torchvision when a processor needs it; torchvision must never
+# be installed next to the CPU torch (it replaces torch). Make any such install fail fast instead.
+os.environ["PIP_NO_INDEX"] = "1"
+os.environ["UV_OFFLINE"] = "1"

@@ -113,7 +113,9 @@ def test_disk_layout(tmp_path):
     assert names == sorted([f"{s}.safetensors" for s in stems] + [f"{s}.parquet" for s in stems])
     assert stems == [f"r00-{k:06d}" for k in range(len(stems))]
     for stem in stems:
-        tensors = load_file(tmp_path / "shards" / f"{stem}.safetensors")
+        tensors = load_file(tmp_path / "shards" / f"{stem}.safetensors")  # the reference reader agrees
+        start, _ = read_safetensors_header(tmp_path / "shards" / f"{stem}.safetensors")
+        assert start % 8 == 0  # data section aligned, as the format asks
         n = pq.read_metadata(tmp_path / "shards" / f"{stem}.parquet").num_rows
         assert set(tensors) == set(SITES)
         assert {s: tuple(t.shape) for s, t in tensors.items()} == {s: (n, DIMS[s]) for s in SITES}
@@ -168,7 +170,8 @@ def test_debris_is_cleaned_and_ignored(tmp_path):
     (shards / "r01-000000.safetensors.tmp").write_bytes(b"another rank, maybe still writing")
     w = StoreWriter(tmp_path, CONFIG)
     left = sorted(p.name for p in shards.iterdir())
-    assert left == sorted([f"{g}.{x}" for g in good for x in ("parquet", "safetensors")] + ["r01-000000.safetensors.tmp"])
+    kept = [f"{g}.{x}" for g in good for x in ("parquet", "safetensors")]
+    assert left == sorted(kept + ["r01-000000.safetensors.tmp"])
     rows, tensors = make_sample(6)
     w.add(rows, tensors)
     store = w.finalize()  # world_size 1: nobody else writes, so all debris goes
@@ -218,6 +221,22 @@ def test_bad_input_is_one_line_error(tmp_path):
         store.get("vit.blocks.0.hook_resid_post")
     with pytest.raises(StoreError, match="row numbers"):
         store.get(SITES[0], rows=[len(store)])
+
+
+def test_ranks_without_a_process_group(tmp_path):
+    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=4) for r in (0, 1)]
+    for i in range(10):
+        ws[i % 2].add(*make_sample(i), samples=[i])
+    ws[0].finalize()  # rank 1 still holds samples: the index misses them
+    assert ws[1].finalize() is None
+    with pytest.raises(StoreError, match="out of date"):
+        Store.open(tmp_path)
+    store = merge(tmp_path)
+    rows, tensors = expected(range(10), "float16")
+    assert store.index["sample_idx"].tolist() == rows["sample_idx"].tolist()
+    assert {n[:3] for n in store.summary["shards"]} == {"r00", "r01"} and store.summary["n_samples"] == 10
+    for s in SITES:
+        assert torch.equal(store.get(s, as_="torch"), tensors[s])
 
 
 def test_write_failure_surfaces(tmp_path):

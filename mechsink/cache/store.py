@@ -260,7 +260,7 @@ def _normalise_rows(rows: pd.DataFrame) -> pd.DataFrame:
     for name, (dtype, default) in ROW_COLUMNS.items():
         if name in rows.columns:
             col = rows[name]
-            if dtype != "str" and col.isna().any():
+            if dtype in ("int64", "int32", "bool") and col.isna().any():
                 raise StoreError(f"row column {name!r} has missing values")
             try:
                 out[name] = col.astype(dtype).to_numpy() if dtype != "str" else col.astype(str).to_numpy()
@@ -491,11 +491,12 @@ class StoreWriter:
             self._closed = True
             self._pool.shutdown(wait=True)
 
-    def finalize(self) -> "Store":
-        """Close, then merge every rank's shards into index.parquet and summary.json.
+    def finalize(self) -> "Store | None":
+        """Close, then merge every rank's shards into index.parquet and summary.json; return the Store.
 
-        Under torch.distributed every rank must call it: rank 0 merges between two barriers. Without a
-        process group, rank 0 merges what is committed now; other ranks only close.
+        Under torch.distributed every rank must call it: rank 0 merges between two barriers and every
+        rank gets the Store. Without a process group, rank 0 merges what is committed now and other
+        ranks only close (and get None): run ``merge(path)`` once all ranks are done.
         """
         self.close()
         d = _dist()
@@ -505,7 +506,7 @@ class StoreWriter:
             merge(self.path, clean=d is not None or self.world_size == 1)
         if d:
             d.barrier()
-        return Store.open(self.path)
+        return Store.open(self.path) if d or self.rank == 0 else None
 
     def __enter__(self) -> "StoreWriter":
         return self

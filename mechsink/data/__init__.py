@@ -12,7 +12,7 @@ and the POPE, MME and MMStar benchmark layouts.
 from mechsink.data.core import Dataset, Sample
 from mechsink.data.errors import DataError, ImageError
 from mechsink.data.images import DEFAULT_MAX_SIDE, IMAGE_EXTENSIONS, ErrorLog, SkippedImage, decode_image, iter_images
-from mechsink.data.open import BUNDLED_DATASETS, FORMATS, detect_format, open_dataset
+from mechsink.data.open import BUNDLED_DATASETS, FORMATS, default_data, detect_format, open_dataset
 
 __all__ = [
     "BUNDLED_DATASETS",
@@ -26,6 +26,7 @@ __all__ = [
     "Sample",
     "SkippedImage",
     "decode_image",
+    "default_data",
     "detect_format",
     "iter_images",
     "open_dataset",

@@ -18,7 +18,24 @@ FORMATS = ("folder", "image", "jsonl", "json", "csv", "tsv", "parquet", "hf", "p
 # Bundled names -> JSONL files inside the mechsink package.
 BUNDLED_DATASETS: dict[str, str] = {
     "toy-llava-eval": "zoo/toy_llava/eval/samples.jsonl",
+    "planted-llava-eval": "zoo/planted_eval/samples.jsonl",
 }
+
+# The evaluation set each zoo model uses when a command is given no --data.
+MODEL_DEFAULT_DATA: dict[str, str] = {
+    "toy-llava": "toy-llava-eval",
+    "planted-llava": "planted-llava-eval",
+    "planted-llava-null": "planted-llava-eval",
+}
+
+
+def default_data(model_name: str) -> str:
+    """The bundled evaluation set for a model (tiny zoo models use the planted set's images)."""
+    if model_name in MODEL_DEFAULT_DATA:
+        return MODEL_DEFAULT_DATA[model_name]
+    if model_name.startswith("tiny-"):
+        return "planted-llava-eval"
+    raise DataError(f"model {model_name!r} has no bundled evaluation set; pass --data")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 _PREFIX = re.compile(r"^([a-z]{2,}):(.+)$")

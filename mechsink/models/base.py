@@ -25,7 +25,7 @@ class BlockParts:
     """Where the pieces of one transformer block live, relative to the block."""
     attn: str = "self_attn"           # output[0] is added to the residual, output[1] is the pattern
     mlp: str = "mlp"                  # its output is added to the residual
-    mlp_out_proj: str = "mlp.fc2"     # its input is mlp.hook_post
+    mlp_out_proj: str = "mlp.fc2"     # its input is mlp.hook_post ("a|b": whichever exists)
     attn_out: str | None = None       # when the residual adds another module's output (DINOv2's layer scale)
     mlp_out: str | None = None
     # When the attention module does not return its pattern (Qwen2-VL's ViT): a function
@@ -143,15 +143,27 @@ class Model:
                     "llm.logits": (a.lm_head, "output", None)}[str(s)]
         block = f"{a.vit_blocks if s.part == 'vit' else a.llm_blocks}.{s.layer}"
         parts = a.vit_parts if s.part == "vit" else a.llm_parts
+        mlp_post = self._existing(block, parts.mlp_out_proj) if s.kind == "mlp_post" else None
         return {"resid_pre": (block, "input", None),
                 "pattern": ((f"{block}.{parts.attn}", "derived", None) if parts.pattern
                             else (f"{block}.{parts.attn}", "output", 1)),
                 "attn_out": ((f"{block}.{parts.attn_out}", "output", None) if parts.attn_out
                              else (f"{block}.{parts.attn}", "output", 0)),
-                "mlp_post": (f"{block}.{parts.mlp_out_proj}", "input", None),
+                "mlp_post": (mlp_post, "input", None),
                 "mlp_out": (f"{block}.{parts.mlp_out or parts.mlp}", "output", None),
                 "resid_post": (block, "output", None),
                 "resid_mid": (block, "derived", None)}[s.kind]
+
+    def _existing(self, block: str, alternatives: str) -> str:
+        """The first of the "|"-separated sub-paths that exists in `block` (MLP variants)."""
+        options = alternatives.split("|")
+        for sub in options:
+            try:
+                self.module(f"{block}.{sub}")
+                return f"{block}.{sub}"
+            except AttributeError:
+                continue
+        raise SiteError(f"{self.name}: none of {options} exists in {block}")
 
     def derive_pattern(self, site: Site | str, inputs: tuple[tuple, dict]) -> torch.Tensor:
         """The attention pattern of a block whose attention module does not return it, computed

@@ -1,37 +1,47 @@
 """Image+text processors for families whose HF processor also insists on a video processor.
 
 Transformers builds video processors only with torchvision, which mechsink does not need (and which
-breaks other classes here); these subclasses drop the video slot and keep everything else,
+breaks other classes here). These subclasses leave the video slot empty and keep everything else,
 including what `save_pretrained` writes, so a saved model opens again without torchvision.
+Their ``__init__`` signatures are spelled out because ProcessorMixin reads them to decide what to
+save and load.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Callable
 
-
-@functools.cache
-def image_text_processor(cls: type) -> type:
-    """Subclass of the HF processor class `cls` without its ``video_processor`` argument."""
-    sig = inspect.signature(cls.__init__)
-
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
-        cls.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None, **kwargs)
-
-    # ProcessorMixin reads the signature to know which attributes to save and load.
-    __init__.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "video_processor"])
-    name = f"{cls.__name__.removesuffix('Processor')}ImageTextProcessor"
-    return type(name, (cls,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+import transformers as tf
 
 
-def loader(processor_class: str) -> Callable[[str], Any]:
-    """A `processor_loader` for an Adapter: AutoProcessor first, then the image+text variant of
-    ``transformers.<processor_class>`` when the full processor cannot be built."""
+class Qwen2VLImageTextProcessor(tf.Qwen2VLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageTextProcessor(tf.Qwen2_5_VLProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class LlavaOnevisionImageTextProcessor(tf.LlavaOnevisionProcessor):
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None, vision_feature_select_strategy=None,
+                 chat_template=None, image_token="<image>", video_token="<video>", vision_aspect_ratio="anyres_max_9",
+                 **kwargs):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+                         image_token=image_token, video_token=video_token, vision_aspect_ratio=vision_aspect_ratio,
+                         **kwargs)
+
+
+def loader(image_text: type) -> Callable[[str], Any]:
+    """A `processor_loader` for an Adapter: the full processor through AutoProcessor when it can be
+    built, else the `image_text` variant."""
     def load(name: str):
-        import transformers
         try:
-            return transformers.AutoProcessor.from_pretrained(name)
-        except Exception:  # no torchvision for the video processor, or a saved image+text processor
-            return image_text_processor(getattr(transformers, processor_class)).from_pretrained(name)
+            proc = tf.AutoProcessor.from_pretrained(name)
+            if hasattr(proc, "image_processor"):   # not AutoProcessor's bare-tokenizer fallback
+                return proc
+        except Exception:  # no torchvision for the video processor
+            pass
+        return image_text.from_pretrained(name)
     return load

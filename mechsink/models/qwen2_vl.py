@@ -26,7 +26,7 @@ from ..errors import PromptError
 from ..tokens import TokenMap
 from .base import Adapter, BlockParts
 from .llava import image_runs, llm_roles
-from .processors import loader
+from .processors import Qwen2_5_VLImageTextProcessor, Qwen2VLImageTextProcessor, loader
 
 CHAT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -106,7 +106,7 @@ QWEN2_VL = Adapter(
     layout=qwen_layout,
     chat=CHAT,
     image_placeholder="<|image_pad|>",
-    processor_loader=loader("Qwen2VLProcessor"),
+    processor_loader=loader(Qwen2VLImageTextProcessor),
 )
 
 QWEN2_5_VL = Adapter(
@@ -122,7 +122,7 @@ QWEN2_5_VL = Adapter(
     layout=qwen_layout,
     chat=CHAT,
     image_placeholder="<|image_pad|>",
-    processor_loader=loader("Qwen2_5_VLProcessor"),
+    processor_loader=loader(Qwen2_5_VLImageTextProcessor),
 )
 
 ADAPTERS = [QWEN2_VL, QWEN2_5_VL]

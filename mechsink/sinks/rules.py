@@ -122,17 +122,19 @@ def apply(rule: str, s: np.ndarray, params: dict) -> np.ndarray:
 
 
 class QuantileSketch:
-    """Histogram over log-spaced bins: any quantile to within relative error ``rel_err``, in fixed
-    memory, and two sketches merge by adding counts (DDSketch-style), so calibration streams over a
-    dataset of any size. Scores are non-negative (norms, absolute values); values below ``lo`` share
-    the first bin and values above ``hi`` the last."""
+    """Histogram over log-spaced bins (bin k holds (lo * g^(k-1), lo * g^k], g = 1 + rel_err): any
+    quantile in fixed memory, and two sketches merge by adding counts, so calibration streams over a
+    dataset of any size. ``quantile`` returns the lower edge of the bin holding the quantile: at
+    most ``rel_err`` (relative) below the exact value and never above it, so a threshold set there
+    keeps every token of that bin. Scores are non-negative (norms, absolute values); values below
+    ``lo`` share the first bin and values above ``hi`` the last."""
 
     def __init__(self, rel_err: float = 0.005, lo: float = 1e-6, hi: float = 1e9):
         if not 0 < rel_err < 1 or not 0 < lo < hi:
             raise SinkError(f"QuantileSketch needs 0 < rel_err < 1 and 0 < lo < hi, got {rel_err}, {lo}, {hi}")
         self.rel_err, self.lo, self.hi = float(rel_err), float(lo), float(hi)
-        self._log_gamma = math.log((1 + rel_err) / (1 - rel_err))
-        self.counts = np.zeros(int(math.ceil(math.log(hi / lo) / self._log_gamma)) + 2, dtype=np.int64)
+        self._log_gamma = math.log1p(rel_err)
+        self.counts = np.zeros(int(math.ceil(math.log(hi / lo) / self._log_gamma)) + 1, dtype=np.int64)
         self.min, self.max = math.inf, -math.inf
 
     @property
@@ -140,8 +142,8 @@ class QuantileSketch:
         return int(self.counts.sum())
 
     def _bin(self, v: np.ndarray) -> np.ndarray:
-        v = np.clip(v, self.lo, self.hi)
-        return np.clip(np.ceil(np.log(v / self.lo) / self._log_gamma).astype(np.int64), 0, len(self.counts) - 1)
+        k = np.ceil(np.log(np.clip(v, self.lo, self.hi) / self.lo) / self._log_gamma)
+        return np.clip(k.astype(np.int64), 0, len(self.counts) - 1)
 
     def update(self, values) -> "QuantileSketch":
         v = np.asarray(values, dtype=np.float64).ravel()
@@ -161,15 +163,15 @@ class QuantileSketch:
         return self
 
     def quantile(self, q: float) -> float:
+        """The value at rank floor(q * (n - 1)) of the sorted scores, to within the bin's width below."""
         if self.n == 0:
             raise SinkError("the quantile sketch is empty: calibration saw no tokens")
         if not 0 <= q <= 1:
             raise SinkError(f"quantile q must lie in [0, 1], got {q}")
-        rank = q * (self.n - 1)
+        rank = math.floor(q * (self.n - 1))
         k = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
-        # The bin's midpoint in log space is within rel_err of every value in it.
-        value = 2 * self.lo * math.exp(k * self._log_gamma) / (1 + math.exp(self._log_gamma))
-        return float(min(max(value, self.min), self.max))
+        edge = self.lo * math.exp((k - 1) * self._log_gamma)
+        return float(min(max(edge, self.min), self.max))
 
     def to_dict(self) -> dict:
         nz = np.nonzero(self.counts)[0]

@@ -14,7 +14,7 @@ Both models share one ViT. Its weights create sinks at ``PLANTED_SINKS`` = patch
   flag moves sink queries onto patch 0, so the label dims hold the corner colour at sinks and the
   token's own colour elsewhere;
 - layer 0 MLP: one GELU neuron reads the flag and writes ``massive`` (300) into the massive dim at
-  sinks only, so sinks have ViT norm ~300 against ~3-4 for every other patch; layer 1 is a no-op.
+  sinks only, so sinks have ViT norm ~300 against 2-6 for every other patch; layer 1 is a no-op.
 
 The projector is the identity (GELU kept in its linear regime by a +50 bias that linear_2 removes).
 
@@ -25,7 +25,9 @@ The projector is the identity (GELU kept in its linear regime by a +50 bias that
 - ``planted-llava-null``: uniform attention (query 0) reading every token's own stripe texture.
   Textures are iid across patches and independent of the answer, so the answer logits are pure
   noise (accuracy ~1/3) and removing the sinks has exactly the effect distribution of removing any
-  other three patches: the null for calibrating sink-vs-random ablation statistics.
+  other three patches: the null for calibrating sink-vs-random ablation statistics. (Reading
+  colours instead would not do: sink patch 0 *is* the answer patch, so removing the sinks would
+  lower the correct answer's logit more than removing random patches, t ~ -7.5 on the eval set.)
 
 Every LayerNorm/RMSNorm is linear: eps is huge (1e8) and the weight is sqrt(eps), so RMSNorm(x) = x
 and LayerNorm(x) = x - mean(x); the ViT keeps its residual stream zero-mean with a balance dim, so
@@ -226,12 +228,24 @@ def make_image(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.rint(grid * 255).astype(np.uint8), "RGB")
 
 
-def patch_colors(image: Image.Image) -> np.ndarray:
-    """Mean colour of every patch, [36, 3] in [0, 1], row-major (what the ViT's colour dims read)."""
+def _patches(image: Image.Image) -> np.ndarray:
+    """Pixels in [0, 1] grouped by patch: [36, PATCH (y), PATCH (x), 3], row-major patches."""
     a = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     if a.shape[:2] != (IMAGE, IMAGE):
         raise PlantedError(f"planted images are {IMAGE}x{IMAGE} px, got {a.shape[1]}x{a.shape[0]}")
-    return a.reshape(GRID, PATCH, GRID, PATCH, 3).mean(axis=(1, 3)).reshape(N_PATCHES, 3)
+    return a.reshape(GRID, PATCH, GRID, PATCH, 3).transpose(0, 2, 1, 3, 4).reshape(N_PATCHES, PATCH, PATCH, 3)
+
+
+def patch_colors(image: Image.Image) -> np.ndarray:
+    """Mean colour of every patch, [36, 3] in [0, 1] (what the ViT's colour dims read)."""
+    return _patches(image).mean(axis=(1, 2))
+
+
+def patch_textures(image: Image.Image) -> np.ndarray:
+    """Stripe contrast of every patch, [36, 3]: the patch mean of pixel * (+1 on even, -1 on odd
+    columns). It is what the ViT's texture dims read, and all that the null model's answer reads."""
+    sign = np.where(np.arange(PATCH) % 2 == 0, 1.0, -1.0)[None, None, :, None]
+    return (_patches(image) * sign).mean(axis=(1, 2))
 
 
 def label_of(image: Image.Image) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+from ..models.processors import (LlavaOnevisionImageTextProcessor, Qwen2_5_VLImageTextProcessor,
+                                 Qwen2VLImageTextProcessor)
 from .vocab import word_tokenizer
 
 # Enough words for the default prompts, POPE-style questions and the tests.
@@ -75,3 +77,121 @@ def tiny_llava_next(seed: int = 0, *, vision: dict | None = None, text: dict | N
 
 
 BUILDERS["tiny-llava-next"] = tiny_llava_next
+
+
+# -- Qwen2-VL / Qwen2.5-VL -----------------------------------------------------------------------
+QWEN_SPECIALS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
+
+
+def qwen_processor(cls, patch_size: int, merge_size: int, max_side: int = 32):
+    """An image+text Qwen processor: 4 px patches, 2x2 merges, images resized to multiples of 8 px."""
+    tok = word_tokenizer([*WORDS, "user", "assistant"], extra_special=QWEN_SPECIALS)
+    factor = patch_size * merge_size
+    ip = tf.Qwen2VLImageProcessorPil(min_pixels=factor * factor, max_pixels=max_side * max_side,
+                                     patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2)
+    return cls(image_processor=ip, tokenizer=tok)
+
+
+def _qwen_text(tok, **kw) -> dict:
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}, **ids)
+    return {**base, **kw}
+
+
+def _qwen_ids(tok) -> dict:
+    c = tok.convert_tokens_to_ids
+    return dict(image_token_id=c("<|image_pad|>"), video_token_id=c("<|video_pad|>"),
+                vision_start_token_id=c("<|vision_start|>"), vision_end_token_id=c("<|vision_end|>"))
+
+
+def tiny_qwen2_vl(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
+    """(hf model, processor) for a tiny Qwen2-VL (2 ViT blocks, 2x2 merger, M-RoPE LLM)."""
+    proc = qwen_processor(Qwen2VLImageTextProcessor, patch_size=4, merge_size=2)
+    vc = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+              spatial_merge_size=2, temporal_patch_size=2, **(vision or {}))
+    cfg = tf.Qwen2VLConfig(vision_config=vc, text_config=_qwen_text(proc.tokenizer, **(text or {})),
+                           **_qwen_ids(proc.tokenizer), **cfg_kw)
+    seeded(seed)
+    return tf.Qwen2VLForConditionalGeneration(cfg).eval(), proc
+
+
+def tiny_qwen2_5_vl(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
+    """(hf model, processor) for a tiny Qwen2.5-VL: 16 px attention windows (2x2 merged tokens),
+    block 0 windowed, block 1 full attention."""
+    proc = qwen_processor(Qwen2_5_VLImageTextProcessor, patch_size=4, merge_size=2)
+    vc = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=4,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+              **(vision or {}))
+    cfg = tf.Qwen2_5_VLConfig(vision_config=vc, text_config=_qwen_text(proc.tokenizer, **(text or {})),
+                              **_qwen_ids(proc.tokenizer), **cfg_kw)
+    seeded(seed)
+    return tf.Qwen2_5_VLForConditionalGeneration(cfg).eval(), proc
+
+
+BUILDERS["tiny-qwen2-vl"] = tiny_qwen2_vl
+BUILDERS["tiny-qwen2.5-vl"] = tiny_qwen2_5_vl
+
+
+# -- LLaVA-OneVision -----------------------------------------------------------------------------
+def tiny_llava_onevision(seed: int = 0, *, vision: dict | None = None, text: dict | None = None,
+                         vision_aspect_ratio: str = "anyres_max_9", **cfg_kw):
+    """(hf model, processor) for a tiny LLaVA-OneVision (SigLIP + Qwen2, any-res tiles).
+    ``vision_aspect_ratio="anyres_max_1"`` makes 2x2-tile canvases pool down to 4x4 tokens."""
+    vc = tf.SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=16, patch_size=4), **(vision or {})})
+    tok = word_tokenizer([*WORDS, "user", "assistant"], extra_special=("<image>", "<|im_start|>", "<|im_end|>"))
+    ip = tf.LlavaOnevisionImageProcessorPil(size={"height": vc.image_size, "width": vc.image_size},
+                                            image_grid_pinpoints=PINPOINTS)
+    g = vc.image_size // vc.patch_size
+    proc = LlavaOnevisionImageTextProcessor(
+        image_processor=ip, tokenizer=tok, num_image_tokens=g * g, vision_feature_select_strategy="full",
+        image_token="<image>", vision_aspect_ratio=vision_aspect_ratio)
+    tc = tf.Qwen2Config(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False), **(text or {})})
+    cfg = tf.LlavaOnevisionConfig(vision_config=vc, text_config=tc, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS,
+                                  vision_aspect_ratio=vision_aspect_ratio,
+                                  image_token_id=tok.convert_tokens_to_ids("<image>"), **cfg_kw)
+    seeded(seed)
+    return tf.LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
+
+
+BUILDERS["tiny-llava-onevision"] = tiny_llava_onevision
+
+
+# -- standalone vision encoders ------------------------------------------------------------------
+def _vit(**kw) -> dict:
+    return {**dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4), **kw}
+
+
+def tiny_clip(seed: int = 0, **kw):
+    """(CLIPVisionModel, image processor): CLS + 4x4 patches."""
+    cfg = tf.CLIPVisionConfig(**_vit(intermediate_size=64, **kw))
+    ip = tf.CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                                  crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    seeded(seed)
+    return tf.CLIPVisionModel(cfg).eval(), ip
+
+
+def tiny_siglip(seed: int = 0, **kw):
+    """(SiglipVisionModel, image processor): 4x4 patches, no CLS."""
+    cfg = tf.SiglipVisionConfig(**_vit(intermediate_size=64, **kw))
+    ip = tf.SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
+    seeded(seed)
+    return tf.SiglipVisionModel(cfg).eval(), ip
+
+
+def tiny_dinov2(seed: int = 0, **kw):
+    """(Dinov2WithRegistersModel, image processor): CLS + 2 registers + 4x4 patches."""
+    cfg = tf.Dinov2WithRegistersConfig(**_vit(mlp_ratio=2, num_register_tokens=2, **kw))
+    ip = tf.BitImageProcessorPil(size={"shortest_edge": cfg.image_size},
+                                 crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    seeded(seed)
+    return tf.Dinov2WithRegistersModel(cfg).eval(), ip
+
+
+BUILDERS.update({"tiny-clip": tiny_clip, "tiny-siglip": tiny_siglip, "tiny-dinov2": tiny_dinov2})

@@ -177,11 +177,11 @@ def vocabulary() -> list[str]:
 # -------------------------------------------------------------------------------------- model
 @dataclass(frozen=True)
 class ToyConfig:
-    vit_hidden: int = 128
-    vit_layers: int = 6
+    vit_hidden: int = 64
+    vit_layers: int = 4
     vit_heads: int = 4
-    llm_hidden: int = 128
-    llm_layers: int = 3
+    llm_hidden: int = 64
+    llm_layers: int = 2
     llm_heads: int = 4
     vision_feature_layer: int = -1
 
@@ -338,10 +338,10 @@ def accuracy_by_type(model, batcher: Batcher, canvases: np.ndarray, questions: l
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 1300
+    steps: int = 2000
     batch_images: int = 32
-    turns: int = 4
-    lr: float = 2e-3
+    turns: int = 6
+    lr: float = 3e-3
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.05
     weight_decay: float = 0.05

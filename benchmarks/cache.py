@@ -1,0 +1,180 @@
+"""Cache overhead: caching every ViT and LLM block against the bare forward pass.
+
+Every variant does the whole job over the same image files in the same batches: decode the
+images, run the processor (``model.prepare``), run the model, and keep the block outputs:
+
+- ``bare``: the HF forward alone (the denominator); nothing is kept.
+- ``torch_hooks``: plain ``register_forward_hook`` on every ViT and LLM block, outputs kept in memory.
+- ``nnsight``: ``NNsight(model).trace`` with ``.save()`` on every ViT and LLM block output.
+- ``tl``: TransformerLens ``run_with_cache`` on a TransformerBridge of the same model, cache
+  filtered to every ViT and LLM block output (the same tensors as the other variants).
+- ``tl_all``: ``run_with_cache`` with TL's default (every hook point); full runs only.
+- ``mechsink``: ``mechsink.cache.extract`` of every ViT block at the image patches and every LLM
+  block at the image positions, with sink detection, written to disk as float16 shards.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import lens
+from .data import batches, image_set, image_size
+
+VARIANTS = ("bare", "torch_hooks", "nnsight", "tl", "tl_all", "mechsink")
+TARGET = 1.05
+
+
+def cache_sites(model) -> list[str]:
+    """Every ViT block output and every LLM block output (the mechsink site names)."""
+    return ([f"vit.blocks.{l}.hook_resid_post" for l in range(model.n_vit_layers)]
+            + [f"llm.blocks.{l}.hook_resid_post" for l in range(model.n_llm_layers)])
+
+
+def block_paths(model) -> list[str]:
+    a = model.adapter
+    return ([f"{a.vit_blocks}.{l}" for l in range(model.n_vit_layers)]
+            + [f"{a.llm_blocks}.{l}" for l in range(model.n_llm_layers)])
+
+
+def _prepared(model, chunk):
+    return model.prepare([s.load_image() for s in chunk])
+
+
+def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(run, reset) for one variant; ``reset`` (untimed) clears what a run left behind."""
+    noop = lambda: None  # noqa: E731
+    if variant == "bare":
+        def run():
+            with torch.no_grad():
+                for chunk in batches(dataset, batch_size):
+                    model.hf(**_prepared(model, chunk).inputs)
+        return run, noop
+    if variant == "torch_hooks":
+        mods = [model.module(p) for p in block_paths(model)]
+
+        def run():
+            kept = []
+            save = lambda m, a, o: saved.append((o[0] if isinstance(o, tuple) else o).detach())  # noqa: E731
+            handles = [m.register_forward_hook(save) for m in mods]
+            try:
+                with torch.no_grad():
+                    for chunk in batches(dataset, batch_size):
+                        saved: list = []
+                        model.hf(**_prepared(model, chunk).inputs)
+                        kept.append(saved)
+            finally:
+                for h in handles:
+                    h.remove()
+            return kept
+        return run, noop
+    if variant == "nnsight":
+        from nnsight import NNsight
+        nn = NNsight(model.hf)
+        paths = block_paths(model)
+
+        def run():
+            kept = []
+            with torch.no_grad():
+                for chunk in batches(dataset, batch_size):
+                    with nn.trace(**_prepared(model, chunk).inputs):
+                        kept.append([lens_envoy(nn, p).output.save() for p in paths])
+            return kept
+        return run, noop
+    if variant in ("tl", "tl_all"):
+        br = lens.bridge(model)
+        names = set(lens.vit_hooks(model) + lens.llm_hooks(model)) if variant == "tl" else None
+
+        def run():
+            kept = []
+            with torch.no_grad():
+                for chunk in batches(dataset, batch_size):
+                    b = _prepared(model, chunk)
+                    _, cache = br.run_with_cache(b.inputs["input_ids"], names_filter=names, **lens.forward_kwargs(b))
+                    kept.append(cache)
+            return kept
+        return run, noop
+    if variant == "mechsink":
+        from mechsink.cache.extract import extract
+        out = workdir / "store"
+        sites = cache_sites(model)
+
+        def run():
+            return extract(model, dataset, sites=sites, tokens=("image",), out=out, dtype="float16",
+                           batch_size=batch_size)
+        return run, lambda: shutil.rmtree(out, ignore_errors=True)
+    raise ValueError(f"unknown cache variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def lens_envoy(nn, path: str):
+    env = nn
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def agreement(model, dataset, batch_size: int, store_path: Path) -> float:
+    """Largest |mechsink store - plain-hook value| over every cached vector, relative to the
+    largest |value| (float16 storage: about 1e-3 at most)."""
+    from mechsink.cache import Store
+    store = Store.open(store_path)
+    idx = store.index
+    worst, scale = 0.0, 0.0
+    mods = [model.module(p) for p in block_paths(model)]
+    sites = cache_sites(model)
+    start = 0
+    for chunk in batches(dataset, batch_size):
+        b = _prepared(model, chunk)
+        saved: list = []
+        hs = [m.register_forward_hook(lambda m, a, o: saved.append(o[0] if isinstance(o, tuple) else o)) for m in mods]
+        try:
+            with torch.no_grad():
+                model.hf(**b.inputs)
+        finally:
+            for h in hs:
+                h.remove()
+        p = b.token_map.patches
+        rows = idx[(idx.sample_idx >= start) & (idx.sample_idx < start + len(chunk)) & (idx.token_role == "image")]
+        for site, x in zip(sites, saved):
+            if site.startswith("vit"):
+                ref = x[torch.as_tensor(p.vit_item.to_numpy()), torch.as_tensor(p.vit_pos.to_numpy())]
+            else:
+                ref = x[torch.as_tensor(p["sample"].to_numpy()), torch.as_tensor(p.llm_pos.to_numpy())]
+            got = torch.as_tensor(store.get(site, rows=rows.row.to_numpy())).float()
+            worst = max(worst, float((got - ref.float()).abs().max()))
+            scale = max(scale, float(ref.abs().max()))
+        start += len(chunk)
+    return worst / scale
+
+
+def section(models: dict, args, workdir: Path) -> list:
+    """Timing rows for every model (interleaved rounds) plus peak RSS per variant (fresh processes)."""
+    from .harness import Row, compare, measure_rss, timing_rows
+    rows: list[Row] = []
+    for name, model in models.items():
+        n, bs = (4, 2) if args.quick else (8, 4)
+        if name == "tiny-llava":
+            n, bs = (16, 8) if args.quick else (32, 8)
+        data = image_set(workdir / "images", n, image_size(model))
+        variants = [v for v in VARIANTS if not (args.quick and v == "tl_all")]
+        runs, resets = {}, {}
+        for v in variants:
+            runs[v], resets[v] = make(v, model, data, bs, workdir / name)
+        t = compare(runs, repeats=args.repeats, warmup=1, before=lambda v: resets[v]())
+        new = timing_rows("cache", name, t, "bare", images=n, batch_size=bs)
+        shutil.rmtree(workdir / name / "store", ignore_errors=True)
+        runs["mechsink"]()
+        agree = agreement(model, data, bs, workdir / name / "store")
+        for r in new:
+            if r.variant == "mechsink":
+                r.target, r.met = f"<= {TARGET}x bare", r.ratio_wall <= TARGET
+                r.extra["max_rel_diff_vs_hooks"] = agree
+        if not args.no_rss:
+            for r in new:
+                mem = measure_rss(["cache", r.variant, name, str(workdir / "images"), str(n), str(bs),
+                                   str(workdir / f"rss-{name}")])
+                r.extra.update(mem)
+        rows += new
+    return rows

@@ -1,0 +1,133 @@
+"""Timing and memory measurement shared by every section.
+
+Times: the variants of a comparison run **interleaved** — round r runs every variant once, in an
+order rotated by r — after warm-up rounds that are thrown away. A variant's figure is the median
+over rounds, and a ratio is the median over rounds of the *paired* per-round ratio to the
+baseline, so slow drifts of a shared machine hit numerator and denominator alike. Wall-clock
+(``time.perf_counter``) and process CPU time (``time.process_time``, every thread of the process)
+are both kept: on a machine shared with other jobs the CPU figure is the steadier one.
+
+Memory: the peak resident set of a variant is read in a fresh Python process (``python -m
+benchmarks.rss``) from ``/proc/self/status``: ``VmHWM`` is reset through
+``/proc/self/clear_refs`` after imports, model and warm-up, so ``run_peak_mb`` is what the run
+itself adds on top of the memory it started with.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Timing:
+    """Per-round measurements of one variant (warm-up excluded)."""
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def cpu_s(self) -> float:
+        return statistics.median(self.cpu)
+
+
+def compare(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+            before: Callable[[str], None] | None = None) -> dict[str, Timing]:
+    """Run every variant ``warmup + repeats`` times, interleaved; return the timed rounds.
+
+    before: called with the variant name before each (untimed) run, e.g. to empty an output folder.
+    """
+    names = list(variants)
+    out = {n: Timing() for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            if before is not None:
+                before(name)
+            gc.collect()
+            w, c = time.perf_counter(), time.process_time()
+            variants[name]()
+            w, c = time.perf_counter() - w, time.process_time() - c
+            if r >= warmup:
+                out[name].wall.append(w)
+                out[name].cpu.append(c)
+    return out
+
+
+def ratio(t: dict[str, Timing], name: str, base: str, clock: str = "wall") -> float:
+    """Median over rounds of t[name] / t[base] (paired by round)."""
+    a, b = getattr(t[name], clock), getattr(t[base], clock)
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+@dataclass
+class Row:
+    """One line of the results table (and one record of the JSON)."""
+    section: str
+    model: str
+    variant: str
+    wall_s: float | None = None
+    cpu_s: float | None = None
+    ratio_wall: float | None = None
+    ratio_cpu: float | None = None
+    baseline: str | None = None
+    target: str | None = None
+    met: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timing_rows(section: str, model: str, t: dict[str, Timing], base: str, **extra) -> list[Row]:
+    """A Row per variant with its medians and its ratios to ``base``."""
+    return [Row(section, model, n, t[n].wall_s, t[n].cpu_s, ratio(t, n, base), ratio(t, n, base, "cpu"), base,
+                extra=dict(extra)) for n in t]
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def _status_kb(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field_name}:\s+(\d+)", text).group(1))
+
+
+def reset_peak() -> int:
+    """Reset the peak-RSS mark of this process; returns the current RSS in kB."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def peak_rss_kb() -> int:
+    return _status_kb("VmHWM")
+
+
+def measure_rss(args: list[str], timeout: float = 600) -> dict:
+    """Run ``python -m benchmarks.rss *args`` in a fresh process and return its JSON report
+    (``peak_mb``: whole-process peak; ``start_mb``/``run_peak_mb``: RSS before the measured run and
+    what the run added at its peak)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.rss", *args], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=ROOT)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory run {' '.join(args)} failed: {tail}")
+    return json.loads(lines[-1])
+
+
+def fmt(x: float | None, spec: str = ".3g") -> str:
+    return "-" if x is None else format(x, spec)

@@ -1,0 +1,358 @@
+"""Extracting activations from a model over a dataset into a Store.
+
+    store = extract(mechsink.load("planted-llava"), open_dataset("data.jsonl"),
+                    sites=["vit.out", "llm.blocks.1.hook_resid_post"], tokens=["image", "text"],
+                    out="cache/planted", dtype="float16", batch_size=16)
+    store.index.query("is_sink")                          # one row per cached token
+    store.get("vit.out", rows=store.index.row[store.index.is_sink])
+
+One row per cached token. Image tokens are ViT patches (so a ViT sink is one row even when a
+projector merges patches); a patch's vector at an LLM or projector site is that of the token it
+became, and NaN where it has none (a patch dropped by unpadding, a CLS token at an LLM site, a
+text token at a ViT site). ``llm_pos`` counts from the sample's first non-padding token, so it
+does not depend on how samples were batched. The run resumes where a killed run stopped; under
+torch.distributed each rank takes the samples with ``sample_idx % world_size == rank``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechsink.cache.store import (
+    DTYPES,
+    RESERVED_COLUMNS,
+    ROW_COLUMNS,
+    Store,
+    StoreConfig,
+    StoreError,
+    StoreWriter,
+)
+from mechsink.errors import SiteError
+from mechsink.sites import Site
+from mechsink.tokens import _AXIS_COLUMNS, ROLE
+
+log = logging.getLogger("mechsink")
+
+# Token selections a store can hold: ViT patches ("image", or only the sinks among them), the
+# ViT's special tokens, and LLM positions by role.
+TOKENS = ("image", "sinks", "cls", "register", "newline", "text", "answer")
+_LLM_ONLY = ("newline", "text", "answer")
+_AXES = [c for pair in _AXIS_COLUMNS.values() for c in pair if c != "sample"]
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the model's config, every parameter's name/shape/dtype and a strided sample of
+    up to 1024 of its values (exact bytes): cheap even for 7B models, and changed by any
+    re-training, a different checkpoint or a different dtype."""
+    h = hashlib.sha256(b"mechsink.model/1\n")
+    cfg = model.hf.config.to_dict()
+    cfg.pop("transformers_version", None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in model.hf.named_parameters():
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].cpu().contiguous()
+        if sample.dtype == torch.bfloat16:
+            sample = sample.view(torch.int16)
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}\n".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_args(model, sites: Sequence[str], tokens: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
+    if isinstance(sites, str):
+        sites = [s for s in sites.split(",") if s.strip()]
+    if isinstance(tokens, str):
+        tokens = [t for t in tokens.split(",") if t.strip()]
+    if not sites:
+        raise StoreError("no sites to cache; give e.g. sites=['vit.out']")
+    names = []
+    for s in sites:
+        try:
+            site = Site.parse(s.strip())
+            model.locate(site)
+        except SiteError as e:
+            raise StoreError(str(e)) from None
+        if site.kind == "pattern":
+            raise StoreError(f"site {site} holds attention patterns, not one vector per token; cache token states")
+        names.append(str(site))
+    if len(set(names)) != len(names):
+        raise StoreError(f"sites are listed twice: {names}")
+    tokens = tuple(dict.fromkeys(t.strip() for t in tokens))
+    bad = [t for t in tokens if t not in TOKENS]
+    if bad or not tokens:
+        raise StoreError(f"unknown token selection {bad or tokens}; choose from {', '.join(TOKENS)}")
+    if any(t in _LLM_ONLY for t in tokens) and not any(Site.parse(s).axis == "llm" for s in names):
+        raise StoreError(f"tokens {[t for t in tokens if t in _LLM_ONLY]} live only in the LLM; add an llm.* site")
+    return names, tokens
+
+
+# -- rows ------------------------------------------------------------------------------------------
+def token_rows(token_map, sinks, tokens: Sequence[str]) -> pd.DataFrame:
+    """One row per selected token of a batch: sample (in the batch), token_role, image, tile,
+    patch_row, patch_col, llm_pos (batch position), the axis columns of mechsink.tokens, norm
+    (the sink score at the detection site), is_sink. Order: per sample, special tokens, patches,
+    then LLM-only tokens by position."""
+    frames = []
+    special = sinks.special
+    want = [r for r in ("cls", "register") if r in tokens]
+    if want and len(special):
+        f = special[special["role"].isin(want)]
+        frames.append(f.assign(token_role=f["role"], row=-1, col=-1))
+    if "image" in tokens or "sinks" in tokens:
+        p = sinks.patches if "image" in tokens else sinks.patches[sinks.patches["is_sink"]]
+        frames.append(p.assign(token_role="image"))
+    llm_roles = [r for r in ("newline", "text", "answer") if r in tokens]
+    if llm_roles:
+        lt = token_map.llm_tokens
+        nl = lt[lt["role"] == "newline"] if "newline" in llm_roles else lt.iloc[:0]
+        parts = [nl.assign(token_role="newline")]
+        for r in ("text", "answer"):
+            if r in llm_roles:
+                s, pos = np.nonzero(token_map.roles == ROLE[r])
+                parts.append(pd.DataFrame({"sample": s, "llm_pos": pos, "token_role": r, "image": -1, "tile": -1,
+                                           "row": -1, "col": -1}))
+        f = pd.concat(parts, ignore_index=True).sort_values(["sample", "llm_pos"], kind="stable")
+        frames.append(f.assign(norm=np.nan, is_sink=False))
+    cols = ["sample", "token_role", "image", "tile", "row", "col", *_AXES, "norm", "is_sink"]
+    frames = [f.reindex(columns=cols) for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype="int64") for c in cols})
+    out = pd.concat(frames, ignore_index=True)
+    for c in ["sample", "image", "tile", "row", "col", *_AXES]:
+        out[c] = out[c].fillna(-1).astype("int64")
+    out["is_sink"] = out["is_sink"].fillna(False).astype(bool)
+    return out.sort_values("sample", kind="stable", ignore_index=True)
+
+
+def gather(x: torch.Tensor, axis: str, rows: pd.DataFrame) -> torch.Tensor:
+    """Vectors [n, d] of ``rows`` from a site tensor on the given axis (NaN where a row has none).
+    x: [items, seq, d], or [seq, d] / [1, seq, d] for a flat axis (item column -1)."""
+    item_col, pos_col = _AXIS_COLUMNS[axis]
+    d = x.shape[-1]
+    out = torch.full((len(rows), d), math.nan, dtype=x.dtype, device=x.device)
+    pos = rows[pos_col].to_numpy()
+    items = rows[item_col].to_numpy()
+    ok = pos >= 0
+    if not ok.any():
+        return out
+    dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
+    flat = ok & (items < 0)
+    if flat.any():
+        out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
+    nested = ok & (items >= 0)
+    if nested.any():
+        out[dev(np.flatnonzero(nested))] = x[dev(items[nested]), dev(pos[nested])]
+    return out
+
+
+def _label_value(v: Any) -> Any:
+    """Scalars as they are; lists and dicts as JSON text (one type per parquet column)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if hasattr(v, "item") and not hasattr(v, "__len__"):
+        return v.item()
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def _label_columns(dataset) -> dict[str, str]:
+    """{label key: column name}; keys that clash with store columns get a ``label_`` prefix."""
+    keys = list(dataset.label_columns())
+    if any(s.question_type is not None for s in dataset):
+        keys = ["question_type", *[k for k in keys if k != "question_type"]]
+    taken = set(ROW_COLUMNS) | set(RESERVED_COLUMNS)
+    return {k: f"label_{k}" if k in taken else k for k in keys}
+
+
+def _sample_frame(rows: pd.DataFrame, token_map, samples: list, idxs: list[int], labels: dict[str, str],
+                  llm_classes: np.ndarray | None) -> pd.DataFrame:
+    """The store's row schema for a batch's token rows."""
+    b = rows["sample"].to_numpy()
+    pad = token_map.roles == ROLE["pad"]
+    start = np.array([int(np.argmin(r)) if r.size and not r.all() else 0 for r in pad], dtype=np.int64)
+    llm_pos = rows["llm_pos"].to_numpy()
+    vit = rows["is_sink"].to_numpy()
+    llm = llm_classes if llm_classes is not None else np.zeros(len(rows), dtype=bool)
+    out = pd.DataFrame({
+        "sample_idx": np.asarray(idxs, dtype=np.int64)[b],
+        "sample_id": [samples[i].id for i in b],
+        "image_path": [samples[i].image_path or "" for i in b],
+        "token_role": rows["token_role"].to_numpy(),
+        "image": rows["image"].to_numpy(),
+        "tile": rows["tile"].to_numpy(),
+        "patch_row": rows["row"].to_numpy(),
+        "patch_col": rows["col"].to_numpy(),
+        "llm_pos": np.where(llm_pos >= 0, llm_pos - start[b], -1),
+        "norm": rows["norm"].to_numpy(dtype=np.float32),
+        "is_sink": vit,
+        "sink_class": np.select([vit & llm, vit, llm], ["both", "vit", "llm"], "none"),
+    })
+    for key, col in labels.items():
+        vals = [_label_value(s.question_type if key == "question_type" else s.labels.get(key)) for s in samples]
+        out[col] = pd.Series([vals[i] for i in b], dtype=object)
+    return out
+
+
+def _batches(todo: list[int], size: int):
+    for k in range(0, len(todo), size):
+        yield todo[k : k + size]
+
+
+# -- the extractor ---------------------------------------------------------------------------------
+def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("image",), out: str | os.PathLike,
+            dtype: str = "float16", batch_size: int = 8, sink_spec=None, prompt: str | None = None,
+            shard_rows: int = 8192, llm_sink_layer: int | None = None, llm_sink_dims: Sequence[int] | None = None,
+            llm_sink_tau: float = 20.0, errors=None, progress: bool = False) -> Store:
+    """Run ``model`` over ``dataset`` and cache ``sites`` for the selected ``tokens`` into ``out``.
+
+    Args:
+        model: a mechsink Model (or a name for mechsink.load).
+        dataset: a mechsink.data.Dataset (or a spec for open_dataset); sample_idx = its order.
+        sites: site names, e.g. ["vit.out", "llm.blocks.2.hook_resid_post"] (not attention patterns).
+        tokens: any of TOKENS: "image" (every ViT patch), "sinks" (sink patches only), "cls",
+            "register", "newline", "text", "answer".
+        out: store directory; an existing store made with the same settings resumes.
+        dtype: storage dtype: "float16", "bfloat16" or "float32".
+        sink_spec: how ViT sinks are detected (default SinkSpec()); fills norm / is_sink.
+        prompt: question for every image (default: each sample's own, else the model's default).
+        llm_sink_layer, llm_sink_dims, llm_sink_tau: also flag LLM-emerged sinks (Kang et al.:
+            max over dims of |RMS-normalised hidden state| >= tau at llm.blocks.{layer}) so that
+            sink_class can be "llm" or "both"; dims are required (see mechsink.sinks.massive_dims).
+        errors: a mechsink.data.ErrorLog to collect unreadable images (also written to
+            out/errors.jsonl); those samples are retried on resume.
+    Returns the finished Store (on every rank under torch.distributed).
+    """
+    from mechsink import load
+    from mechsink.data import ErrorLog, ImageError, open_dataset
+    from mechsink.sinks import SinkSpec, calibrate, detect_acts, kang_score
+
+    if not hasattr(model, "prepare"):
+        model = load(model)
+    if not hasattr(dataset, "fingerprint"):
+        dataset = open_dataset(dataset)
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise StoreError(f"batch_size must be >= 1, got {batch_size}")
+    sites, tokens = _check_args(model, sites, tokens)
+    spec = sink_spec if sink_spec is not None else SinkSpec()
+    if isinstance(spec, str):
+        spec = SinkSpec.preset(spec)
+    llm_site = None
+    if llm_sink_layer is not None:
+        if not llm_sink_dims:
+            raise StoreError("llm_sink_layer needs llm_sink_dims (find them with mechsink.sinks.massive_dims)")
+        llm_site = f"llm.blocks.{int(llm_sink_layer)}.hook_resid_post"
+        try:
+            model.locate(llm_site)
+        except SiteError as e:
+            raise StoreError(str(e)) from None
+        llm_sink_dims = sorted({int(d) for d in llm_sink_dims})
+    errors = errors if errors is not None else ErrorLog()
+
+    def load_images(idxs: list[int]):
+        kept = []
+        for i in idxs:
+            errors.n_seen += 1
+            s = dataset[i]
+            try:
+                kept.append((i, s, s.load_image()))
+            except ImageError as e:
+                log.warning("skipping sample %r: %s", s.id, e)
+                errors.add(s.id, s.image_path, e)
+        return kept
+
+    def prepared(loaded):
+        prompts = [prompt if prompt is not None else s.prompt for _, s, _ in loaded]
+        return model.prepare([im for _, _, im in loaded], prompts=prompts)
+
+    if spec.rule == "quantile" and spec.params.get("tau") is None:
+        all_idx = list(range(len(dataset)))
+        batches = (prepared(kept) for c in _batches(all_idx, batch_size) if (kept := load_images(c)))
+        spec = calibrate(model, batches, spec.replace(rule="relative"), q=spec.params["q"])
+        errors.records.clear()
+        errors.n_seen = 0
+
+    config = StoreConfig(
+        sites=tuple(sites), tokens=tokens, model=str(model.source), model_hash=model_fingerprint(model),
+        data=dataset.fingerprint(),
+        params={"sink_spec": spec.to_dict(), "prompt": prompt, "llm_pos": "from first non-padding token",
+                "llm_sinks": None if llm_site is None else
+                {"site": llm_site, "dims": llm_sink_dims, "tau": float(llm_sink_tau)}},
+    )
+    writer = StoreWriter(out, config, shard_rows=shard_rows, dtype=dtype)
+    labels = _label_columns(dataset)
+    done = writer.done_samples()
+    todo = [i for i in range(writer.rank, len(dataset), writer.world_size) if i not in done]
+    reads = list(dict.fromkeys([*sites, spec.site, *([llm_site] if llm_site else [])]))
+    store_dtype = DTYPES[dtype]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"cache {Path(out).name}", unit="sample")
+    with writer:
+        for chunk in _batches(todo, batch_size):
+            loaded = load_images(chunk)
+            if loaded:
+                batch = prepared(loaded)
+                acts = model.run(batch, read=reads)
+                sinks = detect_acts(acts, batch.token_map, spec)
+                rows = token_rows(batch.token_map, sinks, tokens)
+                llm_flags = None
+                if llm_site is not None:
+                    h = gather(acts[llm_site], "llm", rows)
+                    llm_flags = (kang_score(h, llm_sink_dims) >= llm_sink_tau).cpu().numpy()
+                frame = _sample_frame(rows, batch.token_map, [s for _, s, _ in loaded], [i for i, _, _ in loaded],
+                                      labels, llm_flags)
+                tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype).cpu() for s in sites}
+                writer.add(frame, tensors, samples=[i for i, _, _ in loaded])
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    if len(errors):
+        errors.write(Path(out) / ("errors.jsonl" if writer.world_size == 1 else f"errors.r{writer.rank:02d}.jsonl"))
+    return writer.finalize()
+
+
+def cache_command(model_name, data=None, images_dir=None, *, out, sites, tokens: Sequence[str] | str = ("image",),
+                  dtype: str = "float16", batch_size: int = 8, rule: str | None = None,
+                  params: dict[str, float] | None = None, site: str | None = None, score: str | None = None,
+                  dims: Sequence[int] | None = None, include_special: bool | None = None, per: str | None = None,
+                  prompt: str | None = None, limit: int | None = None, device: str | None = None,
+                  model_dtype: str | None = None, shard_rows: int = 8192, llm_sink_layer: int | None = None,
+                  llm_sink_dims: Sequence[int] | None = None, llm_sink_tau: float = 20.0,
+                  progress: bool = False) -> dict:
+    """The CLI's ``mechsink cache``: extract a store from a dataset (``data``) or a folder of images
+    (``images_dir``). ``sites``/``tokens`` may be comma-separated strings; ``rule`` is a sink rule
+    or preset name with ``params``, ``site`` (the detection site), ``score``, ``dims``,
+    ``include_special``, ``per`` as in ``mechsink sinks``. Returns a JSON-ready dict: out, id,
+    summary (summary.json), errors (counts of unreadable images)."""
+    from mechsink import load
+    from mechsink.data import ErrorLog, open_dataset
+    from mechsink.sinks import SinkSpec
+
+    if (images_dir is None) == (data is None):
+        raise StoreError("give exactly one of data (a dataset) or images_dir (a folder of images)")
+    spec = SinkSpec.from_options(rule, site=site, score=score, dims=dims, include_special=include_special, per=per,
+                                 **dict(params or {}))
+    if images_dir is not None:
+        ds = open_dataset(images_dir, format="folder", limit=limit)
+    else:
+        ds = open_dataset(data, limit=limit)
+    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=model_dtype)
+    errors = ErrorLog()
+    store = extract(model, ds, sites=sites, tokens=tokens, out=out, dtype=dtype, batch_size=batch_size,
+                    sink_spec=spec, prompt=prompt, shard_rows=shard_rows, llm_sink_layer=llm_sink_layer,
+                    llm_sink_dims=llm_sink_dims, llm_sink_tau=llm_sink_tau, errors=errors, progress=progress)
+    return {"out": str(store.path), "id": store.id, "summary": store.summary, "errors": errors.summary()}

@@ -1,0 +1,232 @@
+"""Sink-to-the-front: reorder a model's visual tokens so that the detected sinks come first.
+
+    perm = permutation(sinks, "front")                          # [B, S] old position at every slot
+    logits = reordered_logits(model, batch, sinks, "front", "kept")
+    res = evaluate_reorder(model, dataset, spec)                # accuracy per question type and condition
+
+Within every image, the LLM positions holding its visual tokens are *slots*. ``front`` puts the
+image's sink tokens in the first slots (in their original order) and the other visual tokens after
+them (in theirs); ``end`` is the control that puts the sinks last; ``original`` changes nothing.
+Text tokens never move.
+
+Position ids are either ``kept`` (a moved token carries the position id it had before: the LLM
+receives the permuted position ids explicitly) or ``reassigned`` (the token takes the id of the slot
+it lands in, as if the image had been encoded in the new order).
+
+The reorder acts on the language model's inputs: the ViT and projector run once per batch
+(:func:`mechsink.patching.llm_inputs`), the input embeddings are gathered in the new order, and the
+language model runs on them. Any adapter whose language model takes ``inputs_embeds`` works (the
+LLaVA family; Qwen2-VL's 3-D position ids are permuted along their last axis).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import MechsinkError
+from ..metrics import Metric, gather_logits
+from ..patching import LLMInputs, llm_inputs
+
+ORDERS = ("original", "front", "end")
+POSITIONS = ("kept", "reassigned")
+
+
+class ReorderError(MechsinkError, ValueError):
+    """A reordering that cannot be built (unknown order, sinks from another batch)."""
+
+
+# -- the permutation ------------------------------------------------------------------------------
+def permutation(sinks, order: str, seq_len: int | None = None) -> torch.Tensor:
+    """[B, S] long: ``perm[b, j]`` is the old position of the token placed at position ``j``.
+
+    sinks: a SinkSet of the batch (its ``token_map`` gives the slots of every image). Positions
+    outside the images map to themselves; an image without sinks is left as it is."""
+    if order not in ORDERS:
+        raise ReorderError(f"unknown order {order!r}; choose from {', '.join(ORDERS)}")
+    tm = sinks.token_map
+    if tm is None:
+        raise ReorderError("the SinkSet has no token map; detect sinks on the batch being reordered")
+    b, s = tm.roles.shape
+    seq_len = s if seq_len is None else seq_len
+    if seq_len != s:
+        raise ReorderError(f"sinks were detected on sequences of {s} tokens, the inputs have {seq_len}")
+    perm = torch.arange(s).repeat(b, 1)
+    if order == "original":
+        return perm
+    tokens = sinks.llm_tokens()
+    for (sample, _image), g in tokens.groupby(["sample", "image"], sort=True):
+        g = g.sort_values("llm_pos")
+        slots = g["llm_pos"].to_numpy()
+        flag = g["is_sink"].to_numpy(dtype=bool)
+        first, last = (slots[flag], slots[~flag]) if order == "front" else (slots[~flag], slots[flag])
+        perm[int(sample), torch.tensor(slots)] = torch.tensor(np.concatenate([first, last]))
+    return perm
+
+
+def _default_positions(inputs: LLMInputs) -> torch.Tensor:
+    """The position ids a decoder builds when given none: 0..S-1 for every row."""
+    b, s = inputs.embeds.shape[:2]
+    return torch.arange(s, device=inputs.embeds.device).expand(b, s)
+
+
+def reorder_inputs(inputs: LLMInputs, perm: torch.Tensor, positions: str = "kept") -> dict:
+    """Language-model keyword arguments with the tokens in the order ``perm`` [B, S].
+
+    Returns inputs_embeds [B, S, d], attention_mask [B, S] and position_ids (``kept``: the old ids,
+    permuted like the tokens; ``reassigned``: the ids of the slots, i.e. those of the original
+    inputs). A 2-D attention mask is always passed: without it the decoder would read permuted
+    position ids as packed sequences."""
+    if positions not in POSITIONS:
+        raise ReorderError(f"unknown position mode {positions!r}; choose from {', '.join(POSITIONS)}")
+    e = inputs.embeds
+    perm = perm.to(e.device)
+    if tuple(perm.shape) != tuple(e.shape[:2]):
+        raise ReorderError(f"permutation of shape {tuple(perm.shape)} for inputs of shape {tuple(e.shape[:2])}")
+    embeds = e.gather(1, perm[..., None].expand_as(e))
+    am = inputs.attention_mask
+    am = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if am is None else am.to(e.device).gather(1, perm)
+    pos = inputs.position_ids
+    if positions == "kept":
+        pos = _default_positions(inputs) if pos is None else pos
+        pos = pos.to(e.device)
+        if pos.shape[-2] == 1 and e.shape[0] > 1:      # [.., 1, S] shared by the batch
+            pos = pos.expand(*pos.shape[:-2], e.shape[0], pos.shape[-1])
+        pos = pos.gather(-1, perm.expand_as(pos))
+    out = {"inputs_embeds": embeds, "attention_mask": am}
+    if pos is not None:
+        out["position_ids"] = pos
+    return out
+
+
+def reordered_logits(model, batch, sinks, order: str = "front", positions: str = "kept", *,
+                     inputs: LLMInputs | None = None) -> torch.Tensor:
+    """Logits [B, S, V] of the batch with its visual tokens reordered (slot order: the answer and
+    every text token keep their positions)."""
+    inputs = inputs if inputs is not None else llm_inputs(model, batch)
+    perm = permutation(sinks, order, inputs.embeds.shape[1])
+    with torch.no_grad():
+        return model.hf(**reorder_inputs(inputs, perm, positions), use_cache=False).logits
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def conditions(orders: Sequence[str], positions: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(label, order, position mode) of every condition; ``original`` once, as the baseline."""
+    for o in orders:
+        if o not in ORDERS:
+            raise ReorderError(f"unknown order {o!r}; choose from {', '.join(ORDERS)}")
+    for p in positions:
+        if p not in POSITIONS:
+            raise ReorderError(f"unknown position mode {p!r}; choose from {', '.join(POSITIONS)}")
+    out = [("original", "original", "reassigned")]
+    out += [(f"{o}/{p}", o, p) for o in orders if o != "original" for p in positions]
+    return out
+
+
+ANSWER_METRIC = Metric("logprob", teacher_forced=True)
+
+
+def answer_scores(model, batch, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(correct [B] bool, logprob [B]) of the gold answers (batch prepared with ``answers=``):
+    correct when the answer's first token is the arg-max over the whole vocabulary at the last
+    prompt position (one-word VQA answers); logprob is the teacher-forced log-probability of the
+    whole answer."""
+    t = ANSWER_METRIC.targets(model, batch)
+    g = gather_logits(logits, t.keep(logits.shape[1]).to(logits.device))      # [B, T, V]
+    correct = g[:, 0].argmax(-1).cpu() == t.ids[:, 0]
+    return correct.numpy(), ANSWER_METRIC.score(g, t).cpu().numpy()
+
+
+@dataclass
+class ReorderConfig:
+    """What :func:`evaluate_reorder` ran (serialisable, for manifests)."""
+    orders: tuple[str, ...] = ("front", "end")
+    positions: tuple[str, ...] = POSITIONS
+    spec: dict = field(default_factory=dict)
+    batch_size: int = 16
+    n_samples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ReorderResult:
+    """Per-sample outcomes (``samples``: id, question_type, condition, order, positions, correct,
+    logprob, n_sinks) and the config that produced them."""
+    samples: pd.DataFrame
+    config: ReorderConfig
+
+    def summary(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
+        """Accuracy with Wilson CIs per group and condition, and the paired change against
+        ``original`` (mean difference with a bootstrap CI; sign-flip permutation p-value)."""
+        from ..stats import binomial_ci, bootstrap_ci, paired_permutation_test
+        df = self.samples
+        rows = []
+        keys = list(by)
+        groups = [((), df)] if not keys else df.groupby(keys, sort=True)
+        for key, g in groups:
+            key = key if isinstance(key, tuple) else (key,)
+            base = g[g["condition"] == "original"].set_index("id")["correct"].astype(float)
+            for cond, c in g.groupby("condition", sort=False):
+                k, n = int(c["correct"].sum()), len(c)
+                acc, lo, hi = binomial_ci(k, n, alpha=alpha)
+                row = {**dict(zip(keys, key)), "condition": cond, "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi,
+                       "mean_sinks": float(c["n_sinks"].mean())}
+                if cond != "original" and n >= 2:
+                    x = c.set_index("id")["correct"].astype(float).loc[base.index].to_numpy()
+                    d = x - base.to_numpy()
+                    if np.all(d == 0):
+                        row.update(delta=0.0, delta_low=0.0, delta_high=0.0, p_value=1.0)
+                    else:
+                        est, dlo, dhi = bootstrap_ci(d, alpha=alpha, method="percentile")
+                        p = paired_permutation_test(x, base.to_numpy(), alternative="two-sided")
+                        row.update(delta=est, delta_low=dlo, delta_high=dhi, p_value=float(p))
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def figure(self, by: str = "question_type"):
+        """Accuracy per question type and condition, with Wilson CIs."""
+        from ..report.figures import effect_plot
+        s = self.summary((by,))
+        return effect_plot(s, x=by, y="accuracy", hue="condition", low="ci_low", high="ci_high",
+                           ylabel="accuracy", title="visual-token order")
+
+
+def _batches(samples, batch_size: int) -> Iterable[list]:
+    for i in range(0, len(samples), batch_size):
+        yield samples[i:i + batch_size]
+
+
+def evaluate_reorder(model, data, spec=None, *, orders: Sequence[str] = ("front", "end"),
+                     positions: Sequence[str] = POSITIONS, batch_size: int = 16,
+                     limit: int | None = None) -> ReorderResult:
+    """Accuracy of ``model`` on ``data`` (a Dataset or list of Samples with prompt and answer) with
+    its visual tokens in the original order and reordered by every (order, position mode).
+
+    Sinks are detected per batch with ``spec`` (a SinkSpec; default rule when None)."""
+    from ..sinks.detect import SinkSpec, detect
+    spec = spec or SinkSpec()
+    samples = list(data)[:limit]
+    bad = [s.id for s in samples if not s.prompt or s.answer is None]
+    if bad:
+        raise ReorderError(f"evaluation needs a prompt and an answer per sample; missing in {bad[:3]}")
+    conds = conditions(orders, positions)
+    rows = []
+    for chunk in _batches(samples, batch_size):
+        batch = model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk], answers=[s.answer for s in chunk])
+        sinks = detect(model, batch, spec)
+        n_sinks = sinks.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
+        inputs = llm_inputs(model, batch)
+        for label, order, pos in conds:
+            logits = reordered_logits(model, batch, sinks, order, pos, inputs=inputs)
+            correct, logprob = answer_scores(model, batch, logits)
+            for i, s in enumerate(chunk):
+                rows.append({"id": s.id, "question_type": s.question_type, "condition": label, "order": order,
+                             "positions": pos, "correct": bool(correct[i]), "logprob": float(logprob[i]),
+                             "n_sinks": int(n_sinks.iloc[i])})
+    cfg = ReorderConfig(tuple(orders), tuple(positions), spec.to_dict(), batch_size, len(samples))
+    return ReorderResult(pd.DataFrame(rows), cfg)

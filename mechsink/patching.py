@@ -1,0 +1,693 @@
+"""Activation patching: write values from a source run into a base run, and measure what changes.
+
+Words: the **base** run is the one we change; the **source** run is where values come from.
+``patch`` copies sinks, matched random tokens or every image token from source into base at any
+site and reports the normalised recovery
+
+    recovery = (metric(patched) - metric(base)) / (metric(source) - metric(base)),
+
+``sweep`` does it for every layer x position (or layer x token set) and draws heatmaps, and
+``path_patch`` lets the source's sink tokens reach only chosen LLM layers: the sink positions'
+residual is patched at those layers' inputs and restored to base at their outputs, so every other
+layer sees base values there.
+
+The engine underneath (:func:`execute`) is shared with ablation. It stacks ``C`` copies of a batch
+along the batch dimension and gives every copy its own writes, so many conditions (layers,
+positions, random draws) cost one forward. When nothing is written inside the ViT, the ViT and
+projector run once per batch: their output, the language model's ``inputs_embeds``, is captured
+(:func:`llm_inputs`) and the copies run the LLM alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import MechsinkError, SiteError
+from .metrics import Metric, Targets, gather_logits
+from .sites import Site
+from .tokens import _AXIS_COLUMNS, TokenMap
+
+
+class PatchError(MechsinkError, ValueError):
+    """Patching or ablation input that cannot work (mismatched runs, unsupported site or mode)."""
+
+
+# -- the engine ---------------------------------------------------------------------------------
+@dataclass
+class Write:
+    """Overwrite tokens at one site in some copies of a batch.
+
+    mask: bool [C, *tok] -- per copy, which tokens of the site tensor to replace (``tok`` is the
+    site tensor's shape for the original batch without the hidden dim, e.g. [items, seq]).
+    values: [*tok, d] shared by every copy, [C, *tok, d] per copy, or None for zeros.
+    """
+    site: Site
+    mask: torch.Tensor
+    values: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.site = Site.parse(self.site)
+
+
+@dataclass
+class Plan:
+    """Everything done to ``n_copies`` stacked copies of a batch in one (chunked) forward.
+
+    knockout: bool [C, B, S] LLM key positions hidden from every other query at ``knockout_layers``
+    (None = all LLM layers). drop: bool [C, B, S] LLM positions deleted from the sequence.
+    """
+    n_copies: int
+    writes: list[Write] = field(default_factory=list)
+    knockout: torch.Tensor | None = None
+    knockout_layers: Sequence[int] | None = None
+    drop: torch.Tensor | None = None
+
+    @property
+    def needs_vit(self) -> bool:
+        return any(w.site.part == "vit" for w in self.writes)
+
+
+@dataclass
+class LLMInputs:
+    """What the language model received in a clean forward; enough to rerun the LLM alone.
+
+    embeds: [B, S, d] inputs_embeds (text embeddings with the visual tokens scattered in);
+    attention_mask: [B, S] or None; position_ids: as the model built them, or None (default).
+    """
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+    def repeat(self, n: int) -> dict:
+        out = {"inputs_embeds": self.embeds.repeat(n, 1, 1)}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask.repeat(n, 1)
+        if self.position_ids is not None:
+            p = self.position_ids
+            out["position_ids"] = p if p.shape[-2] == 1 else torch.cat([p] * n, dim=-2)
+        return out
+
+
+def _llm_module(model) -> str:
+    blocks = model.adapter.llm_blocks
+    if not blocks:
+        raise PatchError(f"{model.name} has no language model")
+    return blocks.rsplit(".", 1)[0]
+
+
+def llm_inputs(model, batch) -> LLMInputs:
+    """Capture the language model's inputs in one forward of ``batch`` (the ViT runs here only)."""
+    got: dict = {}
+
+    def hook(mod, args, kwargs):
+        got.update(kwargs)
+        if args:
+            got.setdefault("inputs_embeds", args[0])
+        raise _Captured
+
+    handle = model.module(_llm_module(model)).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.hf(**batch.inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if got.get("inputs_embeds") is None:
+        raise PatchError(f"could not capture the inputs of {_llm_module(model)}")
+    return LLMInputs(got["inputs_embeds"].detach(), got.get("attention_mask"), got.get("position_ids"))
+
+
+class _Captured(Exception):
+    """Stops a forward once the LLM inputs are captured (the LLM itself need not run)."""
+
+
+def repeat_batch(batch, n: int):
+    """``n`` copies of a Batch stacked along the batch dimension (every input tensor concatenated
+    ``n`` times; site tensors of the result are the concatenation of the copies' site tensors)."""
+    from .models.base import Batch
+    inputs = {k: torch.cat([v] * n) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+    return Batch(inputs, batch.token_map, batch.prompts * n, batch.images * n,
+                 batch.answers * n if batch.answers is not None else None)
+
+
+def _bare_batch(inputs: dict):
+    from .models.base import Batch
+    return Batch(inputs, None, [], [])
+
+
+def _edit(write: Write, c0: int, c1: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    mask = write.mask[c0:c1]
+    n = c1 - c0
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        m = mask.reshape(-1, *mask.shape[2:]).to(x.device)
+        if tuple(m.shape) != tuple(x.shape[:-1]):
+            raise PatchError(f"write at {write.site}: mask for {tuple(m.shape)} tokens but the site holds "
+                             f"{tuple(x.shape[:-1])}; does this adapter stack copies along dim 0?")
+        v = write.values
+        if v is None:
+            v = torch.zeros((), dtype=x.dtype, device=x.device)
+        elif v.dim() == mask.dim() + 1:                       # per-copy values [C, *tok, d]
+            v = v[c0:c1].reshape(-1, *v.shape[2:]).to(x)
+        else:
+            v = v.to(x).repeat(n, *[1] * (v.dim() - 1))
+        return torch.where(m[..., None], v, x)
+    return edit
+
+
+def _proj_to_llm(write: Write, tm: TokenMap, embeds: torch.Tensor) -> Write:
+    """A write at proj.out as the same write on the LLM input embeddings (fast path)."""
+    p = tm.patches[tm.patches["llm_pos"] >= 0]
+    flat = bool((p["proj_item"] < 0).all())
+    src = (_long(p["proj_pos"]),) if flat else (_long(p["proj_item"]), _long(p["proj_pos"]))
+    dst = (_long(p["sample"]), _long(p["llm_pos"]))
+    c = write.mask.shape[0]
+    mask = torch.zeros(c, *embeds.shape[:2], dtype=torch.bool)
+    mask[(slice(None), *dst)] = write.mask[(slice(None), *src)]
+    values = None
+    if write.values is not None:
+        if write.values.dim() == write.mask.dim() + 1:
+            values = embeds[None].repeat(c, 1, 1, 1).clone()
+            values[(slice(None), *dst)] = write.values[(slice(None), *src)].to(values)
+        else:
+            values = embeds.clone()
+            values[dst] = write.values[src].to(values)
+    return Write("llm.embed", mask, values)
+
+
+@contextlib.contextmanager
+def knockout_hooks(model, key_mask: torch.Tensor, layers: Sequence[int] | None = None):
+    """Within the block, LLM attention from every query to the positions in ``key_mask`` [R, S] is
+    masked at ``layers`` (default: all). A token still attends to itself, so no row is empty;
+    what is cut is the flow from those tokens to the others. Needs sdpa or eager attention."""
+    layers = range(model.n_llm_layers) if layers is None else layers
+    impl = model.hf.config._attn_implementation if hasattr(model.hf.config, "_attn_implementation") else None
+    if impl not in (None, "sdpa", "eager"):
+        raise PatchError(f"attention knockout needs sdpa or eager attention, the model uses {impl!r}")
+
+    def hook(mod, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        if "attention_mask" not in kwargs:
+            raise PatchError(f"cannot knock out attention: {type(mod).__name__} takes no attention_mask keyword")
+        am = kwargs["attention_mask"]
+        r, q = h.shape[0], h.shape[1]
+        km = key_mask.to(h.device)
+        k = km.shape[1]
+        if r != km.shape[0]:
+            raise PatchError(f"knockout mask for {km.shape[0]} rows, attention sees {r}")
+        eye = torch.eye(q, k, dtype=torch.bool, device=h.device, ) if q == k else \
+            torch.zeros(q, k, dtype=torch.bool, device=h.device)
+        block = km[:, None, None, :] & ~eye                                  # [R, 1, q, k]
+        if am is None:
+            causal = torch.ones(q, k, dtype=torch.bool, device=h.device).tril(k - q)
+            am = causal[None, None] & ~block
+        elif am.dtype == torch.bool:
+            am = am & ~block
+        else:
+            am = am.masked_fill(block, torch.finfo(am.dtype).min)
+        kwargs["attention_mask"] = am
+        return args, kwargs
+
+    parts = model.adapter.llm_parts
+    handles = [model.module(f"{model.adapter.llm_blocks}.{l}.{parts.attn}").register_forward_pre_hook(hook, with_kwargs=True)
+               for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _drop_inputs(inp: LLMInputs, drop: torch.Tensor, c0: int, c1: int) -> tuple[dict, torch.Tensor]:
+    """Delete positions from stacked copies, left-padding rows to a common length.
+    Returns (model inputs, position shift [R] to apply to the targets)."""
+    if inp.position_ids is not None:
+        raise PatchError("drop mode needs a model that builds its own position ids")
+    d = drop[c0:c1].reshape(-1, drop.shape[-1])                           # [R, S]
+    n = c1 - c0
+    e = inp.embeds.repeat(n, 1, 1)
+    am = inp.attention_mask.repeat(n, 1) if inp.attention_mask is not None else torch.ones(d.shape, dtype=torch.long)
+    keep = ~d.to(e.device)
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    out_e = e.new_zeros(e.shape[0], width, e.shape[-1])
+    out_m = am.new_zeros(e.shape[0], width)
+    for r in range(e.shape[0]):
+        k = int(lengths[r])
+        out_e[r, width - k:] = e[r, keep[r]]
+        out_m[r, width - k:] = am[r, keep[r].to(am.device)]
+    return {"inputs_embeds": out_e, "attention_mask": out_m}, (width - lengths).cpu()
+
+
+def _targets_after_drop(t: Targets, drop_rows: torch.Tensor, pad: torch.Tensor) -> Targets:
+    before = torch.stack([drop_rows[r, : int(t.pos[r])].sum() for r in range(t.size)])
+    return t.shifted(pad - before)
+
+
+def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *, inputs: LLMInputs | None = None,
+            clean_next: torch.Tensor | None = None, rows_per_forward: int = 64, want_next: bool = False,
+            read: Sequence[str] = ()) -> dict:
+    """Run ``plan`` on stacked copies of ``batch`` and score every row.
+
+    targets: for the original batch ([B] rows). clean_next: [B, V] clean next-token logits (the
+    ``kl`` metric). Returns {"value": [C, B] metric values (or, with ``metric=None``, "logits":
+    [C, B, T, V] at ``targets.keep``), "next": [C, B, V] next-token logits when ``want_next``, and
+    the ``read`` sites (only for a single copy)}.
+    """
+    b = batch.size
+    c_all = plan.n_copies
+    full = plan.needs_vit
+    if plan.drop is not None and (full or plan.writes):
+        raise PatchError("drop mode deletes LLM tokens and cannot be combined with other writes")
+    if read and c_all != 1:
+        raise PatchError("reading sites is supported for a single copy only")
+    if any(Site.parse(s).part == "vit" for s in read):
+        full = True
+    writes = plan.writes
+    if not full:
+        inputs = inputs if inputs is not None else llm_inputs(model, batch)
+        writes = [(_proj_to_llm(w, batch.token_map, inputs.embeds) if w.site == Site.parse("proj.out") else w) for w in writes]
+    per = max(1, rows_per_forward // b)
+    values, nexts, acts = [], [], {}
+    for c0 in range(0, c_all, per):
+        c1 = min(c_all, c0 + per)
+        n = c1 - c0
+        t = targets.repeat(n)
+        if full:
+            run_batch = repeat_batch(batch, n) if n > 1 else batch
+            seq = batch.inputs["input_ids"].shape[1]
+            model_inputs = None
+        else:
+            if plan.drop is not None:
+                model_inputs, pad = _drop_inputs(inputs, plan.drop, c0, c1)
+                t = _targets_after_drop(t, plan.drop[c0:c1].reshape(-1, plan.drop.shape[-1]).long(), pad)
+            else:
+                model_inputs = inputs.repeat(n)
+            direct = [w for w in writes if w.site == Site.parse("llm.embed")]
+            for w in direct:   # llm.embed writes go straight into inputs_embeds
+                model_inputs["inputs_embeds"] = _edit(w, c0, c1)(model_inputs["inputs_embeds"])
+            seq = model_inputs["inputs_embeds"].shape[1]
+            run_batch = _bare_batch(model_inputs)
+        keep = t.keep(seq)
+        edits = _site_edits(writes, c0, c1, skip_embed=not full)
+        knock = contextlib.nullcontext()
+        if plan.knockout is not None:
+            km = plan.knockout[c0:c1].reshape(-1, plan.knockout.shape[-1])
+            knock = knockout_hooks(model, km, plan.knockout_layers)
+        with knock:
+            out = model.run(run_batch, read=list(read), write=edits,
+                            extra_inputs={"logits_to_keep": keep.to(model.device)})
+        logits = out["llm.logits"]
+        if logits.shape[1] != keep.shape[1]:      # a model that ignored logits_to_keep
+            logits = gather_logits(logits, keep)
+        if metric is None:
+            values.append(logits.detach().float().cpu().reshape(n, b, *logits.shape[1:]))
+        else:
+            cn = clean_next.repeat(n, 1) if clean_next is not None else None
+            values.append(metric.score(logits, t, cn).detach().cpu().reshape(n, b))
+        if want_next:
+            nexts.append(logits[:, 0].detach().float().cpu().reshape(n, b, -1))
+        acts.update({k: v for k, v in out.items() if k in set(map(str, map(Site.parse, read)))})
+    res = {"value" if metric is not None else "logits": torch.cat(values)}
+    if want_next:
+        res["next"] = torch.cat(nexts)
+    res.update(acts)
+    return res
+
+
+def _site_edits(writes: list[Write], c0: int, c1: int, skip_embed: bool) -> dict:
+    """{site: edit} for copies c0..c1; several writes at one site are applied in order."""
+    by_site: dict[str, list] = {}
+    for w in writes:
+        if not (skip_embed and w.site == Site.parse("llm.embed")) and bool(w.mask[c0:c1].any()):
+            by_site.setdefault(str(w.site), []).append(_edit(w, c0, c1))
+
+    def chain(fns):
+        def edit(x):
+            for f in fns:
+                x = f(x)
+            return x
+        return edit
+    return {s: chain(fns) for s, fns in by_site.items()}
+
+
+def clean(model, batch, metric: Metric, *, read: Sequence[str] = (), inputs: LLMInputs | None = None) -> dict:
+    """The unchanged run: {"value": [B], "next": [B, V], "targets": Targets, "inputs": LLMInputs
+    (None when a ViT site is read: then the whole model ran), plus the ``read`` sites}."""
+    targets = metric.targets(model, batch)
+    full = any(Site.parse(s).part == "vit" for s in read)
+    if not full and inputs is None:
+        inputs = llm_inputs(model, batch)
+    out = execute(model, batch, Plan(1), None, targets, inputs=None if full else inputs, read=read)
+    logits = out.pop("logits")[0]
+    out["value"] = metric.score(logits, targets, logits[:, 0])      # the clean run is its own KL reference
+    out["next"] = logits[:, 0].float()
+    out["targets"] = targets
+    out["inputs"] = inputs
+    return out
+
+
+# -- token selections as masks --------------------------------------------------------------------
+def rows_mask(tm: TokenMap, axis: str, select: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """bool [C, *shape]: per copy c, the tokens at ``axis`` of the patches where ``select[c]``
+    ([C, n_patches] bool over the rows of ``tm.patches``) is True."""
+    item_col, pos_col = _AXIS_COLUMNS[axis]
+    item = tm.patches[item_col].to_numpy()
+    pos = tm.patches[pos_col].to_numpy()
+    c, j = np.nonzero(np.asarray(select, dtype=bool))
+    ok = pos[j] >= 0
+    c, j = c[ok], j[ok]
+    mask = torch.zeros(len(select), *shape, dtype=torch.bool)
+    if len(shape) == 1:
+        mask[_long(c), _long(pos[j])] = True
+    else:
+        mask[_long(c), _long(item[j]), _long(pos[j])] = True
+    return mask
+
+
+def _long(a) -> torch.Tensor:
+    return torch.tensor(np.asarray(a), dtype=torch.long)
+
+
+# -- patching ---------------------------------------------------------------------------------------
+TOKEN_SETS = ("sinks", "random", "image", "nonsinks")
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Which sites and token sets to patch from source into base (serialisable).
+
+    tokens: token sets among TOKEN_SETS ("random" = ``n_draws`` random non-sink sets matched on
+    count and ``match``, see mechsink.ablation). sinks_of: whose sinks are patched, the source's
+    (the tokens whose values are brought in) or the base's.
+    """
+    sites: tuple[str, ...] = ("proj.out",)
+    tokens: tuple[str, ...] = ("sinks", "random", "image")
+    metric: Metric = field(default_factory=Metric)
+    n_draws: int = 8
+    match: tuple[str, ...] = ()
+    sinks_of: str = "source"
+    seed: int = 0
+    rows_per_forward: int = 64
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        set_("sites", tuple(str(Site.parse(s)) for s in ([self.sites] if isinstance(self.sites, str) else self.sites)))
+        for s in self.sites:
+            if Site.parse(s).kind in ("pattern", "logits"):
+                raise PatchError(f"cannot patch tokens at {s}: it holds attention patterns or logits")
+        set_("tokens", tuple([self.tokens] if isinstance(self.tokens, str) else self.tokens))
+        bad = set(self.tokens) - set(TOKEN_SETS)
+        if bad:
+            raise PatchError(f"unknown token set(s) {sorted(bad)}; use {', '.join(TOKEN_SETS)}")
+        set_("metric", Metric.coerce(self.metric))
+        set_("match", tuple(self.match))
+        if self.sinks_of not in ("source", "base"):
+            raise PatchError(f"sinks_of must be 'source' or 'base', got {self.sinks_of!r}")
+        if self.n_draws < 1:
+            raise PatchError(f"n_draws must be at least 1, got {self.n_draws}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(metric=self.metric.to_dict(), sites=list(self.sites), tokens=list(self.tokens), match=list(self.match))
+        return d
+
+
+def check_pair(base, source) -> None:
+    """Base and source must have the same token layout (same prompts and image sizes)."""
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        a, b = base.inputs.get(key), source.inputs.get(key)
+        if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
+            raise PatchError(f"base and source differ in {key} shape ({None if a is None else tuple(a.shape)} vs "
+                             f"{None if b is None else tuple(b.shape)}); patching needs the same prompts and image sizes")
+    if not np.array_equal(base.token_map.roles, source.token_map.roles):
+        raise PatchError("base and source have different token layouts; prepare both with the same prompts")
+
+
+def _selections(model, base, source, cfg: PatchConfig, sinks) -> tuple[list[str], list[int], np.ndarray]:
+    """(set name per copy, draw per copy, select [n_sets, n_patches]) over the patch rows."""
+    from .ablation import draw_controls, token_table
+    tm = base.token_map
+    need_sinks = any(t in ("sinks", "random", "nonsinks") for t in cfg.tokens)
+    table = token_table(model, source if cfg.sinks_of == "source" else base, sinks) if need_sinks else tm.patches
+    names, draws, rows = [], [], []
+    for t in cfg.tokens:
+        if t == "sinks":
+            names.append(t), draws.append(0), rows.append(table["is_sink"].to_numpy())
+        elif t == "nonsinks":
+            names.append(t), draws.append(0), rows.append(~table["is_sink"].to_numpy())
+        elif t == "image":
+            names.append(t), draws.append(0), rows.append(np.ones(len(tm.patches), dtype=bool))
+        else:
+            sel, _, _ = draw_controls(table, tm, cfg.n_draws, axis="llm", match=cfg.match, seed=cfg.seed)
+            for k in range(cfg.n_draws):
+                names.append(t), draws.append(k), rows.append(sel[1 + k])
+    return names, draws, np.stack(rows).astype(bool)
+
+
+@dataclass
+class PatchResult:
+    """Tidy patching results: ``frame`` has one row per site x token set (or unit) x draw x sample
+    with the metric in the base, source and patched runs and the per-sample ``recovery``."""
+    frame: pd.DataFrame
+    config: dict
+    unit: str = "tokens"
+
+    def table(self, values: str = "recovery") -> pd.DataFrame:
+        """site x unit table of the aggregate recovery (mean(patched) - mean(base)) / (mean(source) -
+        mean(base)), random draws averaged first; ``values="effect"`` gives mean(patched - base)."""
+        f = self.frame
+        g = f.groupby(["site", self.unit, "sample"], sort=False)[["base", "source", "patched"]].mean().reset_index()
+        agg = g.groupby(["site", self.unit], sort=False)[["base", "source", "patched"]].mean()
+        if values == "recovery":
+            v = (agg["patched"] - agg["base"]) / (agg["source"] - agg["base"])
+        elif values == "effect":
+            v = agg["patched"] - agg["base"]
+        else:
+            raise PatchError(f"values must be 'recovery' or 'effect', got {values!r}")
+        t = v.unstack(self.unit)
+        order = list(dict.fromkeys(f["site"]))
+        cols = list(dict.fromkeys(f[self.unit]))
+        return t.reindex(index=order, columns=cols)
+
+    def heatmap(self, values: str = "recovery", **kw):
+        from .report.figures import layer_heatmap
+        label = "normalised recovery" if values == "recovery" else f"change in {self.config.get('metric', {}).get('name', 'metric')}"
+        return layer_heatmap(self.table(values), cbar_label=label, center=0.0 if values == "effect" else None,
+                             xlabel=self.unit, ylabel="site", **kw)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        import json
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / ".results.parquet.tmp"
+        self.frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path / "results.parquet")
+        tmp = path / ".config.json.tmp"
+        tmp.write_text(json.dumps({"config": self.config, "unit": self.unit}, indent=1))
+        os.replace(tmp, path / "config.json")
+        return path
+
+
+def _recovery(patched: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    den = source - base
+    ok = den.abs() > 1e-6 * (1 + base.abs())
+    rec = (patched - base) / torch.where(ok, den, torch.ones_like(den)) + 0.0     # + 0.0: no negative zeros
+    return torch.where(ok, rec, torch.full_like(den, float("nan")))
+
+
+def _frame(sites: list[str], units: list, draws: list[int], unit_name: str, value: torch.Tensor,
+           base_v: torch.Tensor, src_v: torch.Tensor, n_tokens: np.ndarray | None = None,
+           layers: list[int] | None = None) -> pd.DataFrame:
+    """Long frame over copies x samples (row c * B + i); one site label, unit and draw per copy."""
+    c, b = value.shape
+    rec = _recovery(value, base_v[None], src_v[None])
+    if layers is None:
+        layers = [-1 if Site.parse(s).layer is None else Site.parse(s).layer for s in sites]
+    parts = [s.split(".", 1)[0] for s in sites]
+    f = pd.DataFrame({
+        "site": np.repeat(sites, b), "part": np.repeat(parts, b), "layer": np.repeat(layers, b),
+        unit_name: np.repeat(np.asarray(units, dtype=object), b), "draw": np.repeat(draws, b),
+        "sample": np.tile(np.arange(b), c)})
+    if n_tokens is not None:
+        f["n_tokens"] = np.asarray(n_tokens).reshape(-1)
+    f["base"] = base_v.repeat(c).numpy()
+    f["source"] = src_v.repeat(c).numpy()
+    f["patched"] = value.reshape(-1).numpy()
+    f["recovery"] = rec.reshape(-1).numpy()
+    return f
+
+
+def _counts(tm: TokenMap, select: np.ndarray, axis: str = "llm") -> np.ndarray:
+    """Tokens per (selection, sample) that exist on ``axis``: [n_sel, B]."""
+    pos = tm.patches[_AXIS_COLUMNS[axis][1]].to_numpy() >= 0
+    samples = tm.patches["sample"].to_numpy()
+    b = int(tm.roles.shape[0])
+    return np.stack([np.bincount(samples[row & pos], minlength=b) for row in select])
+
+
+def patch(model, base, source, sinks=None, config: PatchConfig | None = None, **overrides) -> PatchResult:
+    """Patch token sets from ``source`` into ``base`` at each of ``config.sites``.
+
+    The metric reads the *base* batch's targets in every run (its answers and positions), so
+    metric(source) is how the source image scores the base's answer.
+    """
+    cfg = config or PatchConfig()
+    if overrides:
+        from dataclasses import replace
+        cfg = replace(cfg, **overrides)
+    check_pair(base, source)
+    names, draws, select = _selections(model, base, source, cfg, sinks)
+    b0 = clean(model, base, cfg.metric, read=cfg.sites)
+    s0 = source_run(model, source, cfg.metric, b0, read=cfg.sites)
+    tm = base.token_map
+    n_sets = len(names)
+    plan = Plan(n_sets * len(cfg.sites))
+    counts = []
+    for k, site in enumerate(cfg.sites):
+        sel = np.zeros((plan.n_copies, len(tm.patches)), dtype=bool)
+        sel[k * n_sets:(k + 1) * n_sets] = select
+        axis = Site.parse(site).axis
+        plan.writes.append(Write(site, rows_mask(tm, axis, sel, tuple(b0[site].shape[:-1])), s0[site]))
+        counts.append(_counts(tm, select, axis))
+    out = execute(model, base, plan, cfg.metric, b0["targets"], inputs=b0["inputs"], clean_next=b0["next"],
+                  rows_per_forward=cfg.rows_per_forward)
+    sites = [s for s in cfg.sites for _ in range(n_sets)]
+    frame = _frame(sites, names * len(cfg.sites), draws * len(cfg.sites), "tokens", out["value"], b0["value"],
+                   s0["value"], np.concatenate(counts))
+    return PatchResult(frame, cfg.to_dict(), "tokens")
+
+
+def source_run(model, source, metric: Metric, base: dict, read: Sequence[str] = ()) -> dict:
+    """The source run scored with the base's targets (``base`` is ``clean``'s output; ``kl`` is
+    measured against the base run) and its activations at ``read``."""
+    full = any(Site.parse(s).part == "vit" for s in read)
+    out = execute(model, source, Plan(1), None, base["targets"], inputs=None if full else llm_inputs(model, source),
+                  read=read)
+    logits = out.pop("logits")[0]
+    out["value"] = metric.score(logits, base["targets"], base["next"])
+    out["next"] = logits[:, 0]
+    return out
+
+
+# -- sweeps -----------------------------------------------------------------------------------------
+def block_sites(model, part: str = "llm", hook: str = "hook_resid_pre", layers: Sequence[int] | None = None) -> list[str]:
+    """Site names of one hook across layers, e.g. every ``llm.blocks.{l}.hook_resid_pre``."""
+    n = model.n_llm_layers if part == "llm" else model.n_vit_layers
+    return [str(Site.parse(f"{part}.blocks.{l}.{hook}")) for l in (range(n) if layers is None else layers)]
+
+
+def _unit_masks(model, base, source, site: str, shape: tuple, positions, sinks, n_draws: int, seed: int,
+                match: Sequence[str]) -> tuple[str, list, list[int], torch.Tensor]:
+    """(unit name, unit labels, draws, mask [U, *shape]) for one site of a sweep."""
+    tm = base.token_map
+    axis = Site.parse(site).axis
+    if isinstance(positions, str) and positions in ("all", "patches"):
+        positions = list(range(shape[-1])) if positions == "all" else positions
+    if isinstance(positions, str) and positions == "patches":
+        from .ablation import _patch_index
+        patch = _patch_index(tm)
+        units = sorted(set(patch.tolist()))
+        sel = np.stack([patch == p for p in units])
+        return "patch", units, [0] * len(units), rows_mask(tm, axis, sel, shape)
+    if isinstance(positions, str) or (len(positions) and isinstance(positions[0], str)):
+        cfg = PatchConfig(sites=(site,), tokens=(positions,) if isinstance(positions, str) else tuple(positions),
+                          n_draws=n_draws, seed=seed, match=tuple(match))
+        names, draws, sel = _selections(model, base, source, cfg, sinks)
+        return "tokens", names, draws, rows_mask(tm, axis, sel, shape)
+    units = [int(p) for p in positions]
+    if any(not 0 <= p < shape[-1] for p in units):
+        raise PatchError(f"positions must lie in 0..{shape[-1] - 1} at {site}")
+    mask = torch.zeros(len(units), *shape, dtype=torch.bool)
+    for k, p in enumerate(units):
+        mask[k, ..., p] = True
+    return "position", units, [0] * len(units), mask
+
+
+def sweep(model, base, source, sites: Sequence[str] | None = None, *, positions="patches", sinks=None,
+          metric: Metric | str | None = None, n_draws: int = 4, seed: int = 0, match: Sequence[str] = (),
+          rows_per_forward: int = 64) -> PatchResult:
+    """Patch every site x unit from source into base, one unit at a time.
+
+    sites: default every ``llm.blocks.{l}.hook_resid_pre`` (see ``block_sites``; ViT sites work
+    too). positions: "patches" (each patch cell, in every sample), "all" (every position of the
+    site's token axis in every sample/item, as TransformerLens sweeps do), a list of positions, or
+    token-set names ("sinks", "random", "image", "nonsinks"). Returns a PatchResult whose
+    ``table()`` is site x unit and ``heatmap()`` draws it.
+    """
+    metric = Metric.coerce(metric)
+    check_pair(base, source)
+    sites = block_sites(model) if sites is None else [str(Site.parse(s)) for s in sites]
+    b0 = clean(model, base, metric, read=sites)
+    s0 = source_run(model, source, metric, b0, read=sites)
+    per_site = [_unit_masks(model, base, source, s, tuple(b0[s].shape[:-1]), positions, sinks, n_draws, seed, match)
+                for s in sites]
+    n_copies = sum(len(u[1]) for u in per_site)
+    plan = Plan(n_copies)
+    labels, units, draws = [], [], []
+    c = 0
+    for site, (unit_name, us, ds, m) in zip(sites, per_site):
+        mask = torch.zeros(n_copies, *m.shape[1:], dtype=torch.bool)
+        mask[c:c + len(us)] = m
+        plan.writes.append(Write(site, mask, s0[site]))
+        labels += [site] * len(us)
+        units += list(us)
+        draws += list(ds)
+        c += len(us)
+    out = execute(model, base, plan, metric, b0["targets"], inputs=b0["inputs"], clean_next=b0["next"],
+                  rows_per_forward=rows_per_forward)
+    frame = _frame(labels, units, draws, per_site[0][0], out["value"], b0["value"], s0["value"])
+    return PatchResult(frame, {"sites": sites, "positions": positions if isinstance(positions, str) else list(positions),
+                               "metric": metric.to_dict(), "n_draws": n_draws, "seed": seed}, per_site[0][0])
+
+
+def path_patch(model, base, source, layers: Sequence[int | Sequence[int]] | None = None, *, sinks=None,
+               tokens: Sequence[str] = ("sinks", "random", "image"), metric: Metric | str | None = None,
+               n_draws: int = 4, seed: int = 0, match: Sequence[str] = (), rows_per_forward: int = 64) -> PatchResult:
+    """Let the source's values at a token set reach only chosen LLM layers.
+
+    For each entry of ``layers`` (a layer or a list of layers; default each layer alone) the token
+    positions' residual stream is set to the source run's at the input of those layers and put
+    back to the base run's at their outputs. The tokens' own stream stays base everywhere else, so
+    the source information can enter only through what those layers' other positions read from
+    them (attention). One row per layer set x token set x draw x sample.
+    """
+    metric = Metric.coerce(metric)
+    check_pair(base, source)
+    conds = [[l] if isinstance(l, (int, np.integer)) else list(l) for l in (range(model.n_llm_layers) if layers is None else layers)]
+    used = sorted({int(l) for c in conds for l in c})
+    if any(not 0 <= l < model.n_llm_layers for l in used):
+        raise PatchError(f"layers must lie in 0..{model.n_llm_layers - 1}")
+    pre = {l: f"llm.blocks.{l}.hook_resid_pre" for l in used}
+    post = {l: f"llm.blocks.{l}.hook_resid_post" for l in used}
+    b0 = clean(model, base, metric, read=list(post.values()))
+    s0 = source_run(model, source, metric, b0, read=list(pre.values()))
+    cfg = PatchConfig(sites=("proj.out",), tokens=tuple(tokens), metric=metric, n_draws=n_draws, seed=seed, match=tuple(match))
+    names, draws, select = _selections(model, base, source, cfg, sinks)
+    tm = base.token_map
+    shape = tuple(b0["inputs"].embeds.shape[:2])
+    sets = rows_mask(tm, "llm", select, shape)                            # [n_sets, B, S]
+    n_sets = len(names)
+    plan = Plan(len(conds) * n_sets)
+    for l in used:
+        mask = torch.zeros(plan.n_copies, *shape, dtype=torch.bool)
+        for k, c in enumerate(conds):
+            if l in c:
+                mask[k * n_sets:(k + 1) * n_sets] = sets
+        plan.writes.append(Write(pre[l], mask, s0[pre[l]]))
+        plan.writes.append(Write(post[l], mask, b0[post[l]]))
+    out = execute(model, base, plan, metric, b0["targets"], inputs=b0["inputs"], clean_next=b0["next"],
+                  rows_per_forward=rows_per_forward)
+    labels = [f"llm.layers.{'+'.join(map(str, c))}" for c in conds for _ in range(n_sets)]
+    first = [c[0] if len(c) == 1 else -1 for c in conds for _ in range(n_sets)]
+    frame = _frame(labels, names * len(conds), draws * len(conds), "tokens", out["value"], b0["value"], s0["value"],
+                   np.tile(_counts(tm, select), (len(conds), 1)), layers=first)
+    return PatchResult(frame, {"layers": conds, "tokens": list(tokens), "metric": metric.to_dict(),
+                               "n_draws": n_draws, "seed": seed}, "tokens")

@@ -1,0 +1,241 @@
+"""How much attention visual tokens receive, split by sink status and ViT norm.
+
+    att = llm_attention(model, batch, sinks, queries=("last",))   # tidy: one row per layer, head, token
+    sink_ratio(att)                                                # sink / non-sink mean, bootstrap CI over images
+    norm_bins(att, bins=4)                                         # mean received attention per ViT-norm bin
+    vit_attention(model, batch, sinks)                             # the same inside the ViT
+
+Received attention of a key token is the attention probability it gets, averaged over the chosen
+query tokens. In the LLM the queries are tokens by role (``text``, ``answer``, or ``last``: the
+last prompt token), taken only after the image so that causal zeros do not dilute the mean; in
+the ViT they are the patch and/or CLS/register tokens of the same tile. Patterns are read at
+``{part}.blocks.{l}.attn.hook_pattern``, which switches the run to eager attention; for large
+models pass a few ``layers`` at a time (a pattern is [batch, heads, seq, seq]).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..tokens import ROLE
+from .detect import SinkSet, SinkSpec, detect_acts
+from .rules import SinkError
+
+LLM_QUERY_ROLES = ("text", "answer", "last")
+VIT_QUERY_KINDS = ("patch", "special")
+KEY_COLUMNS = ["sample", "image", "tile", "row", "col", "llm_pos", "norm", "is_sink"]
+
+
+def _layers(model, part: str, layers) -> list[int]:
+    n = model.n_llm_layers if part == "llm" else model.n_vit_layers
+    out = list(range(n)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in out if not 0 <= l < n]
+    if bad:
+        raise SinkError(f"{part} layers {bad} out of range: {model.name} has {n} (0..{n - 1})")
+    return out
+
+
+def _read(model, batch, part: str, layers: list[int], sinks: SinkSet | None, spec: SinkSpec | None):
+    sites = [f"{part}.blocks.{l}.attn.hook_pattern" for l in layers]
+    spec = spec or SinkSpec()
+    acts = model.run(batch, read=sites + ([spec.site] if sinks is None else []))
+    if sinks is None:
+        sinks = detect_acts(acts, batch.token_map, spec)
+    return {l: acts[s] for l, s in zip(layers, sites)}, sinks
+
+
+def _tidy(per_layer: list[tuple[int, np.ndarray]], keys: pd.DataFrame, part: str, per_head: bool) -> pd.DataFrame:
+    """Rows (layer, head, key) from {layer: attn [heads, n_keys]}; head -1 = mean over heads."""
+    frames = []
+    for layer, a in per_layer:
+        if not per_head:
+            a = a.mean(0, keepdims=True)
+        heads = np.arange(a.shape[0]) if per_head else np.array([-1])
+        f = keys.loc[np.tile(np.arange(len(keys)), len(heads))].reset_index(drop=True)
+        f.insert(0, "head", np.repeat(heads, len(keys)))
+        f.insert(0, "layer", layer)
+        f.insert(0, "part", part)
+        f["attn"] = a.reshape(-1)
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True)
+
+
+# -- LLM --------------------------------------------------------------------------------------
+def llm_query_mask(roles: np.ndarray, last_pos: Sequence[int], key_pos: Mapping[int, np.ndarray],
+                   queries: Sequence[str]) -> np.ndarray:
+    """Bool [batch, seq]: query positions with the chosen roles that come after the sample's last
+    image token. ``last`` selects the last prompt token."""
+    bad = [q for q in queries if q not in LLM_QUERY_ROLES]
+    if bad or not queries:
+        raise SinkError(f"unknown query roles {bad or list(queries)}; choose from {', '.join(LLM_QUERY_ROLES)}")
+    codes = [ROLE[q] for q in queries if q != "last"]
+    mask = np.isin(roles, codes)
+    for s in range(roles.shape[0]):
+        if "last" in queries:
+            mask[s, int(last_pos[s])] = True
+        first = key_pos[s].max() + 1 if s in key_pos and len(key_pos[s]) else 0
+        mask[s, :first] = False
+    return mask
+
+
+def llm_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, roles: np.ndarray,
+                       last_pos: Sequence[int], queries: Sequence[str] = ("text", "answer"),
+                       per_head: bool = True) -> pd.DataFrame:
+    """Received attention of every LLM image token from patterns already read.
+
+    patterns: {layer: [batch, heads, seq, seq]}. Returns part, layer, head, sample, image, tile,
+    row, col, llm_pos, norm (ViT score, max over merged patches), is_sink, n_patches, attn."""
+    keys = sinks.llm_tokens()
+    keys = keys[keys["role"] == "image"].reset_index(drop=True)
+    by_sample = {int(s): g.index.to_numpy() for s, g in keys.groupby("sample")}
+    key_pos = {s: keys.loc[i, "llm_pos"].to_numpy() for s, i in by_sample.items()}
+    qmask = llm_query_mask(roles, last_pos, key_pos, queries)
+    missing = [s for s in by_sample if not qmask[s].any()]
+    if missing:
+        raise SinkError(f"samples {missing} have no {'/'.join(queries)} query token after the image")
+    out = []
+    for layer in sorted(patterns):
+        p = patterns[layer].detach().float().cpu()
+        a = np.zeros((p.shape[1], len(keys)))
+        for s, rows in by_sample.items():
+            q = torch.as_tensor(np.nonzero(qmask[s])[0])
+            a[:, rows] = p[s][:, q][:, :, torch.tensor(key_pos[s])].mean(1).numpy()
+        out.append((int(layer), a))
+    cols = KEY_COLUMNS + ["n_patches"]
+    return _tidy(out, keys[cols], "llm", per_head)
+
+
+def llm_attention(model, batch, sinks: SinkSet | None = None, *, queries: Sequence[str] = ("text", "answer"),
+                  layers: Sequence[int] | None = None, per_head: bool = True, spec: SinkSpec | None = None) -> pd.DataFrame:
+    """Attention each LLM image token receives from ``queries`` at every layer (or ``layers``) and
+    head, with one forward pass (sinks detected in the same pass when not given)."""
+    if isinstance(queries, str):
+        queries = (queries,)
+    layers = _layers(model, "llm", layers)
+    patterns, sinks = _read(model, batch, "llm", layers, sinks, spec)
+    return llm_attention_acts(patterns, sinks, batch.token_map.roles, batch.last_pos.tolist(), queries, per_head)
+
+
+# -- ViT ----------------------------------------------------------------------------------------
+def vit_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, queries: Sequence[str] = ("patch", "special"),
+                       per_head: bool = True) -> pd.DataFrame:
+    """Received attention of every ViT patch from the queries of its own tile.
+
+    patterns: {layer: [items, heads, seq, seq]}, or [heads, tokens, tokens] for flat ViTs
+    (Qwen2-VL). Returns part, layer, head, sample, image, tile, row, col, patch, llm_pos, norm,
+    is_sink, attn."""
+    bad = [q for q in queries if q not in VIT_QUERY_KINDS]
+    if bad or not queries:
+        raise SinkError(f"unknown ViT query kinds {bad or list(queries)}; choose from {', '.join(VIT_QUERY_KINDS)}")
+    keys = sinks.patches.reset_index(drop=True)
+    group = ["sample", "image", "tile"]
+    special = {k: g for k, g in sinks.special.groupby(group)} if len(sinks.special) else {}
+    out = []
+    for layer in sorted(patterns):
+        p = patterns[layer].detach().float().cpu()
+        flat = p.dim() == 3
+        a = np.zeros((p.shape[-3], len(keys)))
+        for k, g in keys.groupby(group):
+            kpos = g["vit_pos"].to_numpy()
+            qpos = []
+            if "patch" in queries:
+                qpos.append(kpos)
+            if "special" in queries and k in special:
+                qpos.append(special[k]["vit_pos"].to_numpy())
+            qpos = np.concatenate(qpos) if qpos else np.array([], dtype=np.int64)
+            if len(qpos) == 0:
+                continue
+            m = p if flat else p[int(g["vit_item"].iloc[0])]
+            a[:, g.index.to_numpy()] = m[:, torch.tensor(qpos)][:, :, torch.tensor(kpos)].mean(1).numpy()
+        out.append((int(layer), a))
+    return _tidy(out, keys[KEY_COLUMNS[:5] + ["patch"] + KEY_COLUMNS[5:]], "vit", per_head)
+
+
+def vit_attention(model, batch, sinks: SinkSet | None = None, *, queries: Sequence[str] = ("patch", "special"),
+                  layers: Sequence[int] | None = None, per_head: bool = True, spec: SinkSpec | None = None) -> pd.DataFrame:
+    """Attention each ViT patch receives from the patch and/or CLS/register queries of its tile, at
+    every ViT layer (or ``layers``) and head."""
+    if isinstance(queries, str):
+        queries = (queries,)
+    layers = _layers(model, "vit", layers)
+    patterns, sinks = _read(model, batch, "vit", layers, sinks, spec)
+    return vit_attention_acts(patterns, sinks, queries, per_head)
+
+
+# -- summaries ---------------------------------------------------------------------------------
+def _per_token(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Average over heads (unless 'head' is in ``by``): one row per token and group."""
+    token = ["sample", "image", "tile", "row", "col"] + [c for c in ("llm_pos", "batch") if c in df.columns]
+    keys = list(dict.fromkeys([*by, *token]))
+    return df.groupby(keys, sort=True, dropna=False).agg(norm=("norm", "first"), is_sink=("is_sink", "first"),
+                                                         attn=("attn", "mean")).reset_index()
+
+
+def norm_bins(df: pd.DataFrame, bins: int | Sequence[float] = 4, by: Sequence[str] = ("part", "layer")) -> pd.DataFrame:
+    """Mean received attention per ViT-norm bin. ``bins``: a number of quantile bins (edges from
+    all tokens' norms) or explicit edges. Columns: by..., bin, bin_low, bin_high, n_tokens,
+    attn_mean, attn_sem, sink_frac."""
+    t = _per_token(df, by)
+    t = t[t["norm"].notna()]
+    if isinstance(bins, (int, np.integer)):
+        if bins < 1:
+            raise SinkError(f"bins must be >= 1, got {bins}")
+        edges = np.unique(np.quantile(t["norm"], np.linspace(0, 1, int(bins) + 1)))
+    else:
+        edges = np.asarray(sorted(bins), dtype=float)
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0]]) if len(edges) else np.array([0.0, 0.0])
+        edges[-1] = np.nextafter(edges[-1], np.inf)
+    t = t.assign(bin=pd.cut(t["norm"], edges, include_lowest=True))
+    t = t[t["bin"].notna()]
+    g = t.groupby([*by, "bin"], sort=True, observed=True)
+    out = g.agg(n_tokens=("attn", "size"), attn_mean=("attn", "mean"), attn_sem=("attn", "sem"),
+                sink_frac=("is_sink", "mean")).reset_index()
+    out.insert(len(by) + 1, "bin_low", [iv.left for iv in out["bin"]])
+    out.insert(len(by) + 2, "bin_high", [iv.right for iv in out["bin"]])
+    out["bin"] = out["bin"].astype(str)
+    return out
+
+
+def _bootstrap_ratio(s: np.ndarray, n: np.ndarray, n_boot: int, alpha: float, seed: int) -> tuple[float, float, float]:
+    """(mean(s) / mean(n), CI) with a bootstrap over images (pairs resampled together)."""
+    est = float(s.mean() / n.mean())
+    if len(s) < 2:
+        return est, np.nan, np.nan
+
+    def stat(idx, axis=-1):
+        i = np.asarray(idx).astype(np.int64)
+        return s[i].mean(axis) / n[i].mean(axis)
+    try:
+        from ..stats import bootstrap_ci
+        _, lo, hi = bootstrap_ci(np.arange(len(s), dtype=float), stat=stat, n_boot=n_boot, alpha=alpha, seed=seed)
+    except ImportError:   # percentile bootstrap when mechsink.stats is absent
+        rng = np.random.default_rng(seed)
+        boot = stat(rng.integers(0, len(s), size=(n_boot, len(s))))
+        lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return est, float(lo), float(hi)
+
+
+def sink_ratio(df: pd.DataFrame, by: Sequence[str] = ("part", "layer"), *, n_boot: int = 2000, alpha: float = 0.05,
+               seed: int = 0) -> pd.DataFrame:
+    """Sink / non-sink ratio of mean received attention, with a bootstrap CI over images.
+
+    Per image: the mean attention of its sink tokens and of its non-sink tokens (heads averaged
+    unless 'head' is in ``by``); images without a sink or a non-sink are left out. The ratio is
+    mean over images of the sink means / the same of the non-sink means. Columns: by...,
+    n_images, sink_mean, nonsink_mean, ratio, ci_low, ci_high."""
+    t = _per_token(df, by)
+    image = [c for c in ("batch", "sample", "image") if c in t.columns]
+    per_image = (t.groupby([*by, *image, "is_sink"], sort=True)["attn"].mean()
+                  .unstack("is_sink").reindex(columns=[True, False]).dropna())
+    rows = []
+    for key, g in per_image.groupby(level=list(range(len(by))), sort=True):
+        s, n = g[True].to_numpy(), g[False].to_numpy()
+        est, lo, hi = _bootstrap_ratio(s, n, n_boot, alpha, seed)
+        key = key if isinstance(key, tuple) else (key,)
+        rows.append({**dict(zip(by, key)), "n_images": len(s), "sink_mean": float(s.mean()),
+                     "nonsink_mean": float(n.mean()), "ratio": est, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=[*by, "n_images", "sink_mean", "nonsink_mean", "ratio", "ci_low", "ci_high"])

@@ -1,0 +1,477 @@
+"""Detecting ViT sinks: a serialisable SinkSpec, the SinkSet result, and calibration.
+
+    spec = SinkSpec()                              # relative rule at the projector input
+    spec = SinkSpec.preset("llava-1.5")            # norm >= 100 at vit.out
+    sinks = detect(model, batch, spec)             # one forward pass reading spec.site
+    sinks.sinks                                    # rows of the patch table that are sinks
+    sinks.to_records()                             # [{"image": ..., "sinks": [{"patch", "row", ...}]}]
+
+A spec says *where* (``site``), *what* is scored (``score``: the L2 norm, or max |x| over
+``dims``), and *which rule* turns scores into sinks (see :mod:`mechsink.sinks.rules`). Relative
+rules judge each tile (or image) against its own tokens; CLS/register tokens are left out unless
+``include_special``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import SiteError
+from ..sites import Site
+from ..tokens import _AXIS_COLUMNS, TokenMap
+from . import rules
+from .rules import RULES, QuantileSketch, SinkError
+
+log = logging.getLogger("mechsink")
+
+SCORES = ("norm", "dims")
+GROUPS = {"tile": ["sample", "image", "tile"], "image": ["sample", "image"]}
+PRESETS: dict[str, dict] = {
+    "default": {},
+    # To Sink or Not to Sink (2510.08510): LLaVA-1.5-7B's CLIP ViT-L/14-336, tau = 100.
+    "llava-1.5": {"site": "vit.out", "rule": "fixed", "params": {"tau": 100.0}},
+    # Neo et al. (2410.07149): norm above mean + 2 sigma of the image's tokens.
+    "neo": {"site": "vit.out", "rule": "sigma", "params": {"k": 2.0}},
+}
+_INT_PARAMS = {"k": ("topk",), "n_calib": ("quantile",)}
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """How sinks are detected. Parameters missing from ``params`` take the rule's defaults, so
+    ``to_dict`` (and the fingerprint) always spell out every number that was used."""
+    site: str = "vit.out"
+    score: str = "norm"                    # "norm" (L2 norm) | "dims" (max |x| over dims)
+    dims: tuple[int, ...] | None = None
+    rule: str = "relative"
+    params: dict = field(default_factory=dict)
+    include_special: bool = False          # score CLS/register tokens as candidates too
+    per: str = "tile"                      # the group a relative rule is judged in: "tile" | "image"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        try:
+            site = Site.parse(self.site)
+        except SiteError as e:
+            raise SinkError(str(e)) from None
+        if site.kind in ("pattern", "logits"):
+            raise SinkError(f"site {site} holds attention patterns or logits, not token states; use e.g. vit.out")
+        set_("site", str(site))
+        if self.score not in SCORES:
+            raise SinkError(f"unknown score {self.score!r}; use 'norm' or 'dims'")
+        if self.score == "dims":
+            if not self.dims:
+                raise SinkError("score 'dims' needs dims=[...] (find them with mechsink.sinks.massive_dims)")
+            set_("dims", tuple(sorted({int(d) for d in self.dims})))
+        elif self.dims:
+            raise SinkError("dims are only used with score='dims'")
+        else:
+            set_("dims", None)
+        if self.rule not in RULES:
+            raise SinkError(f"unknown sink rule {self.rule!r}; rules: {', '.join(RULES)}; presets: {', '.join(PRESETS)}")
+        r = RULES[self.rule]
+        unknown = set(self.params) - set(r.defaults) - set(r.required)
+        if unknown:
+            allowed = sorted(set(r.defaults) | set(r.required))
+            raise SinkError(f"rule {self.rule!r} has no parameter {', '.join(sorted(unknown))}; it takes {', '.join(allowed)}")
+        missing = [k for k in r.required if self.params.get(k) is None]
+        if missing:
+            raise SinkError(f"rule {self.rule!r} needs {', '.join(missing)} (e.g. params={{'{missing[0]}': 100}})")
+        params = {}
+        for k, v in {**r.defaults, **self.params}.items():
+            if v is None:
+                params[k] = None
+                continue
+            try:
+                params[k] = int(v) if self.rule in _INT_PARAMS.get(k, ()) else float(v)
+            except (TypeError, ValueError):
+                raise SinkError(f"parameter {k} of rule {self.rule!r} must be a number, got {v!r}") from None
+        set_("params", dict(sorted(params.items())))
+        if self.per not in GROUPS:
+            raise SinkError(f"per must be 'tile' or 'image', got {self.per!r}")
+        set_("include_special", bool(self.include_special))
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "SinkSpec":
+        """A published setting by name: 'default', 'llava-1.5' (norm >= 100 at vit.out), 'neo' (mean + 2 sigma)."""
+        if name not in PRESETS:
+            raise SinkError(f"unknown sink preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_options(cls, rule: str | None = None, *, site: str | None = None, score: str | None = None,
+                     dims: Sequence[int] | None = None, include_special: bool | None = None, per: str | None = None,
+                     **params) -> "SinkSpec":
+        """A spec from loose options (the CLI's): ``rule`` may be a rule or a preset name; options
+        left as None keep the rule's or preset's value."""
+        base = dict(PRESETS[rule]) if rule in PRESETS else ({"rule": rule} if rule else {})
+        base["params"] = {**base.get("params", {}), **{k: v for k, v in params.items() if v is not None}}
+        for k, v in dict(site=site, score=score, dims=dims, include_special=include_special, per=per).items():
+            if v is not None:
+                base[k] = v
+        if dims is not None and score is None:
+            base["score"] = "dims"
+        return cls(**base)
+
+    def replace(self, **changes) -> "SinkSpec":
+        if "rule" in changes and "params" not in changes:
+            changes["params"] = {}
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"site": self.site, "score": self.score, "dims": list(self.dims) if self.dims else None,
+                "rule": self.rule, "params": dict(self.params), "include_special": self.include_special,
+                "per": self.per}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SinkSpec":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise SinkError(f"not a SinkSpec: unknown keys {', '.join(sorted(unknown))}")
+        return cls(**dict(d))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SinkSpec":
+        return cls.from_dict(json.loads(text))
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the canonical JSON: equal specs give equal fingerprints, across processes."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    @property
+    def axis(self) -> str:
+        return Site.parse(self.site).axis
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def score_tokens(x: torch.Tensor, spec: SinkSpec) -> torch.Tensor:
+    """Score of every token: x [..., d] -> [...] (float32)."""
+    x = x.detach().float()
+    if spec.score == "norm":
+        return x.norm(dim=-1)
+    if max(spec.dims) >= x.shape[-1] or min(spec.dims) < -x.shape[-1]:
+        raise SinkError(f"sink dims {list(spec.dims)} out of range for hidden size {x.shape[-1]}")
+    return x[..., list(spec.dims)].abs().amax(dim=-1)
+
+
+def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkSpec) -> np.ndarray:
+    """The score of each row of a TokenMap frame (patches or special) on a site tensor of the given
+    axis; NaN where the row has no token on that axis. acts: [items, seq, d] or [seq, d] (flat)."""
+    item_col, pos_col = _AXIS_COLUMNS[axis]
+    out = np.full(len(frame), np.nan)
+    pos = frame[pos_col].to_numpy()
+    ok = pos >= 0
+    if not ok.any():
+        return out
+    scores = score_tokens(acts, spec).cpu()
+    items = frame[item_col].to_numpy()[ok]
+    try:
+        if (items < 0).all():   # flat axis (Qwen2-VL's ViT): one sequence for the whole batch
+            flat = scores.reshape(-1) if scores.dim() == 2 and scores.shape[0] == 1 else scores
+            vals = flat[torch.tensor(pos[ok])]
+        else:
+            vals = scores[torch.tensor(items), torch.tensor(pos[ok])]
+    except (IndexError, RuntimeError):
+        raise SinkError(f"activations of shape {tuple(acts.shape)} do not match the token map on axis {axis!r} "
+                        f"(largest {pos_col} = {int(pos.max())}); were they read at {spec.site} for this batch?") from None
+    out[ok] = vals.numpy().astype(np.float64)
+    return out
+
+
+def _patch_index(patches: pd.DataFrame, grids: dict) -> np.ndarray:
+    """Row-major index of each patch in its tile's grid."""
+    keys = list(zip(patches["sample"], patches["image"], patches["tile"]))
+    if grids and all(k in grids for k in set(keys)):
+        cols = np.array([grids[k][1] for k in keys], dtype=np.int64)
+    else:
+        cols = patches.groupby(["sample", "image", "tile"])["col"].transform("max").to_numpy() + 1
+    return patches["row"].to_numpy() * cols + patches["col"].to_numpy()
+
+
+def _flag(cands: pd.DataFrame, spec: SinkSpec) -> np.ndarray:
+    """Apply the rule to candidate scores (column 'norm'), per group for relative rules."""
+    flags = np.zeros(len(cands), dtype=bool)
+    if len(cands) == 0:
+        return flags
+    s = cands["norm"].to_numpy()
+    if not RULES[spec.rule].per_group:
+        return rules.apply(spec.rule, s, spec.params)
+    for idx in cands.groupby(GROUPS[spec.per], sort=False).indices.values():
+        flags[idx] = rules.apply(spec.rule, s[idx], spec.params)
+    return flags
+
+
+# -- the result -------------------------------------------------------------------------------
+@dataclass
+class SinkSet:
+    """Detected sinks of one batch (or several, after ``concat``).
+
+    ``patches``: the TokenMap's patch table plus ``patch`` (row-major index in the tile grid),
+    ``norm`` (the score at ``spec.site``; NaN where the patch has no token there) and ``is_sink``.
+    ``special``: CLS/register tokens with ``norm`` and ``is_sink`` (False unless ``include_special``).
+    ``ids``: one label per sample (an image path or dataset id) used by ``to_records``.
+    """
+    spec: SinkSpec
+    patches: pd.DataFrame
+    special: pd.DataFrame
+    ids: list | None = None
+    token_map: TokenMap | None = field(default=None, repr=False)
+
+    @property
+    def sinks(self) -> pd.DataFrame:
+        return self.patches[self.patches["is_sink"]]
+
+    @property
+    def nonsinks(self) -> pd.DataFrame:
+        return self.patches[~self.patches["is_sink"]]
+
+    @property
+    def n_samples(self) -> int:
+        if self.ids is not None:
+            return len(self.ids)
+        if self.token_map is not None:
+            return int(self.token_map.roles.shape[0])
+        return int(self.patches["sample"].max()) + 1 if len(self.patches) else 0
+
+    def counts(self) -> pd.DataFrame:
+        """Sinks per image: sample, image, n_patches, n_sinks."""
+        g = self.patches.groupby(["sample", "image"], sort=True)
+        return pd.DataFrame({"n_patches": g.size(), "n_sinks": g["is_sink"].sum()}).reset_index()
+
+    def llm_tokens(self) -> pd.DataFrame:
+        """One row per LLM position holding image content: sample, llm_pos, role, image, tile, row,
+        col, ``norm`` (max over the patches merged into the token; NaN for newline tokens),
+        ``is_sink`` (any merged patch is a sink) and ``n_patches``."""
+        p = self.patches[self.patches["llm_pos"] >= 0]
+        agg = (p.groupby(["sample", "llm_pos"], sort=True)
+                .agg(norm=("norm", "max"), is_sink=("is_sink", "any"), n_patches=("patch", "size"),
+                     image=("image", "first"), tile=("tile", "first"), row=("row", "min"), col=("col", "min"))
+                .reset_index())
+        if self.token_map is not None:
+            base = self.token_map.llm_tokens
+            out = base.merge(agg[["sample", "llm_pos", "norm", "is_sink", "n_patches"]], on=["sample", "llm_pos"], how="left")
+            out["is_sink"] = out["is_sink"].fillna(False).astype(bool)
+            out["n_patches"] = out["n_patches"].fillna(0).astype("int64")
+            return out
+        agg.insert(2, "role", "image")
+        return agg
+
+    def _label(self, sample: int, image: int, n_images: int):
+        base = self.ids[sample] if self.ids is not None else sample
+        return base if n_images == 1 else f"{base}#{image}"
+
+    def to_records(self) -> list[dict]:
+        """JSON-ready: per image {"image": id, "sinks": [{"patch", "row", "col", "norm", "llm_pos", "tile"}]},
+        sinks in tile then patch order; with ``include_special``, also "special": [{"role", "norm"}]."""
+        recs = []
+        per_sample = self.patches.groupby("sample")["image"].nunique().to_dict()
+        sinks = self.sinks.sort_values(["sample", "image", "tile", "patch"])
+        by_image = {k: g for k, g in sinks.groupby(["sample", "image"], sort=False)}
+        special = self.special[self.special["is_sink"]] if self.spec.include_special else None
+        for (s, i), _ in self.patches.groupby(["sample", "image"], sort=True):
+            g = by_image.get((s, i))
+            rec = {"image": self._label(int(s), int(i), per_sample[s]),
+                   "sinks": [] if g is None else [
+                       {"patch": int(r.patch), "row": int(r.row), "col": int(r.col), "norm": float(r.norm),
+                        "llm_pos": int(r.llm_pos), "tile": int(r.tile)} for r in g.itertuples(index=False)]}
+            if special is not None:
+                sp = special[(special["sample"] == s) & (special["image"] == i)]
+                rec["special"] = [{"role": r.role, "tile": int(r.tile), "norm": float(r.norm)} for r in sp.itertuples(index=False)]
+            recs.append(rec)
+        return recs
+
+    @classmethod
+    def concat(cls, sets: Sequence["SinkSet"]) -> "SinkSet":
+        """One SinkSet over several batches: samples are renumbered in order and a ``batch`` column
+        says where each row came from (its item/position columns index that batch's tensors)."""
+        if not sets:
+            raise SinkError("nothing to concatenate")
+        if len({s.spec.fingerprint() for s in sets}) > 1:
+            raise SinkError("cannot concatenate SinkSets detected with different specs")
+        patches, special, ids, offset = [], [], [], 0
+        for k, s in enumerate(sets):
+            for src, dst in ((s.patches, patches), (s.special, special)):
+                f = src.copy()
+                if "batch" not in f.columns:
+                    f.insert(0, "batch", k)
+                f["sample"] += offset
+                dst.append(f)
+            ids.extend(s.ids if s.ids is not None else range(offset, offset + s.n_samples))
+            offset += s.n_samples
+        return cls(sets[0].spec, pd.concat(patches, ignore_index=True), pd.concat(special, ignore_index=True), ids)
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write patches.parquet, special.parquet and sinkset.json into a directory."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.patches.to_parquet(path / "patches.parquet", index=False)
+        self.special.to_parquet(path / "special.parquet", index=False)
+        meta = {"spec": self.spec.to_dict(), "ids": [_plain(i) for i in self.ids] if self.ids is not None else None}
+        tmp = path / ".sinkset.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path / "sinkset.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SinkSet":
+        path = Path(path)
+        if not (path / "sinkset.json").is_file():
+            raise SinkError(f"{path} is not a saved SinkSet (no sinkset.json)")
+        meta = json.loads((path / "sinkset.json").read_text())
+        return cls(SinkSpec.from_dict(meta["spec"]), pd.read_parquet(path / "patches.parquet"),
+                   pd.read_parquet(path / "special.parquet"), meta["ids"])
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+# -- detection --------------------------------------------------------------------------------
+def _site_tensor(acts, spec: SinkSpec) -> torch.Tensor:
+    if isinstance(acts, Mapping):
+        if spec.site not in acts:
+            raise SinkError(f"no activations at {spec.site} (have: {', '.join(acts)})")
+        return acts[spec.site]
+    return acts
+
+
+def _scored(acts, token_map: TokenMap, spec: SinkSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    x = _site_tensor(acts, spec)
+    patches = token_map.patches.copy()
+    patches["patch"] = _patch_index(patches, token_map.grids)
+    patches["norm"] = frame_scores(x, patches, spec.axis, spec)
+    special = token_map.special.copy()
+    special["norm"] = frame_scores(x, special, spec.axis, spec)
+    if patches["norm"].isna().all() and len(patches):
+        raise SinkError(f"no image patch has a token at {spec.site}")
+    return patches, special
+
+
+def _candidates(patches: pd.DataFrame, special: pd.DataFrame, spec: SinkSpec) -> pd.DataFrame:
+    cols = GROUPS["tile"] + ["norm"]
+    parts = [patches.loc[patches["norm"].notna(), cols].assign(src=0)]
+    if spec.include_special:
+        parts.append(special.loc[special["norm"].notna(), cols].assign(src=1))
+    c = pd.concat(parts)
+    c["idx"] = c.index
+    return c.reset_index(drop=True)
+
+
+def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: TokenMap, spec: SinkSpec | None = None,
+                *, ids: Sequence | None = None) -> SinkSet:
+    """Sinks from activations already read at ``spec.site`` (a tensor, or a dict holding that site)."""
+    spec = spec or SinkSpec()
+    patches, special = _scored(acts, token_map, spec)
+    cands = _candidates(patches, special, spec)
+    flags = _flag(cands, spec)
+    patches["is_sink"] = False
+    special["is_sink"] = False
+    for src, frame in ((0, patches), (1, special)):
+        hit = cands.loc[(cands["src"] == src).to_numpy() & flags, "idx"]
+        frame.loc[hit.to_numpy(), "is_sink"] = True
+    if ids is not None and len(ids) != token_map.roles.shape[0]:
+        raise SinkError(f"{len(ids)} ids for a batch of {token_map.roles.shape[0]} samples")
+    return SinkSet(spec, patches, special, list(ids) if ids is not None else None, token_map)
+
+
+def detect(model, batch, spec: SinkSpec | None = None, *, ids: Sequence | None = None) -> SinkSet:
+    """Detect sinks in a batch with one forward pass that reads ``spec.site``."""
+    spec = spec or SinkSpec()
+    acts = model.run(batch, read=[spec.site])
+    return detect_acts(acts, batch.token_map, spec, ids=ids)
+
+
+def candidate_scores(acts, token_map: TokenMap, spec: SinkSpec) -> np.ndarray:
+    """Scores of every candidate token (patches, plus special tokens with include_special) -> [n]."""
+    patches, special = _scored(acts, token_map, spec)
+    return _candidates(patches, special, spec)["norm"].to_numpy()
+
+
+def calibrate_acts(pairs: Iterable[tuple[Any, TokenMap]], spec: SinkSpec | None = None, q: float = 0.99,
+                   sketch: QuantileSketch | None = None) -> SinkSpec:
+    """Calibrate the quantile rule from (activations, token_map) pairs; streams, holding only a
+    fixed-size sketch. Returns ``spec`` with rule 'quantile' and its threshold ``tau`` set."""
+    spec = spec or SinkSpec()
+    sketch = sketch if sketch is not None else QuantileSketch()
+    for acts, tm in pairs:
+        sketch.update(candidate_scores(acts, tm, spec))
+    return spec.replace(rule="quantile", params={"q": q, "tau": sketch.quantile(q), "n_calib": sketch.n})
+
+
+def calibrate(model, batches: Iterable, spec: SinkSpec | None = None, q: float = 0.99,
+              sketch: QuantileSketch | None = None) -> SinkSpec:
+    """Calibrate the quantile rule on a dataset: ``tau`` = the ``q`` quantile of candidate scores
+    over all batches (one forward each). Pass a ``sketch`` to keep (and later merge) the histogram."""
+    spec = spec or SinkSpec()
+    return calibrate_acts(((model.run(b, read=[spec.site]), b.token_map) for b in batches), spec, q, sketch)
+
+
+# -- the CLI's entry point ------------------------------------------------------------------------
+def sinks_command(model_name, images_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+                  rule: str | None = None, *, params: Mapping[str, float] | None = None, site: str | None = None,
+                  score: str | None = None, dims: Sequence[int] | None = None, include_special: bool | None = None,
+                  per: str | None = None, prompt: str | None = None, limit: int | None = None, batch_size: int = 8,
+                  device: str | None = None, dtype: str | None = None, json: bool = True, errors=None):
+    """Detect sinks on a folder of images (``images_dir``) or a dataset (``data``).
+
+    Returns, per image, {"image": path or id, "sinks": [{"patch", "row", "col", "norm", "llm_pos", "tile"}]}
+    (``json=True``), or the concatenated SinkSet. Images go in with ``prompt``, else the dataset's
+    own prompt, else the model's neutral default prompt. The quantile rule without a ``tau`` is
+    calibrated on the same images first. Unreadable images are skipped and recorded in ``errors``
+    (a mechsink.data.ErrorLog) when given.
+    """
+    from .. import load
+    from ..data import ErrorLog, iter_images, open_dataset
+    if (images_dir is None) == (data is None):
+        raise SinkError("give exactly one of images_dir (a folder of images) or data (a dataset)")
+    spec = SinkSpec.from_options(rule, site=site, score=score, dims=dims, include_special=include_special, per=per,
+                                 **dict(params or {}))
+    ds = open_dataset(images_dir, format="folder", limit=limit) if images_dir is not None else open_dataset(data, limit=limit)
+    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=dtype)
+    errors = errors if errors is not None else ErrorLog()
+
+    def batches():
+        chunk: list = []
+        for sample, image in iter_images(ds, errors=errors):
+            chunk.append((sample, image))
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def prepared():
+        for chunk in batches():
+            prompts = [prompt if prompt is not None else (s.prompt if images_dir is None else None) for s, _ in chunk]
+            ids = [s.image_path or s.id for s, _ in chunk]
+            yield model.prepare([im for _, im in chunk], prompts=prompts), ids
+
+    if spec.rule == "quantile" and spec.params.get("tau") is None:
+        spec = calibrate(model, (b for b, _ in prepared()), spec.replace(rule="relative"), q=spec.params["q"])
+        log.info("calibrated the quantile rule: tau = %.4g over %d tokens", spec.params["tau"], spec.params["n_calib"])
+    sets = [detect(model, b, spec, ids=ids) for b, ids in prepared()]
+    if not sets:
+        raise SinkError(f"no readable images in {images_dir if images_dir is not None else data}")
+    out = SinkSet.concat(sets) if len(sets) > 1 else sets[0]
+    return out.to_records() if json else out

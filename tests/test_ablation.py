@@ -1,0 +1,314 @@
+"""Sink vs matched-random ablation: known answers on the planted models, calibration on the null
+twin, and every mode checked against an independent reference run."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import mechsink
+from mechsink.ablation import (AblationConfig, AblationError, AblationResult, ablate, ablate_command, cell_means,
+                               draw_controls, token_table)
+from mechsink.metrics import Metric, MetricError, gather_logits
+from mechsink.patching import Plan, clean, execute, rows_mask
+from mechsink.stats import paired_permutation_test
+from mechsink.testing import test_image as make_image
+from mechsink.trace import zero_tokens
+from mechsink.zoo import planted as P
+
+SINKS = P.PLANTED_SINKS
+
+
+@pytest.fixture(scope="module")
+def planted():
+    images, rows = P.load_eval(16)
+    m = mechsink.load("planted-llava")
+    b = m.prepare(images, [r["prompt"] for r in rows], answers=[r["answer"] for r in rows])
+    return m, b
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = mechsink.load("tiny-llava")
+    b = m.prepare([make_image(seed=0), make_image(seed=1)], ["is there a cat ?", "what color is the cat in this picture ?"],
+                  answers=["yes", "no"])
+    return m, b
+
+
+# -- known answers on the planted models ----------------------------------------------------------
+@pytest.mark.parametrize("mode", ["zero", "mean", "resample", "drop", "knockout"])
+def test_sinks_move_the_answer_far_more_than_matched_random(planted, mode):
+    m, b = planted
+    cfg = AblationConfig(mode=mode, n_draws=16, metric=Metric("logprob"), batch_size=16, match=("border",))
+    res = ablate(m, [b], SINKS, cfg)
+    s = res.summary()
+    assert s.n == 16 and s.n_draws == 16
+    assert s.sink.ci_low > s.random.ci_high          # the CIs separate
+    assert s.p_value < 0.01
+    assert s.sink.mean > 0.5 and abs(s.random.mean) < 1e-3    # the LLM reads the answer from the sinks only
+    f = res.frame
+    assert set(f["condition"]) == {"sink", "random"}
+    assert (f.loc[f["condition"] == "sink", "patches"] == "0 14 21").all()
+    assert (f["n_tokens"] == 3).all()
+
+
+def test_sink_ablation_drops_accuracy_to_chance(planted):
+    m, b = planted
+    res = ablate(m, [b], SINKS, AblationConfig(n_draws=4, metric=Metric("accuracy", answers=P.COLORS), batch_size=16))
+    f = res.frame
+    assert (f["clean"] == 1.0).all()                                 # the planted model is always right
+    assert f.loc[f["condition"] == "random", "value"].mean() == 1.0
+    assert f.loc[f["condition"] == "sink", "value"].mean() < 0.6     # chance is 1/3
+
+
+def test_null_twin_false_positive_rate_is_nominal():
+    """On the null twin the sinks are exchangeable with any three other patches: the test of
+    "sink effect > random effect" must reject at about alpha. Effects of 512 fresh images are
+    computed once; 2000 experiments of 12 images x 8 draws are re-drawn from them."""
+    torch.set_num_threads(1)
+    m = mechsink.load("planted-llava-null")
+    rng = np.random.default_rng(2024)
+    images = [P.make_image(rng) for _ in range(512)]
+    batches = [m.prepare(images[i:i + 64], [P.PROMPT] * 64, answers=[P.label_of(im) for im in images[i:i + 64]])
+               for i in range(0, 512, 64)]
+    res = ablate(m, batches, SINKS, AblationConfig(n_draws=16, rows_per_forward=512))
+    sink, rand, _ = res.effects()
+    assert sink.shape == (512,) and rand.shape == (512, 16)
+    assert np.std(sink) > 0.05                      # the null's effects are real, just not sink-specific
+    g = np.random.default_rng(1)
+    p = []
+    for rep in range(2000):
+        idx = g.choice(512, 12, replace=False)
+        draws = g.choice(16, 8, replace=False)
+        p.append(paired_permutation_test(sink[idx], rand[idx][:, draws].mean(1)))
+    p = np.asarray(p)
+    assert 0.03 <= (p < 0.05).mean() <= 0.075
+    assert (p < 0.01).mean() <= 0.02
+
+
+# -- modes against independent references -----------------------------------------------------------
+def _logprob(m, logits, targets):
+    return Metric("logprob").score(gather_logits(logits, targets.keep(logits.shape[1])), targets)
+
+
+def test_batched_draws_equal_one_run_per_draw(tiny):
+    """Stacked copies (ViT path, projector path, LLM path) give what separate edited runs give."""
+    m, b = tiny
+    cfg_sets = {"vit.blocks.1.hook_resid_post": "vit", "proj.out": "proj", "llm.blocks.1.hook_resid_pre": "llm"}
+    for site, axis in cfg_sets.items():
+        res = ablate(m, [b], (0, 5, 10), AblationConfig(site=site, n_draws=3, batch_size=2))
+        t = Metric("logprob").targets(m, b)
+        for r in res.frame.itertuples():
+            s = r.sample
+            patches = [int(p) for p in r.patches.split()]
+            tm = b.token_map
+            rows = tm.patches[(tm.patches["sample"] == s) & (tm.patches["row"] * 4 + tm.patches["col"]).isin(patches)]
+            ref = _logprob(m, m.run(b, write={site: zero_tokens(tm.index(axis, rows))})["llm.logits"], t)[s]
+            assert abs(r.value - float(ref)) < 1e-5, (site, r)
+
+
+def _shortened(m, b, sample, drop_pos):
+    """The sample's LLM input embeddings (read through the trace) without ``drop_pos``, plus the
+    original positions of the kept tokens."""
+    emb = m.run(b, read=["llm.embed"])["llm.embed"][sample]
+    keep = b.inputs["attention_mask"][sample].bool().clone()
+    keep[list(drop_pos)] = False
+    return emb[keep][None], torch.nonzero(keep)[:, 0][None]
+
+
+def _lm(m, embeds, position_ids=None):
+    with torch.no_grad():
+        h = m.hf.model.language_model(inputs_embeds=embeds, position_ids=position_ids).last_hidden_state
+        return m.hf.lm_head(h)
+
+
+def test_drop_equals_the_prompt_built_without_the_image(tiny):
+    m, b0 = tiny
+    b = m.prepare([make_image(seed=3)], ["is there a cat ?"], answers=["yes"])
+    metric = Metric("logprob", teacher_forced=True)
+    base = clean(m, b, metric)
+    everything = np.ones((1, len(b.token_map.patches)), dtype=bool)
+    drop = rows_mask(b.token_map, "llm", everything, tuple(b.inputs["input_ids"].shape))
+    out = execute(m, b, Plan(1, drop=drop), metric, base["targets"], inputs=base["inputs"], want_next=True)
+    text = b.prompts[0].replace("<image>", "")
+    ids = m.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    keep = b.inputs["input_ids"][0] != m.hf.config.image_token_id
+    assert torch.equal(ids[0], b.inputs["input_ids"][0][keep])     # the same prompt, no image tokens
+    with torch.no_grad():
+        ref = m.hf(input_ids=ids).logits
+    t = base["targets"].shifted(torch.tensor([-16]))
+    assert torch.allclose(out["next"][0, 0], ref[0, t.pos[0]], atol=1e-5)
+    assert abs(float(out["value"][0, 0]) - float(Metric("logprob", teacher_forced=True).score(
+        gather_logits(ref, t.keep(ref.shape[1])), t)[0])) < 1e-5
+
+
+def test_drop_and_knockout_against_shortened_sequences(tiny):
+    """drop = the LLM on the sequence without the tokens (positions re-indexed); knockout at every
+    layer = the same sequence keeping the original positions. Sample 1 is left-padded."""
+    m, b = tiny
+    t = Metric("logprob").targets(m, b)
+    for mode in ("drop", "knockout"):
+        res = ablate(m, [b], (0, 5, 10), AblationConfig(mode=mode, n_draws=2, batch_size=2))
+        for r in res.frame.itertuples():
+            tm = b.token_map
+            p = tm.patches[(tm.patches["sample"] == r.sample)]
+            pos = p.loc[(p["row"] * 4 + p["col"]).isin([int(x) for x in r.patches.split()]), "llm_pos"].tolist()
+            emb, orig = _shortened(m, b, r.sample, pos)
+            logits = _lm(m, emb, orig if mode == "knockout" else None)
+            last = int(t.pos[r.sample]) - sum(q < int(t.pos[r.sample]) for q in pos) - int((~b.inputs["attention_mask"][r.sample].bool()).sum())
+            ref = torch.log_softmax(logits[0, last], -1)[int(t.ids[r.sample, 0])]
+            assert abs(r.value - float(ref)) < 1e-4, (mode, r)
+
+
+def test_knockout_at_chosen_layers_only(tiny):
+    m, b = tiny
+    full = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
+    first = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", layers=(0,), n_draws=1, batch_size=2))
+    none = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", layers=(), n_draws=1, batch_size=2))
+    assert np.abs(none.frame["effect"]).max() < 1e-6
+    assert not np.allclose(full.frame["value"], first.frame["value"])
+    before = m.forward(b)
+    ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
+    assert torch.equal(before, m.forward(b))                          # no hook left behind
+    for impl in ("eager", "sdpa"):
+        with m.attention(impl):
+            other = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
+        assert np.allclose(other.frame["value"], full.frame["value"], atol=1e-5)
+
+
+def test_mean_mode_uses_the_dataset_mean_per_cell(tiny):
+    m, b = tiny
+    b2 = m.prepare([make_image(seed=5)], ["is there a dog ?"], answers=["no"])
+    means = cell_means(m, [b, b2], "proj.out")
+    x1, x2 = m.run(b, read=["proj.out"])["proj.out"], m.run(b2, read=["proj.out"])["proj.out"]
+    assert torch.allclose(means[(0, 0, 1, 2)], (x1[0, 6] + x1[1, 6] + x2[0, 6]) / 3, atol=1e-6)
+    res = ablate(m, [b, b2], (6,), AblationConfig(mode="mean", n_draws=1, batch_size=2))
+    t = Metric("logprob").targets(m, b)
+    idx = b.token_map.index("proj", b.token_map.patches.iloc[[6]])
+    from mechsink.trace import set_tokens
+    ref = _logprob(m, m.run(b, write={"proj.out": set_tokens(idx, means[(0, 0, 1, 2)][None])})["llm.logits"], t)[0]
+    got = res.frame.query("sample == 0 and condition == 'sink'")["value"].item()
+    assert abs(got - float(ref)) < 1e-5
+
+
+def test_resampling_every_token_gives_the_other_image(planted):
+    """Resampling all image tokens at proj.out from the donor = running the donor image with this
+    prompt: the planted model then answers the donor's colour."""
+    m, b = planted
+    cfg = AblationConfig(mode="resample", n_draws=1, batch_size=16)
+    sinks = tuple(range(P.N_PATCHES))                           # "sinks" = every patch
+    res = ablate(m, [b], sinks, cfg)
+    assert not res.frame["valid"].any()                         # no non-sink patches left for controls
+    # the donor permutation is seeded: recover it from the values
+    from mechsink.ablation import _values
+    x, v = _values(m, b, cfg, None, seed=cfg.seed)
+    donors = [int(torch.nonzero((x[:, 0] == v[i, 0]).all(-1))[0]) for i in range(b.size)]
+    assert all(d != i for i, d in enumerate(donors))
+    swapped = m.prepare([b.images[d] for d in donors], b.prompts)
+    ref = m.forward(swapped)[torch.arange(b.size), b.last_pos]
+    value = torch.tensor(res.frame.query("condition == 'sink'").sort_values("sample")["value"].to_numpy())
+    ids = b.inputs["input_ids"][torch.arange(b.size), b.last_pos + 1]
+    assert torch.allclose(value, torch.log_softmax(ref, -1)[torch.arange(b.size), ids].double(), atol=1e-4)
+
+
+# -- matched controls ---------------------------------------------------------------------------------
+def test_controls_are_matched_and_reproducible(planted):
+    m, b = planted
+    tm = b.token_map
+    table = token_table(m, b, SINKS)
+    table["foreground"] = table["patch"] % 2 == 0
+    table["norm"] = np.arange(len(table), dtype=float) % 36
+    sel, valid, reason = draw_controls(table, tm, 50, axis="proj", match=("border", "row", "foreground"), seed=3)
+    assert valid.all() and reason == [""] * 16
+    border = lambda p: (p // 6 in (0, 5)) or (p % 6 in (0, 5))   # noqa: E731
+    for k in range(1, 51):
+        for s in range(16):
+            picked = table.loc[sel[k] & (table["sample"] == s).to_numpy(), "patch"].tolist()
+            assert len(picked) == 3 and not set(picked) & set(SINKS)
+            assert sorted(border(p) for p in picked) == sorted(border(p) for p in SINKS)
+            assert sorted(p // 6 for p in picked) == sorted(p // 6 for p in SINKS)
+            assert sorted(p % 2 == 0 for p in picked) == sorted(p % 2 == 0 for p in SINKS)
+    # draws depend on (seed, global sample index) only, not on how samples are batched
+    sub = m.prepare(b.images[4:6], b.prompts[4:6], answers=b.answers[4:6])
+    st = token_table(m, sub, SINKS)
+    sel2, _, _ = draw_controls(st, sub.token_map, 5, axis="proj", seed=3, sample_ids=[4, 5])
+    sel1, _, _ = draw_controls(table, tm, 5, axis="proj", seed=3)
+    a = table.loc[sel1[2] & table["sample"].isin([4, 5]).to_numpy(), "patch"].to_numpy()
+    assert np.array_equal(a, st.loc[sel2[2], "patch"].to_numpy())
+    # norm band: only the top quarter of each image's non-sink norms
+    sel, _, _ = draw_controls(table, tm, 20, axis="proj", norm_band=(0.75, 1.0), seed=0)
+    picked = table.loc[sel[1:].any(0)]
+    assert picked["norm"].min() >= 26
+    # impossible matching marks the sample invalid instead of drawing unmatched controls
+    sel, valid, reason = draw_controls(table.assign(foreground=table["patch"].isin(SINKS)), tm, 2, axis="proj",
+                                       match=("foreground",))
+    assert not valid.any() and "too few" in reason[0] and not sel[1:].any()
+
+
+def test_detected_sinks_are_used_by_default(planted):
+    m, b = planted
+    from mechsink.sinks.detect import SinkSpec, detect
+    spec = SinkSpec(site="vit.out", rule="fixed", params={"tau": 100.0})
+    t1 = token_table(m, b, spec)
+    assert sorted(set(t1.loc[t1["is_sink"], "patch"])) == list(SINKS)
+    t2 = token_table(m, b, detect(m, b, spec))
+    assert t1["is_sink"].equals(t2["is_sink"]) and "norm" in t2
+    with pytest.raises(AblationError, match="does not match"):
+        token_table(m, m.prepare(b.images[:2], b.prompts[:2]), detect(m, b, spec))
+
+
+# -- config, results, command -------------------------------------------------------------------------
+def test_config_roundtrip_and_bad_input():
+    cfg = AblationConfig(site="vit.blocks.0.hook_resid_post", mode="mean", match=("border",), norm_band=(0.5, 1),
+                         metric=Metric("logit_diff", answers=("yes", "no")), layers=(0, 1))
+    back = AblationConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.fingerprint() == cfg.fingerprint()
+    for bad, msg in [(dict(mode="erase"), "unknown ablation mode"), (dict(mode="drop", site="vit.out"), "drop deletes"),
+                     (dict(match=("colour",)), "matching key"), (dict(norm_band=(0.9, 0.1)), "norm_band"),
+                     (dict(site="llm.blocks.0.attn.hook_pattern"), "patterns"), (dict(n_draws=0), "n_draws"),
+                     (dict(mode="resample", batch_size=1), "batch_size"), (dict(site="llm.blocks.x"), "unknown site")]:
+        with pytest.raises(mechsink.MechsinkError, match=msg):
+            AblationConfig(**bad)
+    with pytest.raises(MetricError, match="answers"):
+        Metric("accuracy", answers=("yes",))
+
+
+def test_metric_errors_are_one_line(tiny):
+    m, _ = tiny
+    b = m.prepare([make_image()], ["is there a cat ?"])
+    with pytest.raises(MetricError, match="answers="):
+        ablate(m, [b], (0,), AblationConfig(n_draws=1))
+    b = m.prepare([make_image()], ["is there a cat ?"], answers=["maybe"])
+    with pytest.raises(MetricError, match="candidates"):
+        ablate(m, [b], (0,), AblationConfig(n_draws=1, metric=Metric("accuracy")))
+
+
+def test_kl_metric_and_effects(planted):
+    m, b = planted
+    res = ablate(m, [b], SINKS, AblationConfig(n_draws=2, metric="kl", batch_size=16))
+    f = res.frame
+    assert (f["clean"].abs() < 1e-6).all()                  # KL of the clean run with itself
+    assert (f.loc[f["condition"] == "sink", "effect"] > 0.05).all()
+
+
+def test_results_save_load_figure_and_command(planted, tmp_path):
+    m, b = planted
+    res = ablate(m, [b], SINKS, AblationConfig(n_draws=4, batch_size=16), out=tmp_path / "run")
+    back = AblationResult.load(tmp_path / "run")
+    pd.testing.assert_frame_equal(back.frame, res.frame)
+    assert back.config == res.config
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["n"] == 16 and summary["p_value"] < 0.01
+    fig = res.figure()
+    assert len(fig.axes[0].lines) > 0
+    d = ablate_command(m, P.EVAL_DIR / "samples.jsonl", limit=12, draws=4, sinks=SINKS, batch_size=6)
+    json.dumps(d)
+    for key in ("sink_effect", "random_effect"):
+        assert set(d[key]) == {"mean", "ci_low", "ci_high"}
+    assert d["n"] == 12 and d["p_value"] < 0.01 and d["sink_effect"]["ci_low"] > d["random_effect"]["ci_high"]
+    d2 = ablate_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=12, draws=4, rule="llava-1.5", batch_size=12)
+    assert d2["mean_sinks"] == 3 and d2["p_value"] < 0.01

@@ -1,0 +1,193 @@
+"""Activation patching: identities, known answers on the planted model, and agreement with
+TransformerLens's own patching utilities on a TransformerBridge of the same model."""
+import copy
+import importlib.util
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import mechsink
+from mechsink.metrics import Metric
+from mechsink.patching import (PatchConfig, PatchError, Plan, Write, block_sites, clean, execute, patch, path_patch,
+                               rows_mask, sweep)
+from mechsink.testing import test_image as make_image
+from mechsink.zoo import planted as P
+
+SINKS = P.PLANTED_SINKS
+LD = Metric("logit_diff", answers=P.COLORS)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    images, rows = P.load_eval(16)
+    m = mechsink.load("planted-llava")
+    prompts = [r["prompt"] for r in rows[:8]]
+    base = m.prepare(images[:8], prompts, answers=[r["answer"] for r in rows[:8]])
+    source = m.prepare(images[8:16], prompts, answers=[r["answer"] for r in rows[8:16]])
+    return m, base, source
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = mechsink.load("tiny-llava")
+    prompts = ["is there a cat ?", "what color is the cat in this picture ?", "is there a dog ?"]
+    base = m.prepare([make_image(seed=i) for i in range(3)], prompts, answers=["yes", "no", "yes"])
+    source = m.prepare([make_image(seed=10 + i) for i in range(3)], prompts, answers=["yes", "no", "yes"])
+    return m, base, source
+
+
+ALL_SITES = ("vit.embed", "vit.blocks.1.hook_resid_mid", "vit.out", "proj.out", "llm.embed",
+             "llm.blocks.0.hook_attn_out", "llm.blocks.1.hook_resid_post")
+
+
+def test_patching_base_with_itself_or_an_identical_source_changes_nothing(tiny):
+    m, base, _ = tiny
+    twin = m.prepare(base.images, ["is there a cat ?", "what color is the cat in this picture ?", "is there a dog ?"],
+                     answers=["yes", "no", "yes"])
+    for source in (base, twin):
+        for metric in ("logprob", "kl"):
+            res = patch(m, base, source, (0, 5), PatchConfig(sites=ALL_SITES, tokens=("sinks", "random", "image"),
+                                                             metric=metric, n_draws=2))
+            f = res.frame
+            assert len(f) == len(ALL_SITES) * 4 * 3
+            assert np.abs(f["patched"] - f["base"]).max() < 1e-6
+            assert np.abs(f["source"] - f["base"]).max() < 1e-6
+            assert f["recovery"].isna().all()                    # nothing to recover
+
+
+def test_patching_every_image_token_at_proj_out_reproduces_the_source(tiny):
+    m, base, source = tiny
+    metric = Metric("logprob")
+    b0 = clean(m, base, metric, read=["proj.out"])
+    src = m.run(source, read=["proj.out"])
+    everything = np.ones((1, len(base.token_map.patches)), dtype=bool)
+    w = Write("proj.out", rows_mask(base.token_map, "proj", everything, tuple(b0["proj.out"].shape[:-1])), src["proj.out"])
+    out = execute(m, base, Plan(1, [w]), metric, b0["targets"], inputs=b0["inputs"], want_next=True)
+    src_next = src["llm.logits"][torch.arange(3), base.last_pos]
+    assert torch.allclose(out["next"][0], src_next, atol=1e-5)
+    assert not torch.allclose(b0["next"], src_next, atol=1e-3)
+    res = patch(m, base, source, (0,), PatchConfig(sites=("proj.out", "vit.out", "llm.embed"), tokens=("image",)))
+    assert np.allclose(res.frame["recovery"], 1.0, atol=1e-4)
+    assert np.allclose(res.frame["patched"], res.frame["source"], atol=1e-5)
+
+
+def test_planted_sinks_carry_the_answer(planted):
+    m, base, source = planted
+    res = patch(m, base, source, SINKS, PatchConfig(sites=("vit.blocks.0.hook_resid_post", "proj.out",
+                                                           "llm.blocks.0.hook_resid_pre", "llm.blocks.1.hook_resid_pre"),
+                                                    metric=LD, n_draws=4))
+    t = res.table()
+    assert np.allclose(t.loc[["vit.blocks.0.hook_resid_post", "proj.out", "llm.blocks.0.hook_resid_pre"], "sinks"], 1.0, atol=1e-4)
+    assert np.allclose(t["random"], 0.0, atol=1e-4)
+    assert np.allclose(t.loc["llm.blocks.1.hook_resid_pre"], 0.0, atol=1e-4)   # the answer was read at layer 0
+    assert set(res.frame["n_tokens"]) == {3, 36}
+    fig = res.heatmap()
+    assert fig.axes
+
+
+def test_sweep_tables_and_heatmaps(planted):
+    m, base, source = planted
+    sw = sweep(m, base, source, block_sites(m, "llm"), positions="all", metric=LD)
+    t = sw.table()
+    last = int(base.last_pos[0])
+    assert t.shape == (2, base.inputs["input_ids"].shape[1])
+    assert abs(t.loc["llm.blocks.1.hook_resid_pre", last] - 1.0) < 1e-4       # layer 1 is a no-op
+    assert np.allclose(t.loc["llm.blocks.1.hook_resid_pre"].drop(last), 0.0, atol=1e-4)
+    per_patch = sweep(m, base, source, ["proj.out", "vit.blocks.0.hook_resid_pre"], positions="patches", metric=LD)
+    t = per_patch.table("effect")
+    assert list(t.columns) == list(range(P.N_PATCHES))
+    moved = set(np.nonzero(np.abs(t.loc["proj.out"].to_numpy()) > 1e-6)[0])
+    assert moved == set(SINKS)                                   # only the sinks matter to the LLM
+    assert abs(t.loc["vit.blocks.0.hook_resid_pre", P.LABEL_PATCH]) > 0.5     # the ViT copies the corner into them
+    sets = sweep(m, base, source, block_sites(m, "llm"), positions=["sinks", "random"], sinks=SINKS, metric=LD)
+    assert sets.table().loc["llm.blocks.0.hook_resid_pre", "sinks"] == pytest.approx(1.0, abs=1e-4)
+    assert sets.heatmap().axes
+
+
+def test_path_patching_reaches_only_the_chosen_layers(planted, tiny):
+    m, base, source = planted
+    pp = path_patch(m, base, source, [0, 1, [0, 1]], sinks=SINKS, metric=LD)
+    t = pp.table()
+    assert t.loc["llm.layers.0", "sinks"] == pytest.approx(1.0, abs=1e-4)
+    assert t.loc["llm.layers.1", "sinks"] == pytest.approx(0.0, abs=1e-4)
+    assert t.loc["llm.layers.0+1", "image"] == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(t["random"], 0.0, atol=1e-4)
+    # the tokens' own stream is put back: with every position patched at every layer's input and
+    # restored at its output, the last token never sees source values except through attention
+    m2, b2, s2 = tiny
+    pp = path_patch(m2, b2, s2, [[0, 1]], sinks=(0,), tokens=("image",))
+    direct = patch(m2, b2, s2, (0,), PatchConfig(sites=("llm.embed",), tokens=("image",)))
+    assert not np.allclose(pp.frame["patched"], direct.frame["patched"], atol=1e-4)
+    assert not np.allclose(pp.frame["patched"], pp.frame["base"], atol=1e-6)
+
+
+def test_mismatched_pairs_and_bad_options_fail_clearly(tiny):
+    m, base, _ = tiny
+    other = m.prepare([make_image(seed=4)] * 3, ["is there a cat ?"] * 3, answers=["yes"] * 3)
+    with pytest.raises(PatchError, match="same prompts"):
+        patch(m, base, other, (0,))
+    with pytest.raises(PatchError, match="token set"):
+        PatchConfig(tokens=("corners",))
+    with pytest.raises(PatchError, match="positions must lie"):
+        sweep(m, base, base, ["llm.blocks.0.hook_resid_pre"], positions=[999])
+    with pytest.raises(mechsink.MechsinkError, match="unknown site"):
+        PatchConfig(sites=("llm.block.0",))
+
+
+# -- TransformerLens ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bridge_cls():
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge.sources.transformers import helpers
+    original = helpers._ensure_torchvision
+    helpers._ensure_torchvision = lambda: False      # never pip install torchvision
+    yield TransformerBridge
+    helpers._ensure_torchvision = original
+    assert importlib.util.find_spec("torchvision") is None
+
+
+class _WithImages:
+    """A bridge whose runs always see the base images (TransformerLens patches token inputs)."""
+    def __init__(self, bridge, **inputs):
+        self._bridge, self._inputs = bridge, inputs
+
+    def __getattr__(self, name):
+        return getattr(self._bridge, name)
+
+    def run_with_hooks(self, tokens, fwd_hooks=(), **kw):
+        return self._bridge.run_with_hooks(tokens, fwd_hooks=fwd_hooks, **self._inputs, **kw)
+
+
+def test_exact_patching_equals_transformer_lens(tiny, bridge_cls):
+    from transformer_lens import patching as tlp
+    m, base, source = tiny
+    hf = copy.deepcopy(m.hf)
+    hf.config.architectures = [type(hf).__name__]
+    tok = copy.deepcopy(m.processor.tokenizer)
+    tok.init_kwargs.update(name_or_path="tiny-llava", add_bos_token=True)      # keeps the bridge off the hub
+    br = bridge_cls.boot_transformers("tiny-llava", hf_model=hf, tokenizer=tok, device="cpu")
+    am = base.inputs["attention_mask"]
+    _, clean_cache = br.run_with_cache(source.inputs["input_ids"], pixel_values=source.inputs["pixel_values"], attention_mask=am)
+    model = _WithImages(br, pixel_values=base.inputs["pixel_values"], attention_mask=am)
+    metric = Metric("logprob")
+    t = metric.targets(m, base)
+
+    def tl_metric(logits):
+        lp = torch.log_softmax(logits[torch.arange(base.size), t.pos].float(), -1)
+        return lp[torch.arange(base.size), t.ids[:, 0]]
+
+    theirs = tlp.get_act_patch_block_every(model, base.inputs["input_ids"], clean_cache, tl_metric, reduce="none")
+    values = theirs.values                                         # [patch type, layer, pos, batch]
+    hooks = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+    sites = [f"llm.blocks.{l}.{h}" for h in hooks for l in range(m.n_llm_layers)]
+    ours = sweep(m, base, source, sites, positions="all", metric=metric).frame
+    n_pos = base.inputs["input_ids"].shape[1]
+    assert values.shape == (3, m.n_llm_layers, n_pos, base.size)
+    got = torch.tensor(ours["patched"].to_numpy()).reshape(3, m.n_llm_layers, n_pos, base.size)
+    real = am.bool()[None, None].expand(3, m.n_llm_layers, -1, -1).permute(0, 1, 3, 2)     # pads are not compared
+    assert float((got - values.double()).abs()[real].max()) <= 1e-5
+    assert float((values[real] - values[real].mean()).abs().max()) > 1e-3                 # the sweep is not flat
