@@ -81,6 +81,89 @@ def inspect(model: str = typer.Option(..., "--model", "-m", help="Zoo name, save
     emit(payload, as_json, human)
 
 
+# -- shared options ----------------------------------------------------------------------------------
+ModelOpt = typer.Option(..., "--model", "-m", help="Zoo name, save_pretrained folder or HF id.")
+DataOpt = typer.Option(None, "--data", "-d", help="Dataset: bundled name, folder, JSONL/CSV, HF dataset dir, "
+                       "pope:/mme:/mmstar: file. Default: the model's bundled evaluation set.")
+RuleOpt = typer.Option(None, "--rule", help="Sink rule or preset: relative (default), fixed, sigma, robust_z, ratio, "
+                       "topk, gap, quantile, llava-1.5.")
+ParamOpt = typer.Option(None, "--param", "-p", help="Rule parameter KEY=VALUE (repeatable), e.g. -p tau=100.")
+DetectSiteOpt = typer.Option(None, "--detect-site", help="Site whose token norms define sinks (default vit.out).")
+LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N samples.")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...")
+
+
+def parse_params(items: list[str] | None) -> dict[str, float]:
+    from .errors import MechsinkError
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise MechsinkError(f"--param expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k.strip()] = float(v)
+    return out
+
+
+def resolve_data(model: str, data: str | None, images: Path | None = None) -> str | None:
+    """The dataset a command runs on: --data, else --images, else the model's bundled set."""
+    if data is not None or images is not None:
+        return data
+    from .data import default_data
+    return default_data(Path(model).name if Path(model).is_dir() else model)
+
+
+@app.command()
+def sinks(model: str = ModelOpt,
+          images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (neutral default prompt)."),
+          data: Optional[str] = DataOpt, rule: Optional[str] = RuleOpt, param: Optional[list[str]] = ParamOpt,
+          site: Optional[str] = DetectSiteOpt, prompt: Optional[str] = typer.Option(None, "--prompt"),
+          limit: Optional[int] = LimitOpt, batch_size: int = typer.Option(8, "--batch-size"),
+          errors: Optional[Path] = typer.Option(None, "--errors", help="Write unreadable images to this JSONL."),
+          device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+    """Detect ViT sinks per image: patch, row, col, norm, LLM position."""
+    def body():
+        from .data import ErrorLog
+        from .sinks.detect import sinks_command
+        log = ErrorLog()
+        recs = sinks_command(model, images_dir=images, data=resolve_data(model, data, images), rule=rule,
+                             params=parse_params(param), site=site, prompt=prompt, limit=limit,
+                             batch_size=batch_size, device=device, errors=log)
+        if len(log):
+            typer.echo(f"skipped {len(log)} unreadable image(s)" + (f"; listed in {log.write(errors)}" if errors else ""),
+                       err=True)
+        return recs
+    recs = guarded(body)
+
+    def human(rs):
+        lines = []
+        for r in rs:
+            where = ", ".join(f"#{s['patch']}(r{s['row']},c{s['col']}) norm {s['norm']:.1f} -> llm {s['llm_pos']}" for s in r["sinks"])
+            lines.append(f"{r['image']}: {len(r['sinks'])} sink(s) {where}")
+        return "\n".join(lines)
+    emit(recs, as_json, human)
+
+
+@app.command()
+def cache(model: str = ModelOpt, data: Optional[str] = DataOpt,
+          images: Optional[Path] = typer.Option(None, "--images", help="Folder of images instead of --data."),
+          sites: str = typer.Option("vit.out,proj.out", "--sites", help="Comma-separated site names."),
+          tokens: str = typer.Option("image", "--tokens", help="Token roles: image,sinks,cls,register,newline,text,answer."),
+          out: Path = typer.Option(..., "--out", "-o", help="Store directory (resumed if it exists)."),
+          dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
+          batch_size: int = typer.Option(8, "--batch-size"), rule: Optional[str] = RuleOpt,
+          param: Optional[list[str]] = ParamOpt, site: Optional[str] = DetectSiteOpt,
+          limit: Optional[int] = LimitOpt, device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+    """Write activations at sites x token roles to a sharded, resumable store."""
+    def body():
+        from .cache.extract import cache_command
+        return cache_command(model, data=resolve_data(model, data, images), images_dir=images, out=out, sites=sites,
+                             tokens=tokens, dtype=dtype, batch_size=batch_size, rule=rule, params=parse_params(param),
+                             site=site, limit=limit, device=device, progress=True)
+    res = guarded(body)
+    emit(res, as_json, lambda r: f"store {r['out']} ({r['id'][:12]}): {r['summary'].get('n_rows', '?')} rows, "
+                                 f"{r['errors'].get('n_skipped', 0)} image(s) skipped")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

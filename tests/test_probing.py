@@ -181,7 +181,7 @@ def test_grouped_splits_stop_a_probe_from_memorising_images(tmp_path):
     from sklearn.model_selection import KFold, cross_val_score
 
     rng = np.random.default_rng(1)
-    n_img, per, d = 90, 8, 24
+    n_img, per, d = 90, 8, 160  # d > images: a linear probe can memorise every image
     code = rng.normal(size=(n_img, d))
     label = rng.integers(0, 3, n_img)
     x = np.repeat(code, per, axis=0) + 0.05 * rng.normal(size=(n_img * per, d))

@@ -309,6 +309,22 @@ def answer_logits(model, batch: dict[str, torch.Tensor], pixel_values: torch.Ten
     return torch.gather(out.logits, 1, pos[..., None].expand(-1, -1, out.logits.shape[-1]))
 
 
+def dialogue(scene: Scene, turns: int, rng: np.random.Generator) -> list[dict[str, str]]:
+    """`turns` distinct questions about `scene`; the first one's type is uniform over the three types.
+
+    A repeated question could be answered by copying the earlier answer, so none repeats."""
+    kinds = [str(k) for k in rng.permutation(QUESTION_TYPES)]
+    kinds += [str(rng.choice(QUESTION_TYPES)) for _ in range(turns - 3)]
+    out: list[dict[str, str]] = []
+    for kind in kinds[:turns]:
+        for attempt in range(40):  # falls back to presence, which has the most distinct prompts
+            q = ask(scene, kind if attempt < 20 else "presence", rng)
+            if all(q["prompt"] != p["prompt"] for p in out):
+                out.append(q)
+                break
+    return out
+
+
 def make_split(seed: int, n_images: int, pools: dict[str, np.ndarray], per_image: tuple[str, ...] = QUESTION_TYPES):
     """(canvases uint8 (N, 84, 84), scenes, questions[i] = one question per entry of `per_image`)."""
     rng = np.random.default_rng(seed)
@@ -403,18 +419,15 @@ def _train(out: Path, tc: TrainConfig, mc: ToyConfig, minutes: float | None, dev
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         scenes = [sample_scene(rng, pools) for _ in range(tc.batch_images)]
-        dialogues = []
-        for s in scenes:
-            # The first turn cycles evenly over the three types; one extra turn of a random type.
-            kinds = [str(k) for k in rng.permutation(QUESTION_TYPES)]
-            kinds += [str(rng.choice(QUESTION_TYPES)) for _ in range(tc.turns - 3)]
-            dialogues.append([ask(s, k, rng) for k in kinds[:tc.turns]])
+        dialogues = [dialogue(s, tc.turns, rng) for s in scenes]
         batch = {k: v.to(device) for k, v in batcher.encode(dialogues).items()}
         pv = pixels(np.stack([render(s, pools) for s in scenes])).to(device)
         logits = answer_logits(model, batch, pv)
-        target = torch.tensor([[processor.tokenizer.convert_tokens_to_ids(q["answer"]) for q in d] for d in dialogues],
-                              device=device)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+        target = torch.full(batch["answer_pos"].shape, -100, dtype=torch.long)
+        for b, d in enumerate(dialogues):  # a rare dialogue may have fewer turns: those slots stay ignored
+            target[b, :len(d)] = torch.tensor(processor.tokenizer.convert_tokens_to_ids([q["answer"] for q in d]))
+        target = target.to(device)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
