@@ -85,7 +85,7 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         return run, noop
     if variant in ("tl", "tl_all"):
         br = lens.bridge(model)
-        names = set(lens.vit_hooks(model) + lens.llm_hooks(model)) if variant == "tl" else None
+        names = lens.vit_hooks(model) + lens.llm_hooks(model) if variant == "tl" else None
 
         def run():
             kept = []
@@ -139,9 +139,9 @@ def agreement(model, dataset, batch_size: int, store_path: Path) -> float:
         rows = idx[(idx.sample_idx >= start) & (idx.sample_idx < start + len(chunk)) & (idx.token_role == "image")]
         for site, x in zip(sites, saved):
             if site.startswith("vit"):
-                ref = x[torch.as_tensor(p.vit_item.to_numpy()), torch.as_tensor(p.vit_pos.to_numpy())]
+                ref = x[torch.tensor(p.vit_item.to_numpy()), torch.tensor(p.vit_pos.to_numpy())]
             else:
-                ref = x[torch.as_tensor(p["sample"].to_numpy()), torch.as_tensor(p.llm_pos.to_numpy())]
+                ref = x[torch.tensor(p["sample"].to_numpy()), torch.tensor(p.llm_pos.to_numpy())]
             got = torch.as_tensor(store.get(site, rows=rows.row.to_numpy())).float()
             worst = max(worst, float((got - ref.float()).abs().max()))
             scale = max(scale, float(ref.abs().max()))

@@ -3,7 +3,9 @@
 TL 4 has no HookedTransformer for vision-language models; its ``TransformerBridge`` wraps the HF
 module itself and adds HookPoints (``vision_encoder.encoder_layers.{l}.hook_out``,
 ``blocks.{l}.hook_resid_pre``, ...). The bridge is built on a deep copy because booting switches
-the wrapped model to eager attention, which would change the bare-forward denominator.
+the wrapped model to eager attention, which would change the bare-forward denominator. TL's
+processor loader would pip-install torchvision when it cannot build a processor; that is turned
+off (``mechsink.lens.no_torchvision_install``).
 """
 from __future__ import annotations
 
@@ -15,12 +17,15 @@ import torch
 def bridge(model):
     """A TransformerBridge over a copy of ``model.hf`` (same weights, eager attention)."""
     from transformer_lens.model_bridge import TransformerBridge
+
+    from mechsink.lens import no_torchvision_install
     hf = copy.deepcopy(model.hf)
     hf.config.architectures = [type(hf).__name__]
     tok = copy.deepcopy(getattr(model.processor, "tokenizer", model.processor))
     # TL re-reads a tokenizer by name to add BOS; ours is built in memory and already has one.
     tok.init_kwargs.update(name_or_path="", add_bos_token=True)
-    br = TransformerBridge.boot_transformers(model.name, hf_model=hf, tokenizer=tok)
+    with no_torchvision_install():
+        br = TransformerBridge.boot_transformers(model.name, hf_model=hf, tokenizer=tok, device=str(model.device))
     return br.eval()
 
 

@@ -137,6 +137,11 @@ def repeat_batch(batch, n: int):
                  batch.answers * n if batch.answers is not None else None)
 
 
+def _needs_full(read: Sequence[str]) -> bool:
+    """Reading a ViT or projector site needs the whole model to run (not the LLM alone)."""
+    return any(Site.parse(s).part != "llm" for s in read)
+
+
 def _bare_batch(inputs: dict):
     from .models.base import Batch
     return Batch(inputs, None, [], [])
@@ -268,7 +273,7 @@ def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *
         raise PatchError("drop mode deletes LLM tokens and cannot be combined with other writes")
     if read and c_all != 1:
         raise PatchError("reading sites is supported for a single copy only")
-    if any(Site.parse(s).part == "vit" for s in read):
+    if _needs_full(read):
         full = True
     writes = plan.writes
     if not full:
@@ -342,7 +347,7 @@ def clean(model, batch, metric: Metric, *, read: Sequence[str] = (), inputs: LLM
     """The unchanged run: {"value": [B], "next": [B, V], "targets": Targets, "inputs": LLMInputs
     (None when a ViT site is read: then the whole model ran), plus the ``read`` sites}."""
     targets = metric.targets(model, batch)
-    full = any(Site.parse(s).part == "vit" for s in read)
+    full = _needs_full(read)
     if not full and inputs is None:
         inputs = llm_inputs(model, batch)
     out = execute(model, batch, Plan(1), None, targets, inputs=None if full else inputs, read=read)
@@ -568,7 +573,7 @@ def patch(model, base, source, sinks=None, config: PatchConfig | None = None, **
 def source_run(model, source, metric: Metric, base: dict, read: Sequence[str] = ()) -> dict:
     """The source run scored with the base's targets (``base`` is ``clean``'s output; ``kl`` is
     measured against the base run) and its activations at ``read``."""
-    full = any(Site.parse(s).part == "vit" for s in read)
+    full = _needs_full(read)
     out = execute(model, source, Plan(1), None, base["targets"], inputs=None if full else llm_inputs(model, source),
                   read=read)
     logits = out.pop("logits")[0]

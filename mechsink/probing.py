@@ -337,12 +337,11 @@ def _probe_name(token_set: str, site: str) -> str:
 
 @dataclass
 class _Labels:
-    """Per index row: class code (-1 unlabelled), control code, unit id and group (image) id."""
+    """Per index row: class code (-1 unlabelled), unit id and group (image) id."""
 
     level: str
     classes: list
     y: np.ndarray          # [n_rows] int, -1 where unlabelled
-    y_control: np.ndarray  # [n_rows] int
     unit: np.ndarray       # [n_rows] int: sample (image-level) or row (patch-level)
     group: np.ndarray      # [n_rows] int: image the row belongs to (split and bootstrap unit)
     group_names: np.ndarray
@@ -383,22 +382,7 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
     group = gcodes.astype(np.int64)
     unit = sample if level == "image" else np.arange(len(index), dtype=np.int64)
 
-    rng = np.random.default_rng(config.seed)
-    if level == "image":
-        # one label per sample, shuffled across samples: the marginal is kept, the link to the image is cut
-        first = pd.DataFrame({"s": sample[labelled], "y": codes[labelled]}).drop_duplicates("s")
-        perm = pd.Series(rng.permutation(first["y"].to_numpy()), index=first["s"].to_numpy())
-        y_control = pd.Series(sample).map(perm).to_numpy()
-    else:
-        # each (image, label) pair gets a random label drawn from the token label distribution
-        rows = pd.DataFrame({"g": group, "y": codes})
-        pairs = rows[labelled].drop_duplicates().reset_index(drop=True)
-        freq = np.bincount(codes[labelled], minlength=len(classes)) / labelled.sum()
-        pairs["c"] = rng.choice(len(classes), size=len(pairs), p=freq)
-        y_control = rows.merge(pairs, on=["g", "y"], how="left")["c"].to_numpy()
-    y_control = np.where(labelled, np.nan_to_num(y_control, nan=-1), -1).astype(np.int64)
-
-    return _Labels(level, _plain(classes), codes, y_control, unit, group, np.asarray(gnames),
+    return _Labels(level, _plain(classes), codes, unit, group, np.asarray(gnames),
                    _deal_folds(group, codes, labelled, len(gnames), level, config))
 
 
@@ -410,7 +394,7 @@ def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
     if len(have) < config.k:
         raise ProbeError(f"{len(have)} labelled images cannot fill k={config.k} folds; lower k or add images")
     fold = np.full(n_groups, -1, dtype=np.int64)
-    glabel = pd.Series(codes[labelled]).groupby(group[labelled]).agg(lambda s: s.mode().iloc[0]).reindex(have)
+    glabel = pd.Series(codes[labelled]).groupby(group[labelled]).first().reindex(have)
     counts = glabel.value_counts()
     if level == "image" and counts.min() >= config.k:
         splitter = StratifiedKFold(config.k, shuffle=True, random_state=config.seed)
@@ -464,7 +448,21 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         rows = np.sort(order[keep])
     if len(rows) == 0:
         return f"{name}: no rows in the cache"
-    return _Set(name, rows, pool, pool_rows, lab.y[rows], lab.y_control[rows], lab.unit[rows], lab.group[rows])
+    y, unit, group = lab.y[rows], lab.unit[rows], lab.group[rows]
+    control = _control_labels(y, unit, group, lab.level, np.random.default_rng([config.seed, TOKEN_SETS.index(name)]))
+    return _Set(name, rows, pool, pool_rows, y, control, unit, group)
+
+
+def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: str, rng) -> np.ndarray:
+    """Control task labels [n] for a token set with labels y [n]; the control keeps the set's label
+    distribution and breaks every link between an image's content and its label."""
+    if level == "image":  # the units' labels shuffled across units
+        units, first, inv = np.unique(unit, return_index=True, return_inverse=True)
+        return rng.permutation(y[first])[inv.ravel()]
+    # each (image, label) pair mapped to a random label drawn from the set's label distribution
+    pairs, inv = np.unique(np.stack([group, y], axis=1), axis=0, return_inverse=True)
+    freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
+    return rng.choice(len(freq), size=len(pairs), p=freq)[inv.ravel()]
 
 
 def _features(store, s: _Set, site: str) -> np.ndarray:
@@ -601,7 +599,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any], out: str | os.PathLike
 
     if not isinstance(config, ProbeConfig):
         config = ProbeConfig.from_dict(config)
-    if not hasattr(store, "index"):
+    if not isinstance(store, Store):
         store = Store.open(store)
     index = store.index
     sites = list(store.sites) if config.sites is None else list(config.sites)
@@ -638,6 +636,9 @@ def probe(store, config: ProbeConfig | Mapping[str, Any], out: str | os.PathLike
             x, f_sub = x[finite], fold[finite]
             folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
             folds = [(tr, te) for tr, te in folds if len(te)]
+            if len(folds) < 2:
+                notes.append(f"{name} @ {site}: its images fall in fewer than 2 folds")
+                continue
             used = hashlib.sha256(finite.tobytes()).hexdigest()
             if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
                 recorded[name].add(used)
@@ -740,7 +741,7 @@ def _checkpoint(out: Path, config: ProbeConfig, row: dict, p: LinearProbe) -> No
 
 def accuracy_figure(result: ProbeResult | pd.DataFrame, title: str | None = None):
     """Accuracy (with CI band) by site in model order, one line per token set; chance dotted."""
-    from .report.figures import accuracy_by_layer
+    from .report.figures import CONDITION_COLOURS, accuracy_by_layer
 
     df = result.frame if isinstance(result, ProbeResult) else result
     if df.empty:
@@ -748,10 +749,13 @@ def accuracy_figure(result: ProbeResult | pd.DataFrame, title: str | None = None
     order = [t for t in TOKEN_SETS if t in set(df["token_set"])]
     chance = float(df["chance"].max())
     label = df["label"].iloc[0]
+    palette = {"sinks": CONDITION_COLOURS["sinks"], "nonsinks": CONDITION_COLOURS["nonsinks"], "cls": "#1e8449",
+               "mean": "#8e44ad"}
     fig = accuracy_by_layer(df, x="depth", y="accuracy", hue="token_set", low="ci_low", high="ci_high",
-                            hue_order=order, chance=chance, title=title or f"probe accuracy for {label!r}",
-                            ylabel="balanced accuracy", xlabel="site")
+                            hue_order=order, palette={t: palette[t] for t in order}, chance=chance,
+                            title=title or f"probe accuracy for {label!r}", ylabel="balanced accuracy", xlabel="site")
     ax = fig.axes[0]
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the lines
     ticks = df.drop_duplicates("depth").sort_values("depth")
     ax.set_xticks(ticks["depth"].to_numpy(), ticks["site"].tolist(), rotation=30, ha="right", fontsize=8)
     return fig

@@ -23,6 +23,15 @@ from mechsink.zoo import planted as P
 SINKS = P.PLANTED_SINKS
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def planted():
     images, rows = P.load_eval(16)
@@ -69,7 +78,6 @@ def test_null_twin_false_positive_rate_is_nominal():
     """On the null twin the sinks are exchangeable with any three other patches: the test of
     "sink effect > random effect" must reject at about alpha. Effects of 512 fresh images are
     computed once; 2000 experiments of 12 images x 8 draws are re-drawn from them."""
-    torch.set_num_threads(1)
     m = mechsink.load("planted-llava-null")
     rng = np.random.default_rng(2024)
     images = [P.make_image(rng) for _ in range(512)]

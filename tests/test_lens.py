@@ -5,7 +5,7 @@ TransformerLens 4 has no HookedTransformer; its bridge wraps an existing HF modu
 module tree and forces eager attention. Its processor loader pip-installs torchvision when
 AutoProcessor fails; that hook is disabled here (torchvision must never be installed).
 
-- LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision: the bridge wraps the whole model. Logits, the LLM
+- LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3: the bridge wraps the whole model. Logits, the LLM
   residual stream and attention pattern of every layer, and the ViT block outputs (and, where the
   bridge exposes them, ViT patterns) agree with mechsink within 1e-5.
 - Qwen2-VL / Qwen2.5-VL: the bridge does not support Qwen2-VL, and its Qwen2.5-VL adapter requires
@@ -58,7 +58,7 @@ def close(a, b, mask=None) -> float:
 
 
 @pytest.mark.parametrize("name, size", [("tiny-llava", (32, 32)), ("tiny-llava-next", (40, 10)),
-                                        ("tiny-llava-onevision", (40, 10))])
+                                        ("tiny-llava-onevision", (40, 10)), ("tiny-gemma3", (32, 32))])
 def test_bridge_caches_match_our_sites(bridge_cls, name, size):
     m = mechsink.load(name)
     b = m.prepare([make_image(48).resize(size), make_image(48, seed=1).resize(size)],
@@ -82,7 +82,7 @@ def test_bridge_caches_match_our_sites(bridge_cls, name, size):
         if key in cache:
             patterns += 1
             assert close(cache[key], ours[f"vit.blocks.{l}.attn.hook_pattern"]) <= TOL
-    if name == "tiny-llava":   # the bridge's CLIP encoder exposes patterns; make sure they were compared
+    if name in ("tiny-llava", "tiny-gemma3"):   # these bridges expose ViT patterns: make sure they were compared
         assert patterns == nv
 
 

@@ -17,10 +17,10 @@ from mechsink.models import adapter_for, adapters
 from mechsink.testing import build
 from mechsink.testing import test_image as make_image
 
-LVLMS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision"]
+LVLMS = ["tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-gemma3"]
 ENCODERS = ["tiny-clip", "tiny-siglip", "tiny-dinov2"]
 IMAGE = {"tiny-qwen2-vl": (24, 16), "tiny-qwen2.5-vl": (24, 16), "tiny-llava-next": (40, 10),
-         "tiny-llava-onevision": (40, 10)}
+         "tiny-llava-onevision": (40, 10), "tiny-gemma3": (32, 32)}
 
 BLOCK0 = ["vit.blocks.0.hook_resid_pre", "vit.blocks.0.attn.hook_pattern", "vit.blocks.0.hook_attn_out",
           "vit.blocks.0.hook_resid_mid", "vit.blocks.0.mlp.hook_post", "vit.blocks.0.hook_mlp_out",
@@ -38,7 +38,7 @@ def _vlm_sites(n_vit):
 
 SITES = {
     "tiny-llava": _vlm_sites(3), "tiny-llava-next": _vlm_sites(3), "tiny-llava-onevision": _vlm_sites(3),
-    "tiny-qwen2-vl": _vlm_sites(2), "tiny-qwen2.5-vl": _vlm_sites(2),
+    "tiny-qwen2-vl": _vlm_sites(2), "tiny-qwen2.5-vl": _vlm_sites(2), "tiny-gemma3": _vlm_sites(2),
     **{e: dict(length=23, head=["vit.embed", *BLOCK0, "vit.blocks.1.hook_resid_pre"], middle=[],
                tail=["vit.blocks.2.hook_mlp_out", "vit.blocks.2.hook_resid_post", "vit.out"]) for e in ENCODERS},
 }
@@ -74,7 +74,8 @@ def test_site_list_per_architecture(name):
 def test_registry_covers_the_families():
     table = adapters()
     assert {"LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-            "Qwen2_5_VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration", "CLIPVisionModel",
+            "Qwen2_5_VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+            "Gemma3ForConditionalGeneration", "CLIPVisionModel",
             "SiglipVisionModel", "Dinov2Model", "Dinov2WithRegistersModel"} <= set(table)
     assert {ad.family for ad in table.values() if ad.vision_only} == {"clip", "siglip", "dinov2", "dinov2_registers"}
 
@@ -95,6 +96,7 @@ def test_unsupported_architecture_is_one_line_naming_the_supported(tmp_path):
     ("tiny-llava-onevision", "<image> what", 2),
     ("tiny-qwen2-vl", "<|image_pad|> and <|image_pad|> what", 1),
     ("tiny-qwen2.5-vl", "<|vision_start|><|image_pad|><|vision_end|> what", 2),
+    ("tiny-gemma3", "<start_of_image> what", 3),
 ])
 def test_mismatched_image_placeholders_raise_prompt_error(name, prompt, n_images):
     m = mechsink.load(name)

@@ -5,9 +5,11 @@ The hand-computed cases (grids below are indexed [row][col] of one tile or image
 - LLaVA-NeXT 40x10 px image: base view + two 16 px tiles side by side (a 4x8 canvas); unpadding
   keeps canvas rows 1-2, so each tile loses its top and bottom patch rows.
 - LLaVA-NeXT 10x40 px image: two tiles stacked (8x4 canvas); unpadding keeps columns 1-2.
-- LLaVA-OneVision: the 40x10 case without CLS, and a 2x2-tile canvas pooled 8x8 -> 4x4.
+- LLaVA-OneVision: the 40x10 case without CLS, a 2x2-tile canvas pooled 8x8 -> 4x4, and a
+  two-image sample (not tiled: base view + one newline each).
 - Qwen2-VL / Qwen2.5-VL: a 24x16 px image = 4x6 patches = 2x3 merged tokens (2.5: two attention
   windows, so merged tokens run 0,1,3,4 | 2,5 through the ViT), batched with a 16x16 image.
+- Gemma 3: 4x4 SigLIP patches average-pooled 2x2 into 4 image tokens.
 - CLIP / SigLIP / DINOv2 with registers.
 """
 import os
@@ -139,6 +141,33 @@ def test_llava_onevision_pooled_canvas_maps_patches_to_their_cell():
     assert_tensors_follow_map(m, b)
 
 
+def test_llava_onevision_multi_image_sample_is_not_tiled():
+    m = mechsink.load("tiny-llava-onevision")
+    b = m.prepare([[img(40, 10), img(10, 40, 1)]], ["<image> and <image> what"])
+    tm = b.token_map
+    assert b.inputs["batch_num_images"].tolist() == [2]
+    assert sorted(tm.grids) == [(0, 0, 0), (0, 1, 0)]
+    assert grid(tm, "llm_pos", image=0) == ARANGE16.tolist()
+    assert grid(tm, "llm_pos", image=1) == (18 + ARANGE16).tolist()     # "and" sits at 17
+    assert grid(tm, "vit_item", image=1) == [[1] * 4] * 4
+    assert newlines(tm) == [16, 34]
+    assert_tensors_follow_map(m, b)
+
+
+# -- Gemma 3 -------------------------------------------------------------------------------------------
+def test_gemma3_pools_patch_blocks_into_one_token():
+    m = mechsink.load("tiny-gemma3")
+    b = m.prepare([img(32, 32), img(32, 32, 1)], ["<start_of_image> what", "<start_of_image> is there a cat ?"])
+    tm = b.token_map
+    cells = [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    # <start_of_image>, 4 image tokens, <end_of_image>, text; sample 0 is 4 tokens shorter (left padding)
+    assert grid(tm, "proj_pos", 0) == cells and grid(tm, "proj_pos", 1) == cells
+    assert grid(tm, "llm_pos", 1) == (1 + np.array(cells)).tolist()
+    assert grid(tm, "llm_pos", 0) == (5 + np.array(cells)).tolist()
+    assert grid(tm, "vit_pos", 1) == ARANGE16.tolist() and grid(tm, "vit_item", 1) == [[1] * 4] * 4
+    assert_tensors_follow_map(m, b)
+
+
 # -- Qwen2-VL / Qwen2.5-VL -----------------------------------------------------------------------------
 QWEN_LLM = [[1, 1, 2, 2, 3, 3], [1, 1, 2, 2, 3, 3], [4, 4, 5, 5, 6, 6], [4, 4, 5, 5, 6, 6]]
 QWEN = {
@@ -217,6 +246,9 @@ def assert_tensors_follow_map(m, batch):
     got = m.run(batch, read=["vit.out", "proj.out", "llm.embed", f"vit.blocks.{layer}.hook_resid_post"])
     tm = batch.token_map
     vit = got[f"vit.blocks.{layer}.hook_resid_post"]
+    if m.adapter.family == "gemma3":   # its projector reads the ViT output after the final LayerNorm
+        vit = m.module("model.vision_tower.post_layernorm")(vit)
+    assert got["proj.out"].abs().sum() > 0
     pooled = set(map(tuple, tm.llm_tokens.loc[tm.llm_tokens["tile"] == -1, ["sample", "llm_pos"]].values.tolist()))
     for r in tm.patches.itertuples():
         flat = r.vit_item < 0

@@ -141,7 +141,7 @@ def test_norm_stats_agree_with_a_direct_vit_pass(bundled, rows, tmp_path):
     pv = processor.image_processor(images=[Image.open(r["image"]) for r in sorted(picked, key=lambda r: r["image"])],
                                    return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        feats = model.vision_tower(pv, output_hidden_states=True).hidden_states[-1][:, 1:].norm(dim=-1)
+        feats = model.model.vision_tower(pv, output_hidden_states=True).hidden_states[-1][:, 1:].norm(dim=-1)
     ratio = (feats.max(1).values / feats.median(1).values).median()
     last = stats["layers"][-1]
     assert last["feeds_projector"] and last["max_over_median"]["median"] == pytest.approx(float(ratio), rel=1e-5)

@@ -58,9 +58,9 @@ def decode_isolated(model, batch, sinks, *, tokens="all", k: int = 5, rows_per_f
     out = []
     for c0 in range(0, len(chosen), rows_per_forward):
         part = chosen.iloc[c0:c0 + rows_per_forward]
-        rows = torch.as_tensor(part["sample"].to_numpy())
+        rows = torch.tensor(part["sample"].to_numpy())
         key_mask = visual[rows].clone()
-        key_mask[torch.arange(len(rows)), torch.as_tensor(part["llm_pos"].to_numpy())] = False
+        key_mask[torch.arange(len(rows)), torch.tensor(part["llm_pos"].to_numpy())] = False
         dev = inp.embeds.device
         kw = {"inputs_embeds": inp.embeds[rows.to(dev)], "use_cache": False}
         if inp.attention_mask is not None:

@@ -147,14 +147,14 @@ def relevance_acts(pattern: torch.Tensor, sinks, layer: int, *, direction: str =
         n_r, n_c = grids.get(tuple(int(k) for k in key), (int(tile["row"].max()) + 1, int(tile["col"].max()) + 1))
         item = int(tile["vit_item"].iloc[0])
         m = p[max(item, 0)]                      # flat ViTs (item -1) hold one sequence
-        ppos = torch.as_tensor(tile["vit_pos"].to_numpy())
+        ppos = torch.tensor(tile["vit_pos"].to_numpy())
         spos = specials[key]["vit_pos"].to_numpy() if key in specials else np.array([], dtype=np.int64)
         for _, t in g.iterrows():
             v = m[int(t["vit_pos"])] if direction == "row" else m[:, int(t["vit_pos"])]
             patch_w = v[ppos]
-            total = float(v[torch.as_tensor(spos)].sum()) if len(spos) else 0.0
+            total = float(v[torch.tensor(spos)].sum()) if len(spos) else 0.0
             grid = torch.zeros(n_r * n_c)
-            grid[torch.as_tensor(tile["row"].to_numpy() * n_c + tile["col"].to_numpy())] = patch_w.cpu()
+            grid[torch.tensor(tile["row"].to_numpy() * n_c + tile["col"].to_numpy())] = patch_w.cpu()
             s = float(grid.sum())
             maps.append((grid / s if s > 0 else grid).reshape(n_r, n_c).numpy())
             meta.append(t)

@@ -43,7 +43,7 @@ def removal_masks(sinks, subsets: Sequence[str] = SUBSETS) -> torch.Tensor:
     sink = torch.zeros_like(visual)
     t = sinks.llm_tokens()
     t = t[t["is_sink"]]
-    sink[torch.as_tensor(t["sample"].to_numpy()), torch.as_tensor(t["llm_pos"].to_numpy())] = True
+    sink[torch.tensor(t["sample"].to_numpy()), torch.tensor(t["llm_pos"].to_numpy())] = True
     by = {"full": torch.zeros_like(visual), "sinks": visual & ~sink, "nonsinks": sink}
     return torch.stack([by[s] for s in subsets])
 

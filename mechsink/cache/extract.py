@@ -203,6 +203,86 @@ def _sample_frame(rows: pd.DataFrame, token_map, samples: list, idxs: list[int],
     return out
 
 
+# -- reading a batch ---------------------------------------------------------------------------------
+class _Done(Exception):
+    """Ends a forward once every site a batch needs has been read (later layers need not run)."""
+
+
+def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: Sequence[str], dtype: torch.dtype):
+    """One forward of ``batch`` for the extractor: ({site: tensor} for ``whole``, (candidate rows,
+    {site: [n_candidates, d] in ``dtype``}) for ``sites``).
+
+    Plain torch hooks on the modules from ``model.locate`` gather every row ``token_rows`` could
+    select (sink flags are not known until the detection site has run) and cast it as soon as a
+    site's tensor exists, so no full layer output outlives its layer, and the forward stops after
+    the last site. Values are bit-identical to gathering from ``model.run``. Sites computed from
+    others (``hook_resid_mid``) take ``model.run`` instead; then the second item is None.
+    """
+    need = list(dict.fromkeys([*sites, *whole]))
+    where = {s: model.locate(s) for s in need}
+    if any(io not in ("input", "output") for _, io, _ in where.values()):
+        return model.run(batch, read=need), None
+    cand = _candidate_rows(batch.token_map, tokens)
+    take = {s: Site.parse(s).axis for s in sites}
+    got: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
+
+    def record(site: str, x: torch.Tensor) -> None:
+        if site in got or site in kept:     # a module run twice: the first call counts, as in model.run
+            return
+        if site in take:
+            got[site] = gather(x, take[site], cand).to(dtype)
+        if site in whole:
+            kept[site] = x
+        if len(set(got) | set(kept)) == len(need):
+            raise _Done
+
+    by_module: dict[tuple[str, str], list[tuple[str, int | None]]] = {}
+    for s, (path, io, idx) in where.items():
+        by_module.setdefault((path, io), []).append((s, idx))
+    handles = []
+    for (path, io), entries in by_module.items():
+        def pick(value, entries=entries):
+            for s, idx in entries:
+                record(s, value[idx or 0] if isinstance(value, tuple) else value)
+        mod = model.module(path)
+        if io == "input":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, kwargs, pick=pick: pick(args[0] if args else next(iter(kwargs.values()))),
+                with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, out, pick=pick: pick(out)))
+    try:
+        with torch.no_grad():
+            model.hf(**batch.inputs)
+    except _Done:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [s for s in need if s not in got and s not in kept]
+    if missing:
+        raise SiteError(f"{model.name}: sites {missing} did not run in the forward pass")
+    return kept, (cand, got)
+
+
+def _candidate_rows(token_map, tokens: Sequence[str]) -> pd.DataFrame:
+    """Every row ``token_rows`` may select for this batch, whatever the sinks turn out to be."""
+    from types import SimpleNamespace
+    placeholder = SimpleNamespace(patches=token_map.patches.assign(norm=np.nan, is_sink=True),
+                                  special=token_map.special.assign(norm=np.nan, is_sink=False))
+    return token_rows(token_map, placeholder, tokens)
+
+
+_KEY = ["sample", "token_role", *_AXES]
+
+
+def _positions(cand: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Index into ``cand`` of every row of ``rows`` (matched on sample, role and token positions)."""
+    at = {k: i for i, k in enumerate(cand[_KEY].itertuples(index=False, name=None))}
+    return np.fromiter((at[k] for k in rows[_KEY].itertuples(index=False, name=None)), dtype=np.int64, count=len(rows))
+
+
 def _batches(todo: list[int], size: int):
     for k in range(0, len(todo), size):
         yield todo[k : k + size]
@@ -294,7 +374,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
     labels = _label_columns(dataset)
     done = writer.done_samples()
     todo = [i for i in range(writer.rank, len(dataset), writer.world_size) if i not in done]
-    reads = list(dict.fromkeys([*sites, spec.site, *([llm_site] if llm_site else [])]))
+    whole = [spec.site, *([llm_site] if llm_site else [])]     # read in full: detection needs every token
     store_dtype = DTYPES[dtype]
     bar = None
     if progress:
@@ -305,7 +385,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
             loaded = load_images(chunk)
             if loaded:
                 batch = prepared(loaded)
-                acts = model.run(batch, read=reads)
+                acts, taken = read_rows(model, batch, sites, tokens, whole, store_dtype)
                 sinks = detect_acts(acts, batch.token_map, spec)
                 rows = token_rows(batch.token_map, sinks, tokens)
                 llm_flags = None
@@ -314,7 +394,12 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                     llm_flags = (kang_score(h, llm_sink_dims) >= llm_sink_tau).cpu().numpy()
                 frame = _sample_frame(rows, batch.token_map, [s for _, s, _ in loaded], [i for i, _, _ in loaded],
                                       labels, llm_flags)
-                tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype).cpu() for s in sites}
+                if taken is None:
+                    tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype).cpu() for s in sites}
+                else:
+                    cand, got = taken
+                    at = torch.as_tensor(_positions(cand, rows))
+                    tensors = {s: got[s][at.to(got[s].device)].cpu() for s in sites}
                 writer.add(frame, tensors, samples=[i for i, _, _ in loaded])
             if bar is not None:
                 bar.update(len(chunk))

@@ -170,21 +170,23 @@ def item_samples(batch) -> torch.Tensor:
     if (p["proj_item"] < 0).all():
         raise DIYSinkError("per-sample weights need a projector with one item per image or tile (LLaVA family)")
     s = p.groupby("proj_item")["sample"].first().sort_index()
-    return torch.as_tensor(s.to_numpy())
+    return torch.tensor(s.to_numpy())
 
 
 # -- data and loss ----------------------------------------------------------------------------------
-def prepare(model, samples: Sequence, batch_size: int) -> list[tuple[list, object]]:
-    """[(samples, Batch prepared with answers)] in chunks of ``batch_size``."""
+def batches(model, samples: Sequence, batch_size: int, *, shuffle: random.Random | None = None) -> Iterator[tuple[list, object]]:
+    """(samples, Batch prepared with answers) in chunks of ``batch_size``, built one at a time (a
+    large model's pixels are never all in memory); ``shuffle`` draws the chunks at random."""
     bad = [s.id for s in samples if not s.prompt or s.answer is None]
     if bad:
         raise DIYSinkError(f"training and evaluation need a prompt and an answer per sample; missing in {bad[:3]}")
-    out = []
+    samples = list(samples)
+    if shuffle is not None:
+        shuffle.shuffle(samples)
     for i in range(0, len(samples), batch_size):
-        chunk = list(samples[i:i + batch_size])
-        out.append((chunk, model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk],
-                                         answers=[s.answer for s in chunk])))
-    return out
+        chunk = samples[i:i + batch_size]
+        yield chunk, model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk],
+                                   answers=[s.answer for s in chunk])
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -196,9 +198,9 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _frozen(model):
-    """The model's own parameters do not learn (and keep no gradients) within the block."""
-    flags = [(p, p.requires_grad) for p in model.hf.parameters()]
+def _frozen(*modules: nn.Module):
+    """The modules' parameters do not learn (and keep no gradients) within the block."""
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -208,11 +210,12 @@ def _frozen(model):
             p.requires_grad_(f)
 
 
-def mean_loss(model, dual: DualProjector, batches, mode: str = "both", weights=None) -> float:
-    """Mean answer loss over prepared batches (no gradients); ``weights``: a policy (samples -> [n, 2])."""
+def mean_loss(model, dual: DualProjector, data: Sequence, mode: str = "both", weights: Callable | None = None,
+              batch_size: int = 16) -> float:
+    """Mean answer loss over Samples (no gradients); ``weights``: a policy (samples -> [n, 2])."""
     total, n = 0.0, 0
     with torch.no_grad(), dual.attach(model):
-        for chunk, batch in batches:
+        for chunk, batch in batches(model, list(data), batch_size):
             w = weights(chunk) if weights is not None else None
             with dual.weighting(batch, w, mode):
                 total += float(lm_loss(model, batch)) * batch.size
@@ -230,30 +233,35 @@ def train_dual(model, dual: DualProjector, data: Sequence, *, stage: int, epochs
     if stage not in (1, 2):
         raise DIYSinkError(f"stage must be 1 or 2, got {stage!r}")
     rng = random.Random(seed)
-    batches = prepare(model, list(data), batch_size)
+    data = list(data)
     groups = {"sink": dual.f_sink, "nonsink": dual.f_nonsink} if stage == 1 else {"both": dual}
     opts = {m: torch.optim.AdamW(mod.parameters(), lr=lr, weight_decay=0.0) for m, mod in groups.items()}
-    log, step = [], 0
+    log = []
     dual.train()
-    with _frozen(model), dual.attach(model):
-        for epoch in range(epochs):
-            order = list(range(len(batches)))
-            rng.shuffle(order)
-            for i in order:
-                chunk, batch = batches[i]
+    try:
+        with _frozen(model.hf), dual.attach(model):
+            for epoch, step, _chunk, batch in _steps(model, data, batch_size, epochs, max_steps, rng):
                 for mode, opt in opts.items():
                     opt.zero_grad(set_to_none=True)
                     with dual.weighting(batch, None, mode):
                         loss = lm_loss(model, batch)
                     loss.backward()
                     opt.step()
-                    log.append({"stage": stage, "epoch": epoch, "step": step, "mode": mode, "loss": float(loss)})
-                step += 1
-                if max_steps is not None and step >= max_steps:
-                    dual.eval()
-                    return pd.DataFrame(log)
-    dual.eval()
+                    log.append({"stage": stage, "epoch": epoch, "step": step, "mode": mode, "loss": float(loss.detach())})
+    finally:
+        dual.eval()
     return pd.DataFrame(log)
+
+
+def _steps(model, data: list, batch_size: int, epochs: int, max_steps: int | None, rng: random.Random):
+    """(epoch, step, samples, Batch) over shuffled epochs, stopping after ``max_steps`` steps."""
+    step = 0
+    for epoch in range(epochs):
+        for chunk, batch in batches(model, data, batch_size, shuffle=rng):
+            if max_steps is not None and step >= max_steps:
+                return
+            yield epoch, step, chunk, batch
+            step += 1
 
 
 # -- token selection -----------------------------------------------------------------------------
@@ -320,7 +328,8 @@ class QuestionEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        get = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(get())
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         new = [t for t in dict.fromkeys(texts) if t not in self._cache]
@@ -382,34 +391,22 @@ def train_reweighter(model, dual: DualProjector, reweighter: Reweighter, encoder
     recipe is the default (use 120-240 samples). Returns per-step losses (epoch, step, loss,
     w_sink, w_nonsink: batch means)."""
     rng = random.Random(seed)
-    batches = prepare(model, list(data), batch_size)
+    data = list(data)
     reweighter.to(model.device)
     policy = ReweightPolicy(reweighter, encoder)
     opt = torch.optim.Adam(reweighter.parameters(), lr=lr)
-    frozen = [(p, p.requires_grad) for p in dual.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    log, step = [], 0
-    try:
-        with _frozen(model), dual.attach(model):
-            for epoch in range(epochs):
-                order = list(range(len(batches)))
-                rng.shuffle(order)
-                for i in order:
-                    chunk, batch = batches[i]
-                    opt.zero_grad(set_to_none=True)
-                    w = policy(chunk)
-                    with dual.weighting(batch, w):
-                        loss = lm_loss(model, batch)
-                    loss.backward()
-                    opt.step()
-                    m = w.detach().float().mean(0)
-                    log.append({"epoch": epoch, "step": step, "loss": float(loss), "w_sink": float(m[0]),
-                                "w_nonsink": float(m[1])})
-                    step += 1
-    finally:
-        for p, f in frozen:
-            p.requires_grad_(f)
+    log = []
+    with _frozen(model.hf, dual), dual.attach(model):
+        for epoch, step, chunk, batch in _steps(model, data, batch_size, epochs, None, rng):
+            opt.zero_grad(set_to_none=True)
+            w = policy(chunk)
+            with dual.weighting(batch, w):
+                loss = lm_loss(model, batch)
+            loss.backward()
+            opt.step()
+            m = w.detach().float().mean(0)
+            log.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "w_sink": float(m[0]),
+                        "w_nonsink": float(m[1])})
     return pd.DataFrame(log)
 
 
@@ -419,7 +416,7 @@ def evaluate_dual(model, dual: DualProjector, data: Sequence, *, weights: Callab
     w_sink, w_nonsink. ``weights``: a policy (RuleRouter, ReweightPolicy) or None for (1, 1)."""
     from .reorder import answer_scores
     rows = []
-    for chunk, batch in prepare(model, list(data), batch_size):
+    for chunk, batch in batches(model, list(data), batch_size):
         with torch.no_grad(), dual.attach(model):
             w = weights(chunk) if weights is not None else torch.ones(len(chunk), 2)
             with dual.weighting(batch, w, mode):

@@ -9,7 +9,7 @@ from ..errors import MechsinkError, UnsupportedModel
 from .base import Adapter, Batch, BlockParts, Model
 
 # One module per architecture family; each exports ADAPTERS (or ADAPTER).
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "llava_onevision", "encoders")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "llava_onevision", "gemma3", "encoders")
 
 
 def adapters() -> dict[str, Adapter]:

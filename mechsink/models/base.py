@@ -60,6 +60,7 @@ class Adapter:
     vision_only: bool = False
     processor_kwargs: dict = field(default_factory=dict)
     processor_loader: Callable[[str], Any] | None = None
+    nested_images: bool = False     # the processor wants one list of images per sample
 
 
 @dataclass
@@ -214,7 +215,7 @@ class Model:
                 text = f"{text} {answers[i]}"
             texts.append(text)
         flat = [im for group in imgs for im in group]
-        inputs = self.processor(images=flat, text=texts, return_tensors="pt", padding=True,
+        inputs = self.processor(images=imgs if self.adapter.nested_images else flat, text=texts, return_tensors="pt", padding=True,
                                 **self.adapter.processor_kwargs)
         batch = Batch(dict(inputs), None, texts, imgs, list(answers) if answers is not None else None)
         batch.token_map = self.adapter.layout(self, inputs, imgs)

@@ -27,4 +27,5 @@ ADAPTER = Adapter(
     layout=onevision_layout,
     chat="<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n",
     processor_loader=loader(LlavaOnevisionImageTextProcessor),
+    nested_images=True,
 )

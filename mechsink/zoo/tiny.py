@@ -141,7 +141,7 @@ def tiny_llava_onevision(seed: int = 0, *, vision: dict | None = None, text: dic
     ``vision_aspect_ratio="anyres_max_1"`` makes 2x2-tile canvases pool down to 4x4 tokens."""
     vc = tf.SiglipVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                          num_attention_heads=4, image_size=16, patch_size=4), **(vision or {})})
-    tok = word_tokenizer([*WORDS, "user", "assistant"], extra_special=("<image>", "<|im_start|>", "<|im_end|>"))
+    tok = word_tokenizer([*WORDS, "user", "assistant"], extra_special=("<image>", "<video>", "<|im_start|>", "<|im_end|>"))
     ip = tf.LlavaOnevisionImageProcessorPil(size={"height": vc.image_size, "width": vc.image_size},
                                             image_grid_pinpoints=PINPOINTS)
     g = vc.image_size // vc.patch_size
@@ -195,3 +195,31 @@ def tiny_dinov2(seed: int = 0, **kw):
 
 
 BUILDERS.update({"tiny-clip": tiny_clip, "tiny-siglip": tiny_siglip, "tiny-dinov2": tiny_dinov2})
+
+
+# -- Gemma 3 -------------------------------------------------------------------------------------
+GEMMA_SPECIALS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+
+
+def tiny_gemma3(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
+    """(hf model, processor) for a tiny Gemma 3: SigLIP 4x4 patches pooled 2x2 into 4 image tokens."""
+    vc = tf.SiglipVisionConfig(**_vit(intermediate_size=64, num_hidden_layers=2, **(vision or {})))
+    tok = word_tokenizer([*WORDS, "user", "model"],
+                         extra_special=(*GEMMA_SPECIALS.values(), "<start_of_turn>", "<end_of_turn>"))
+    tok._set_model_specific_special_tokens(special_tokens=GEMMA_SPECIALS)   # the processor reads tok.boi_token etc.
+    ip = tf.Gemma3ImageProcessorPil(size={"height": vc.image_size, "width": vc.image_size})
+    proc = tf.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=4)
+    tc = tf.Gemma3TextConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, vocab_size=len(tok), sliding_window=8,
+                                       max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id), **(text or {})})
+    cfg = tf.Gemma3Config(vision_config=vc, text_config=tc, mm_tokens_per_image=4, boi_token_index=tok.boi_token_id,
+                          eoi_token_index=tok.eoi_token_id, image_token_index=tok.image_token_id, **cfg_kw)
+    seeded(seed)
+    hf = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    # HF initialises the projection to zeros, which would cut the ViT off from the LLM
+    torch.nn.init.normal_(hf.model.multi_modal_projector.mm_input_projection_weight, std=vc.hidden_size ** -0.5)
+    return hf, proc
+
+
+BUILDERS["tiny-gemma3"] = tiny_gemma3

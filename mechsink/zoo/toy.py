@@ -105,9 +105,11 @@ class Scene:
         return max(set(names), key=names.count)
 
 
-def sample_scene(rng: np.random.Generator, pools: dict[str, np.ndarray]) -> Scene:
-    """1-4 items in distinct cells, drawn so that one class is always the unique majority."""
-    n = int(rng.integers(1, 5))
+def sample_scene(rng: np.random.Generator, pools: dict[str, np.ndarray], n_weights: np.ndarray | None = None) -> Scene:
+    """1-4 items in distinct cells, drawn so that one class is always the unique majority.
+
+    `n_weights` (4,) are the probabilities of 1..4 items; None draws the count uniformly."""
+    n = int(rng.integers(1, 5)) if n_weights is None else int(rng.choice(4, p=n_weights)) + 1
     major = str(rng.choice(CLASS_NAMES))
     others = [str(c) for c in rng.permutation([c for c in CLASS_NAMES if c != major])]
     if n <= 2:
@@ -357,14 +359,22 @@ class TrainConfig:
     steps: int = 2000
     batch_images: int = 32
     turns: int = 6
-    lr: float = 3e-3
+    lr: float = 2e-3
     warmup_frac: float = 0.05
+    curriculum_frac: float = 0.3
     min_lr_frac: float = 0.05
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     log_every: int = 25
-    val_every: int = 250
+    val_every: int = 200
     val_images: int = 200
+
+
+def item_count_weights(step: int, tc: TrainConfig) -> np.ndarray:
+    """Curriculum over the item count: single items first (a clean what-is-this signal for the ViT),
+    moving linearly to the uniform 1-4 of the evaluation set by `curriculum_frac` of training."""
+    t = min(1.0, step / max(1.0, tc.curriculum_frac * tc.steps))
+    return (1 - t) * np.array([1.0, 0, 0, 0]) + t * np.full(4, 0.25)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -418,7 +428,7 @@ def _train(out: Path, tc: TrainConfig, mc: ToyConfig, minutes: float | None, dev
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
-        scenes = [sample_scene(rng, pools) for _ in range(tc.batch_images)]
+        scenes = [sample_scene(rng, pools, item_count_weights(step, tc)) for _ in range(tc.batch_images)]
         dialogues = [dialogue(s, tc.turns, rng) for s in scenes]
         batch = {k: v.to(device) for k, v in batcher.encode(dialogues).items()}
         pv = pixels(np.stack([render(s, pools) for s in scenes])).to(device)
@@ -554,7 +564,7 @@ def norm_stats(path: Path = TOY_DIR, samples: Path = EVAL_DIR / "samples.jsonl",
     for start in range(0, len(canvases), 100):
         pv = processor.image_processor(images=[Image.fromarray(c) for c in canvases[start:start + 100]],
                                        return_tensors="pt")["pixel_values"]
-        hs = model.vision_tower(pv.to(model.dtype), output_hidden_states=True).hidden_states
+        hs = model.model.vision_tower(pv.to(model.dtype), output_hidden_states=True).hidden_states
         norms.append(torch.stack([h.norm(dim=-1) for h in hs], 1))  # (B, L+1, 1+144)
     norms = torch.cat(norms)
     n_layers = norms.shape[1] - 1
