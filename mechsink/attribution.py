@@ -67,8 +67,15 @@ def _capture_hooks(model, sites: list[str], store: dict):
             raise PatchError(f"attribution at {s} is not supported (a derived site); use hook_resid_pre or hook_attn_out")
         mod = model.module(path)
         if io == "input":
+            # The module gets its own alias of its input, so the gradient counts only the paths
+            # through this module -- what patching the module's input changes. (The same tensor
+            # may also feed other readers, e.g. the projector reads the input of a later ViT block.)
             def pre(m, args, kwargs, s=s):
-                store[s] = args[0] if args else kwargs["hidden_states"]
+                if args:
+                    store[s] = args[0].view_as(args[0])
+                    return (store[s], *args[1:]), kwargs
+                store[s] = kwargs["hidden_states"].view_as(kwargs["hidden_states"])
+                return args, {**kwargs, "hidden_states": store[s]}
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
         else:
             def post(m, args, out, s=s, idx=idx):

@@ -164,6 +164,26 @@ def cache(model: str = ModelOpt, data: Optional[str] = DataOpt,
                                  f"{r['errors'].get('n_skipped', 0)} image(s) skipped")
 
 
+@app.command()
+def probe(cache_dir: Path = typer.Option(..., "--cache", help="Store directory written by `mechsink cache`."),
+          label: str = typer.Option(..., "--label", help="Label column of the store's index (e.g. planted_label)."),
+          token_sets: str = typer.Option("sinks,nonsinks,cls,mean", "--token-sets"),
+          sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated; default: every cached site."),
+          model: str = typer.Option("logistic", "--probe", help="logistic | ridge"),
+          folds: int = typer.Option(5, "--folds"), seed: int = typer.Option(0, "--seed"),
+          out: Optional[Path] = typer.Option(None, "--out", help="Save probes, results and figure here."),
+          as_json: bool = JsonOpt):
+    """Linear probes: what sinks vs non-sinks vs CLS vs mean-pooled tokens encode, at every cached site."""
+    def body():
+        from .probing import probe_command
+        return probe_command(cache_dir, label, token_sets=[t for t in token_sets.split(",") if t],
+                             sites=sites.split(",") if sites else None, model=model, folds=folds, seed=seed, out=out)
+    rows = guarded(body)
+    emit(rows, as_json, lambda rs: "\n".join(
+        f"{r['token_set']:9s} {r['site']:32s} acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  "
+        f"control {r['control_accuracy']:.3f}  selectivity {r['selectivity']:+.3f}" for r in rs))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -19,10 +19,10 @@ Every split is grouped by image: images (``image_path`` when the cache records i
 asked several questions stays on one side; else the sample) are dealt into k folds once, and every
 token set and site uses those folds, so their scores are paired. The score is balanced accuracy with
 a bootstrap CI over images. The control task (Hewitt & Liang) gives each image a random label from
-the label distribution (image-level: the image labels shuffled across images; patch-level: each
-(image, label) pair mapped to a random label), fixed for the whole run; with image-grouped splits
-a probe can only beat chance on it by memorising images, so a control above chance flags leakage
-or an over-expressive probe. ``selectivity`` = accuracy - control accuracy. ``majority`` is the
+the token set's label distribution (image-level: the images' labels shuffled across images;
+patch-level: each (image, label) pair mapped to a random label), fixed across sites; with
+image-grouped splits a probe can only beat chance on it by memorising images, so a control above
+chance flags leakage or an over-expressive probe. ``selectivity`` = accuracy - control accuracy. ``majority`` is the
 balanced accuracy of predicting the training folds' most frequent class.
 
 Probes are saved as safetensors (weight [K, d], bias [K]) + JSON (classes, site, label, config):

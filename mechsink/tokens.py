@@ -46,7 +46,7 @@ class TokenMap:
     special: pd.DataFrame
     llm_tokens: pd.DataFrame
     roles: np.ndarray                      # [batch, seq] codes into ROLES
-    grids: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)  # (sample, image, tile) -> (rows, cols)
+    grids: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)  # (sample, image, tile) -> (rows, cols); tile -1: any-res canvas
 
     def __post_init__(self):
         self.patches = _frame(self.patches, PATCH_COLUMNS)

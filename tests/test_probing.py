@@ -139,7 +139,7 @@ def test_planted_label_is_read_from_sinks_and_not_from_nonsinks(image_result):
     assert len(f) == 4 * len(SITES) - 2  # CLS has no activations at vit.out or in the LLM
     assert (f["control_accuracy"] - CHANCE).abs().max() < NEAR, f[["token_set", "site", "control_accuracy"]]
     assert ((f["majority"] - CHANCE).abs() < 0.02).all()  # balanced accuracy of a constant guess
-    assert sorted(res.notes) == [f"cls @ {s}: no activations cached for these tokens" for s in ("llm.blocks.1.hook_resid_post", "vit.out")]
+    assert sorted(res.notes) == [f"cls @ {s}: no activations cached for these tokens" for s in (LLM_SITE, "vit.out")]
 
 
 def test_no_image_is_in_train_and_test(image_result, store):

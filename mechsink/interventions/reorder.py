@@ -161,8 +161,9 @@ class ReorderResult:
     config: ReorderConfig
 
     def summary(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
-        """Accuracy with Wilson CIs per group and condition, and the paired change against
-        ``original`` (mean difference with a bootstrap CI; sign-flip permutation p-value)."""
+        """Accuracy with Wilson CIs per group and condition, the paired change in accuracy against
+        ``original`` (``delta``: mean difference with a bootstrap CI; sign-flip permutation
+        p-value), and the mean answer log-probability with its paired change (``logprob_delta``)."""
         from ..stats import binomial_ci, bootstrap_ci, paired_permutation_test
         df = self.samples
         rows = []
@@ -170,14 +171,17 @@ class ReorderResult:
         groups = [((), df)] if not keys else df.groupby(keys, sort=True)
         for key, g in groups:
             key = key if isinstance(key, tuple) else (key,)
-            base = g[g["condition"] == "original"].set_index("id")["correct"].astype(float)
+            orig = g[g["condition"] == "original"].set_index("id")
+            base = orig["correct"].astype(float)
             for cond, c in g.groupby("condition", sort=False):
                 k, n = int(c["correct"].sum()), len(c)
                 acc, lo, hi = binomial_ci(k, n, alpha=alpha)
                 row = {**dict(zip(keys, key)), "condition": cond, "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi,
-                       "mean_sinks": float(c["n_sinks"].mean())}
+                       "mean_sinks": float(c["n_sinks"].mean()), "logprob": float(c["logprob"].mean())}
                 if cond != "original" and n >= 2:
-                    x = c.set_index("id")["correct"].astype(float).loc[base.index].to_numpy()
+                    ci = c.set_index("id").loc[base.index]
+                    row["logprob_delta"] = float((ci["logprob"] - orig["logprob"]).mean())
+                    x = ci["correct"].astype(float).to_numpy()
                     d = x - base.to_numpy()
                     if np.all(d == 0):
                         row.update(delta=0.0, delta_low=0.0, delta_high=0.0, p_value=1.0)

@@ -13,7 +13,8 @@ not the patch embedding.
 ``patches.row/col`` are patch-grid cells and ``grids[(s, i, 0)]`` the patch grid; ``llm_tokens``
 rows use the merged grid (``row // 2, col // 2``). The ViT attention modules do not return their
 pattern, so ``vit.blocks.{l}.attn.hook_pattern`` is recomputed from their inputs as a block-diagonal
-[heads, tokens, tokens] tensor (zero between images and between windows).
+[heads, tokens, tokens] tensor (zero between images and between windows). It is dense: for large
+images read the patterns of a few layers per run.
 """
 from __future__ import annotations
 

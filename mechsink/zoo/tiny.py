@@ -109,8 +109,8 @@ def _qwen_ids(tok) -> dict:
 def tiny_qwen2_vl(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
     """(hf model, processor) for a tiny Qwen2-VL (2 ViT blocks, 2x2 merger, M-RoPE LLM)."""
     proc = qwen_processor(Qwen2VLImageTextProcessor, patch_size=4, merge_size=2)
-    vc = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
-              spatial_merge_size=2, temporal_patch_size=2, **(vision or {}))
+    vc = {**dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                 spatial_merge_size=2, temporal_patch_size=2), **(vision or {})}
     cfg = tf.Qwen2VLConfig(vision_config=vc, text_config=_qwen_text(proc.tokenizer, **(text or {})),
                            **_qwen_ids(proc.tokenizer), **cfg_kw)
     seeded(seed)
@@ -121,9 +121,9 @@ def tiny_qwen2_5_vl(seed: int = 0, *, vision: dict | None = None, text: dict | N
     """(hf model, processor) for a tiny Qwen2.5-VL: 16 px attention windows (2x2 merged tokens),
     block 0 windowed, block 1 full attention."""
     proc = qwen_processor(Qwen2_5_VLImageTextProcessor, patch_size=4, merge_size=2)
-    vc = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=4,
-              spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
-              **(vision or {}))
+    vc = {**dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=4,
+                 spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1]),
+          **(vision or {})}
     cfg = tf.Qwen2_5_VLConfig(vision_config=vc, text_config=_qwen_text(proc.tokenizer, **(text or {})),
                               **_qwen_ids(proc.tokenizer), **cfg_kw)
     seeded(seed)
@@ -170,7 +170,7 @@ def _vit(**kw) -> dict:
 
 def tiny_clip(seed: int = 0, **kw):
     """(CLIPVisionModel, image processor): CLS + 4x4 patches."""
-    cfg = tf.CLIPVisionConfig(**_vit(intermediate_size=64, **kw))
+    cfg = tf.CLIPVisionConfig(**_vit(intermediate_size=64) | kw)
     ip = tf.CLIPImageProcessorPil(size={"shortest_edge": cfg.image_size},
                                   crop_size={"height": cfg.image_size, "width": cfg.image_size})
     seeded(seed)
@@ -179,7 +179,7 @@ def tiny_clip(seed: int = 0, **kw):
 
 def tiny_siglip(seed: int = 0, **kw):
     """(SiglipVisionModel, image processor): 4x4 patches, no CLS."""
-    cfg = tf.SiglipVisionConfig(**_vit(intermediate_size=64, **kw))
+    cfg = tf.SiglipVisionConfig(**_vit(intermediate_size=64) | kw)
     ip = tf.SiglipImageProcessorPil(size={"height": cfg.image_size, "width": cfg.image_size})
     seeded(seed)
     return tf.SiglipVisionModel(cfg).eval(), ip
@@ -187,7 +187,7 @@ def tiny_siglip(seed: int = 0, **kw):
 
 def tiny_dinov2(seed: int = 0, **kw):
     """(Dinov2WithRegistersModel, image processor): CLS + 2 registers + 4x4 patches."""
-    cfg = tf.Dinov2WithRegistersConfig(**_vit(mlp_ratio=2, num_register_tokens=2, **kw))
+    cfg = tf.Dinov2WithRegistersConfig(**_vit(mlp_ratio=2, num_register_tokens=2) | kw)
     ip = tf.BitImageProcessorPil(size={"shortest_edge": cfg.image_size},
                                  crop_size={"height": cfg.image_size, "width": cfg.image_size})
     seeded(seed)
@@ -203,7 +203,7 @@ GEMMA_SPECIALS = {"boi_token": "<start_of_image>", "image_token": "<image_soft_t
 
 def tiny_gemma3(seed: int = 0, *, vision: dict | None = None, text: dict | None = None, **cfg_kw):
     """(hf model, processor) for a tiny Gemma 3: SigLIP 4x4 patches pooled 2x2 into 4 image tokens."""
-    vc = tf.SiglipVisionConfig(**_vit(intermediate_size=64, num_hidden_layers=2, **(vision or {})))
+    vc = tf.SiglipVisionConfig(**{**_vit(intermediate_size=64, num_hidden_layers=2), **(vision or {})})
     tok = word_tokenizer([*WORDS, "user", "model"],
                          extra_special=(*GEMMA_SPECIALS.values(), "<start_of_turn>", "<end_of_turn>"))
     tok._set_model_specific_special_tokens(special_tokens=GEMMA_SPECIALS)   # the processor reads tok.boi_token etc.
