@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import MechsinkError
 from .metrics import Metric
 from .patching import PatchError, Plan, Write, clean, execute, rows_mask
 from .sites import Site
@@ -172,10 +173,9 @@ def token_table(model, batch, sinks: SinkSource = None, foreground: Callable | N
 
 
 def _patch_index(tm) -> np.ndarray:
-    p = tm.patches
-    cols = np.array([tm.grids.get((s, i, t), (0, c + 1))[1] for s, i, t, c in
-                     zip(p["sample"], p["image"], p["tile"], p["col"])], dtype=np.int64)
-    return p["row"].to_numpy() * cols + p["col"].to_numpy()
+    """Row-major index of each patch in its tile's grid (as SinkSet's ``patch`` column)."""
+    from .sinks.detect import _patch_index as index
+    return index(tm.patches, tm.grids)
 
 
 def _strata(table: pd.DataFrame, tm, match: Sequence[str]) -> np.ndarray:
@@ -368,17 +368,20 @@ class AblationResult:
         from .stats import comparison_frame
         return effect_plot(comparison_frame({self.label: self.summary()}), ylabel=f"effect on {self.config.metric.name}")
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write results.parquet and summary.json (atomically) into a directory."""
+    def save(self, path: str | os.PathLike, *, summary: bool = True) -> Path:
+        """Write results.parquet and summary.json (atomically) into a directory; with
+        ``summary=False`` (a run in progress) the JSON holds only the config."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_parquet(self.frame, path / "results.parquet")
-        try:
-            summary = self.to_dict()
-        except Exception as e:  # noqa: BLE001 - the frame is kept even when statistics cannot be had
-            summary = {"error": str(e), "config": self.config.to_dict(), "model": self.model}
+        meta = {"config": self.config.to_dict(), "model": self.model, "partial": not summary}
+        if summary:
+            try:
+                meta = self.to_dict()
+            except MechsinkError as e:      # the frame is kept even when statistics cannot be had
+                meta["error"] = str(e)
         tmp = path / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, path / "summary.json")
         return path
 
@@ -454,10 +457,13 @@ def ablate(model, data, sinks: SinkSource = None, config: AblationConfig | None 
         frames.append(_ablate_batch(model, batch, ids, cfg, sinks, foreground, means, k, offset))
         offset += batch.size
         if out is not None:
-            AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name).save(out)
+            AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name).save(out, summary=False)
     if not frames:
         raise AblationError("no data to ablate")
-    return AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name)
+    result = AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name)
+    if out is not None:
+        result.save(out)
+    return result
 
 
 def _ablate_batch(model, batch, ids, cfg: AblationConfig, sinks, foreground, means, k: int, offset: int) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from .metrics import Metric, gather_logits
-from .patching import PatchError, _unit_masks, block_sites, check_pair, llm_inputs
+from .patching import PatchError, _needs_full, _unit_masks, block_sites, check_pair, llm_inputs
 from .sites import Site
 
 
@@ -91,8 +91,7 @@ def gradients(model, batch, sites: Sequence[str], metric: Metric, targets) -> tu
     if metric.name in ("accuracy", "kl"):
         raise PatchError(f"attribution needs a metric with a useful gradient at the base run (logprob or logit_diff), not {metric.name}")
     sites = [str(Site.parse(s)) for s in sites]
-    vit = any(Site.parse(s).part == "vit" for s in sites)
-    if vit:
+    if _needs_full(sites):
         inputs = {k: v for k, v in batch.inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].detach().clone().requires_grad_(True)
         seq = inputs["input_ids"].shape[1]

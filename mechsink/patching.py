@@ -20,15 +20,17 @@ projector run once per batch: their output, the language model's ``inputs_embeds
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import asdict, dataclass, field
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .errors import MechsinkError, SiteError
+from .errors import MechsinkError
 from .metrics import Metric, Targets, gather_logits
 from .sites import Site
 from .tokens import _AXIS_COLUMNS, TokenMap
@@ -207,9 +209,9 @@ def knockout_hooks(model, key_mask: torch.Tensor, layers: Sequence[int] | None =
         k = km.shape[1]
         if r != km.shape[0]:
             raise PatchError(f"knockout mask for {km.shape[0]} rows, attention sees {r}")
-        eye = torch.eye(q, k, dtype=torch.bool, device=h.device, ) if q == k else \
-            torch.zeros(q, k, dtype=torch.bool, device=h.device)
-        block = km[:, None, None, :] & ~eye                                  # [R, 1, q, k]
+        own = torch.zeros(q, k, dtype=torch.bool, device=h.device)          # query i is key k - q + i
+        own[torch.arange(q), torch.arange(q) + (k - q)] = True
+        block = km[:, None, None, :] & ~own                                  # [R, 1, q, k]
         if am is None:
             causal = torch.ones(q, k, dtype=torch.bool, device=h.device).tril(k - q)
             am = causal[None, None] & ~block
@@ -344,13 +346,11 @@ def _site_edits(writes: list[Write], c0: int, c1: int, skip_embed: bool) -> dict
 
 
 def clean(model, batch, metric: Metric, *, read: Sequence[str] = (), inputs: LLMInputs | None = None) -> dict:
-    """The unchanged run: {"value": [B], "next": [B, V], "targets": Targets, "inputs": LLMInputs
-    (None when a ViT site is read: then the whole model ran), plus the ``read`` sites}."""
+    """The unchanged run: {"value": [B], "next": [B, V], "targets": Targets, "inputs": LLMInputs,
+    plus the ``read`` sites}."""
     targets = metric.targets(model, batch)
-    full = _needs_full(read)
-    if not full and inputs is None:
-        inputs = llm_inputs(model, batch)
-    out = execute(model, batch, Plan(1), None, targets, inputs=None if full else inputs, read=read)
+    inputs = inputs if inputs is not None else llm_inputs(model, batch)
+    out = execute(model, batch, Plan(1), None, targets, inputs=inputs, read=read)
     logits = out.pop("logits")[0]
     out["value"] = metric.score(logits, targets, logits[:, 0])      # the clean run is its own KL reference
     out["next"] = logits[:, 0].float()
@@ -442,19 +442,18 @@ def _selections(model, base, source, cfg: PatchConfig, sinks) -> tuple[list[str]
     tm = base.token_map
     need_sinks = any(t in ("sinks", "random", "nonsinks") for t in cfg.tokens)
     table = token_table(model, source if cfg.sinks_of == "source" else base, sinks) if need_sinks else tm.patches
-    names, draws, rows = [], [], []
+    sets: list[tuple[str, int, np.ndarray]] = []
     for t in cfg.tokens:
-        if t == "sinks":
-            names.append(t), draws.append(0), rows.append(table["is_sink"].to_numpy())
-        elif t == "nonsinks":
-            names.append(t), draws.append(0), rows.append(~table["is_sink"].to_numpy())
-        elif t == "image":
-            names.append(t), draws.append(0), rows.append(np.ones(len(tm.patches), dtype=bool))
-        else:
+        if t == "random":
             sel, _, _ = draw_controls(table, tm, cfg.n_draws, axis="llm", match=cfg.match, seed=cfg.seed)
-            for k in range(cfg.n_draws):
-                names.append(t), draws.append(k), rows.append(sel[1 + k])
-    return names, draws, np.stack(rows).astype(bool)
+            sets += [(t, k, sel[1 + k]) for k in range(cfg.n_draws)]
+        else:
+            is_sink = table["is_sink"].to_numpy() if t in ("sinks", "nonsinks") else None
+            row = {"sinks": is_sink, "nonsinks": None if is_sink is None else ~is_sink,
+                   "image": np.ones(len(tm.patches), dtype=bool)}[t]
+            sets.append((t, 0, row))
+    names, draws, rows = zip(*sets)
+    return list(names), list(draws), np.stack(rows).astype(bool)
 
 
 @dataclass
@@ -489,7 +488,7 @@ class PatchResult:
                              xlabel=self.unit, ylabel="site", **kw)
 
     def save(self, path: str | os.PathLike) -> Path:
-        import json
+        """Write results.parquet and config.json (atomically) into a directory."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / ".results.parquet.tmp"
@@ -499,6 +498,12 @@ class PatchResult:
         tmp.write_text(json.dumps({"config": self.config, "unit": self.unit}, indent=1))
         os.replace(tmp, path / "config.json")
         return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PatchResult":
+        path = Path(path)
+        meta = json.loads((path / "config.json").read_text())
+        return cls(pd.read_parquet(path / "results.parquet"), meta["config"], meta["unit"])
 
 
 def _recovery(patched: torch.Tensor, base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -541,13 +546,12 @@ def _counts(tm: TokenMap, select: np.ndarray, axis: str = "llm") -> np.ndarray:
 def patch(model, base, source, sinks=None, config: PatchConfig | None = None, **overrides) -> PatchResult:
     """Patch token sets from ``source`` into ``base`` at each of ``config.sites``.
 
+    base and source need the same token layout (e.g. ``source = with_images(model, base, other)``).
     The metric reads the *base* batch's targets in every run (its answers and positions), so
-    metric(source) is how the source image scores the base's answer.
+    metric(source) is how the source image scores the base's answer. Keyword overrides replace
+    fields of ``config``.
     """
-    cfg = config or PatchConfig()
-    if overrides:
-        from dataclasses import replace
-        cfg = replace(cfg, **overrides)
+    cfg = replace(config or PatchConfig(), **overrides)
     check_pair(base, source)
     names, draws, select = _selections(model, base, source, cfg, sinks)
     b0 = clean(model, base, cfg.metric, read=cfg.sites)
@@ -573,9 +577,7 @@ def patch(model, base, source, sinks=None, config: PatchConfig | None = None, **
 def source_run(model, source, metric: Metric, base: dict, read: Sequence[str] = ()) -> dict:
     """The source run scored with the base's targets (``base`` is ``clean``'s output; ``kl`` is
     measured against the base run) and its activations at ``read``."""
-    full = _needs_full(read)
-    out = execute(model, source, Plan(1), None, base["targets"], inputs=None if full else llm_inputs(model, source),
-                  read=read)
+    out = execute(model, source, Plan(1), None, base["targets"], read=read)
     logits = out.pop("logits")[0]
     out["value"] = metric.score(logits, base["targets"], base["next"])
     out["next"] = logits[:, 0]
@@ -696,3 +698,104 @@ def path_patch(model, base, source, layers: Sequence[int | Sequence[int]] | None
                    np.tile(_counts(tm, select), (len(conds), 1)), layers=first)
     return PatchResult(frame, {"layers": conds, "tokens": list(tokens), "metric": metric.to_dict(),
                                "n_draws": n_draws, "seed": seed}, "tokens")
+
+
+# -- the CLI's entry point ------------------------------------------------------------------------------
+CORRUPTIONS = ("shuffle", "noise", "blank")
+
+
+def corrupt(images: Sequence, how: str = "shuffle", seed: int = 0) -> list:
+    """Source images for patching: ``shuffle`` (another image of the list, never the same one),
+    ``noise`` (uniform noise of the same size) or ``blank`` (flat mid-grey)."""
+    from PIL import Image
+    if how not in CORRUPTIONS:
+        raise PatchError(f"unknown corruption {how!r}; use {', '.join(CORRUPTIONS)}")
+    rng = np.random.default_rng(seed)
+    if how == "shuffle":
+        if len(images) < 2:
+            raise PatchError("shuffle needs at least two images")
+        perm = rng.permutation(len(images))
+        while (perm == np.arange(len(images))).any():
+            perm = rng.permutation(len(images))
+        return [images[i] for i in perm]
+    out = []
+    for im in images:
+        w, h = im.size
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if how == "noise" else np.full((h, w, 3), 128, np.uint8)
+        out.append(Image.fromarray(a, "RGB"))
+    return out
+
+
+def with_images(model, batch, images: Sequence):
+    """A batch like ``batch`` (same prompts, answers and token roles) with other images: the
+    natural source for patching."""
+    if len(images) != batch.size:
+        raise PatchError(f"{len(images)} images for a batch of {batch.size}")
+    out = model.prepare(images, batch.prompts)          # prompts already hold the placeholder and answers
+    if out.inputs["input_ids"].shape != batch.inputs["input_ids"].shape:
+        raise PatchError("the new images change the prompt layout; use images of the same size")
+    out.token_map.roles = batch.token_map.roles.copy()
+    out.answers = list(batch.answers) if batch.answers is not None else None
+    return out
+
+
+def patch_command(model_name, data, *, source: str | None = None, corruption: str = "shuffle",
+                  sites: Sequence[str] = ("proj.out",), tokens: Sequence[str] = ("sinks", "random", "image"),
+                  metric: str = "logprob", answers: Sequence[str] | None = None, draws: int = 8,
+                  sweep_positions: str | None = None, sinks=None, rule: str | None = None, limit: int | None = None,
+                  batch_size: int = 8, seed: int = 0, out: str | None = None, device: str | None = None,
+                  dtype: str | None = None, errors=None) -> dict:
+    """Patch from source into base on a dataset; returns a JSON-ready summary.
+
+    Base = the dataset's samples (with their prompts and answers); source = the same prompts with
+    the images of ``source`` (a dataset of the same length, in order) or corrupted images
+    (``corruption``: shuffle | noise | blank). With ``sweep_positions`` ("patches", "all" or
+    comma-separated token sets) every site x position is patched instead of whole token sets.
+    Output: {"recovery": {site: {unit: value}}, "effect": {...}, "n", "metric", "unit", ...}.
+    """
+    from . import load
+    from .ablation import iter_batches
+    from .data import ErrorLog, iter_images, open_dataset
+    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=dtype)
+    ds = data if hasattr(data, "__getitem__") and not isinstance(data, (str, os.PathLike)) else open_dataset(data, limit=limit)
+    errors = errors if errors is not None else ErrorLog()
+    if sinks is None and rule is not None:
+        from .sinks.detect import SinkSpec
+        sinks = SinkSpec.from_options(rule)
+    m = Metric(metric, **({"answers": tuple(answers)} if answers else {}))
+    src_images = None
+    if source is not None:
+        sds = open_dataset(source, limit=limit)
+        src_images = {s.id: im for s, im in iter_images(sds, errors=errors)}
+        order = list(src_images.values())
+    frames, k, unit = [], 0, "tokens"
+    for batch, ids in iter_batches(model, ds, batch_size, errors)():
+        if source is not None:
+            imgs = order[k:k + batch.size]
+            if len(imgs) != batch.size:
+                raise PatchError(f"the source dataset has fewer readable images than the base ({len(order)})")
+        else:
+            imgs = corrupt([g[0] for g in batch.images], corruption, seed + k)
+        src = with_images(model, batch, imgs)
+        if sweep_positions is None:
+            res = patch(model, batch, src, sinks, PatchConfig(sites=tuple(sites), tokens=tuple(tokens), metric=m,
+                                                                n_draws=draws, seed=seed))
+        else:
+            pos = sweep_positions if sweep_positions in ("patches", "all") else sweep_positions.split(",")
+            res = sweep(model, batch, src, list(sites), positions=pos, sinks=sinks, metric=m, n_draws=draws, seed=seed)
+        unit = res.unit
+        frames.append(res.frame.assign(sample=res.frame["sample"] + k, id=[str(ids[i]) for i in res.frame["sample"]]))
+        k += batch.size
+        if out is not None:
+            PatchResult(pd.concat(frames, ignore_index=True), {"metric": m.to_dict()}, unit).save(out)
+    if not frames:
+        raise PatchError("no data to patch")
+    res = PatchResult(pd.concat(frames, ignore_index=True), {"metric": m.to_dict()}, unit)
+    if out is not None:
+        res.save(out)
+
+    def nested(t: pd.DataFrame) -> dict:
+        return {str(s): {str(u): (None if not np.isfinite(v) else float(v)) for u, v in row.items()} for s, row in t.iterrows()}
+    return {"recovery": nested(res.table("recovery")), "effect": nested(res.table("effect")), "n": k, "unit": unit,
+            "metric": m.name, "source": source or corruption, "sites": list(sites), "n_unreadable": len(errors),
+            "model": model.name, "data": getattr(ds, "name", None)}

@@ -40,8 +40,8 @@ def _noisy(image, seed, amp):
 
 
 def _sites(m):
-    # the last ViT block's input is not what the projector reads (it reads the previous block's
-    # output), so it is a real, separate site: include it
+    # a block's input is addressed as the previous block's output, so the last ViT block's input is
+    # what LLaVA's projector reads (vision_feature_layer=-2)
     return block_sites(m, "vit") + ["vit.out", "proj.out"] + block_sites(m, "llm")
 
 
@@ -53,6 +53,7 @@ def test_gradients_match_finite_differences(tiny, site):
     t = metric.targets(m, base)
     value, acts, grads = gradients(m, base, [site], metric, t)
     direction = torch.randn(acts[site].shape, generator=torch.Generator().manual_seed(0))
+    direction /= direction.norm()                        # a small step, where the model is near-linear
     eps = 1e-2
 
     def run(sign):
@@ -61,12 +62,12 @@ def test_gradients_match_finite_differences(tiny, site):
 
     fd = ((run(1) - run(-1)) / (2 * eps)).sum()
     analytic = (grads[site] * direction).sum()
-    assert abs(float(fd) - float(analytic)) <= 2e-3 * max(1.0, abs(float(fd)))
+    assert abs(float(fd) - float(analytic)) <= 1e-2 * abs(float(analytic)) + 1e-4
     assert torch.allclose(value, run(0), atol=1e-5)
-    if site == "vit.blocks.2.hook_resid_pre":           # feeds only the unused last ViT block
-        assert float(grads[site].abs().max()) == 0.0
-    else:
-        assert float(grads[site].abs().max()) > 0.0
+    assert float(grads[site].abs().max()) > 0.0            # every one of these sites reaches the logits
+    if site == "vit.blocks.2.hook_resid_pre":               # the same tensor as the projector's input
+        _, _, g_out = gradients(m, base, ["vit.out"], metric, t)
+        assert torch.allclose(grads[site][:, 1:], g_out["vit.out"], atol=1e-7)
 
 
 @pytest.mark.parametrize("amp, floor", [(2, 0.99), (40, 0.95)])

@@ -61,7 +61,8 @@ def test_dual_routes_tokens_by_the_detected_sinks(planted, batch):
         with dual.weighting(batch, torch.tensor([[2.0, 0.5]] * 4)):
             scaled = dual(x["vit.out"])
     assert torch.equal(only_sinks[mask], x["proj.out"][mask]) and not only_sinks[~mask].any()
-    assert torch.allclose(scaled[mask], 2 * x["proj.out"][mask]) and torch.allclose(scaled[~mask], 0.5 * x["proj.out"][~mask])
+    assert torch.allclose(scaled[mask], 2 * x["proj.out"][mask])
+    assert torch.allclose(scaled[~mask], 0.5 * x["proj.out"][~mask])
 
 
 def test_stage_1_and_stage_2_lower_the_loss(planted):
@@ -129,7 +130,8 @@ def test_rule_router_and_its_effect(planted):
     dual = DualProjector.from_model(planted)
     router = RuleRouter()
     sinks_only = evaluate_dual(planted, dual, _samples(8, image_kind="simple"), weights=router)
-    nonsinks_only = evaluate_dual(planted, dual, _samples(8, image_kind="complex", question_type="local"), weights=router)
+    local = _samples(8, image_kind="complex", question_type="local")
+    nonsinks_only = evaluate_dual(planted, dual, local, weights=router)
     assert (sinks_only[["w_sink", "w_nonsink"]].to_numpy() == [1, 0]).all() and sinks_only["correct"].all()
     assert (nonsinks_only[["w_sink", "w_nonsink"]].to_numpy() == [0, 1]).all()
     assert nonsinks_only["correct"].mean() < 1.0

@@ -204,3 +204,25 @@ def test_exact_patching_equals_transformer_lens(tiny, bridge_cls):
     real = am.bool()[None, None].expand(3, m.n_llm_layers, -1, -1).permute(0, 1, 3, 2)     # pads are not compared
     assert float((got - values.double()).abs()[real].max()) <= 1e-5
     assert float((values[real] - values[real].mean()).abs().max()) > 1e-3                 # the sweep is not flat
+
+
+def test_patch_command_on_the_planted_eval_set(tmp_path):
+    import json
+    from mechsink.patching import corrupt, patch_command
+    d = patch_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=8, sites=("proj.out", "llm.blocks.1.hook_resid_pre"),
+                      metric="logit_diff", answers=P.COLORS, draws=2, sinks=SINKS, batch_size=4, out=str(tmp_path / "p"))
+    json.dumps(d)
+    assert d["n"] == 8 and d["unit"] == "tokens" and d["source"] == "shuffle"
+    assert d["recovery"]["proj.out"]["sinks"] == pytest.approx(1.0, abs=1e-4)
+    assert d["recovery"]["proj.out"]["random"] == pytest.approx(0.0, abs=1e-4)
+    assert (tmp_path / "p" / "results.parquet").exists()
+    d = patch_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=4, corruption="blank", sites=("proj.out",),
+                      metric="logprob", sweep_positions="patches", sinks=SINKS, batch_size=4)
+    moved = {int(u) for u, v in d["effect"]["proj.out"].items() if abs(v) > 1e-6}
+    assert d["unit"] == "patch" and moved == set(SINKS)
+    images = [make_image(seed=i) for i in range(3)]
+    shuffled = corrupt(images, "shuffle", seed=1)
+    assert all(a is not b for a, b in zip(images, shuffled)) and {id(x) for x in shuffled} == {id(x) for x in images}
+    assert corrupt(images, "noise")[0].size == images[0].size
+    with pytest.raises(PatchError, match="corruption"):
+        corrupt(images, "blur")

@@ -52,6 +52,8 @@ def decode_isolated(model, batch, sinks, *, tokens="all", k: int = 5, rows_per_f
     if chosen.empty:
         raise AnalysisError(f"no visual tokens selected ({tokens!r}) to decode")
     inp = llm_inputs(model, batch)
+    if inp.attention_mask is not None and not torch.is_tensor(inp.attention_mask):
+        raise AnalysisError(f"{model.name} hands its language model a prebuilt mask; isolating tokens needs a 2-D one")
     visual = torch.as_tensor(np.isin(batch.token_map.roles, [ROLE["image"], ROLE["newline"]]))     # [B, S]
     last = batch.last_pos.cpu()
     tok = getattr(model.processor, "tokenizer", model.processor)

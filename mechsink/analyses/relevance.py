@@ -48,7 +48,8 @@ class RelevanceMaps:
         for is_sink, g in self.frame.groupby("is_sink", sort=False):
             for col in ("spread", "frac_above_uniform", "peak_weight"):
                 x = g[col].to_numpy(dtype=float)
-                est, lo, hi = (bootstrap_ci(x, method="percentile") if len(x) >= 2 else (float(x.mean()), np.nan, np.nan))
+                est, lo, hi = (bootstrap_ci(x, method="percentile") if len(x) >= 2
+                               else (float(x.mean()), np.nan, np.nan))
                 rows.append({"token_set": "sinks" if is_sink else "nonsinks", "measure": col, "n": len(x),
                              "mean": est, "ci_low": lo, "ci_high": hi})
         return pd.DataFrame(rows)
@@ -127,7 +128,8 @@ def relevance_acts(pattern: torch.Tensor, sinks, layer: int, *, direction: str =
     """Maps from one ViT attention pattern already read: [items, heads, seq, seq] (or
     [heads, seq, seq] for a flat ViT), indexed by the patch table's ``vit_item``/``vit_pos``."""
     if direction not in DIRECTIONS:
-        raise AnalysisError(f"direction must be 'row' (what the token attends to) or 'column' (what it receives), got {direction!r}")
+        raise AnalysisError(f"direction must be 'row' (what the token attends to) or 'column' (what it "
+                            f"receives), got {direction!r}")
     p = pattern.detach().float()
     if p.dim() == 3:
         p = p[None]

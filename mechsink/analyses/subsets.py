@@ -23,14 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..metrics import Metric
 from ..patching import Plan, execute, llm_inputs
 from ..tokens import ROLE
 from .relevance import AnalysisError
+from .scoring import ANSWER_METRIC, accuracy_table, answer_batches
 
 SUBSETS = ("full", "sinks", "nonsinks")
 MODES = ("drop", "mask")
-_METRIC = Metric("logprob", teacher_forced=True)
 
 
 def removal_masks(sinks, subsets: Sequence[str] = SUBSETS) -> torch.Tensor:
@@ -68,15 +67,11 @@ class SubsetResult:
     config: SubsetConfig
 
     def summary(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
-        """Accuracy with Wilson CIs and mean logprob per group and subset."""
-        from ..stats import binomial_ci
-        rows = []
-        for key, g in self.samples.groupby([*by, "subset"], sort=False):
-            key = key if isinstance(key, tuple) else (key,)
-            acc, lo, hi = binomial_ci(int(g["correct"].sum()), len(g), alpha=alpha)
-            rows.append({**dict(zip([*by, "subset"], key)), "n": len(g), "accuracy": acc, "ci_low": lo,
-                         "ci_high": hi, "logprob": float(g["logprob"].mean()), "mean_visual": float(g["n_visual"].mean())})
-        return pd.DataFrame(rows)
+        """Accuracy with Wilson CIs, mean logprob and mean visual tokens kept per group and subset."""
+        keys = [*by, "subset"]
+        table = accuracy_table(self.samples, keys, alpha)
+        table["mean_visual"] = self.samples.groupby(keys, sort=False)["n_visual"].mean().to_numpy()
+        return table
 
     def figure(self, by: str = "question_type"):
         from ..report.figures import effect_plot
@@ -91,9 +86,9 @@ def subset_scores(model, batch, sinks, subsets: Sequence[str] = SUBSETS, mode: s
     if mode not in MODES:
         raise AnalysisError(f"mode must be 'drop' or 'mask', got {mode!r}")
     removed = removal_masks(sinks, subsets)
-    targets = _METRIC.targets(model, batch)
+    targets = ANSWER_METRIC.targets(model, batch)
     plan = Plan(len(subsets), drop=removed if mode == "drop" else None, knockout=removed if mode == "mask" else None)
-    out = execute(model, batch, plan, _METRIC, targets, inputs=llm_inputs(model, batch), want_next=True)
+    out = execute(model, batch, plan, ANSWER_METRIC, targets, inputs=llm_inputs(model, batch), want_next=True)
     correct = out["next"].argmax(-1) == targets.ids[:, 0][None]
     return {"correct": correct.numpy(), "logprob": out["value"].numpy(), "removed": removed}
 
@@ -106,13 +101,8 @@ def visual_subsets(model, data, spec=None, *, subsets: Sequence[str] = SUBSETS, 
     from ..sinks.detect import SinkSpec, detect
     spec = spec or SinkSpec()
     samples = list(data)[:limit]
-    bad = [s.id for s in samples if not s.prompt or s.answer is None]
-    if bad:
-        raise AnalysisError(f"visual_subsets needs a prompt and an answer per sample; missing in {bad[:3]}")
     rows = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        batch = model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk], answers=[s.answer for s in chunk])
+    for chunk, batch in answer_batches(model, samples, batch_size):
         sinks = detect(model, batch, spec)
         res = subset_scores(model, batch, sinks, subsets, mode)
         visual = np.isin(batch.token_map.roles, [ROLE["image"], ROLE["newline"]]).sum(1)
@@ -123,4 +113,5 @@ def visual_subsets(model, data, spec=None, *, subsets: Sequence[str] = SUBSETS, 
                 rows.append({"id": s.id, "question_type": s.question_type, "subset": name,
                              "correct": bool(res["correct"][c, b]), "logprob": float(res["logprob"][c, b]),
                              "n_visual": int(kept[b]), "n_sinks": int(n_sinks.iloc[b])})
-    return SubsetResult(pd.DataFrame(rows), SubsetConfig(mode, tuple(subsets), spec.to_dict(), batch_size, len(samples)))
+    cfg = SubsetConfig(mode, tuple(subsets), spec.to_dict(), batch_size, len(samples))
+    return SubsetResult(pd.DataFrame(rows), cfg)

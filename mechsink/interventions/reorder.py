@@ -21,14 +21,14 @@ LLaVA family; Qwen2-VL's 3-D position ids are permuted along their last axis).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..analyses.scoring import accuracy_table, answer_batches, answer_scores
 from ..errors import MechsinkError
-from ..metrics import Metric, gather_logits
 from ..patching import LLMInputs, llm_inputs
 
 ORDERS = ("original", "front", "end")
@@ -83,11 +83,14 @@ def reorder_inputs(inputs: LLMInputs, perm: torch.Tensor, positions: str = "kept
     if positions not in POSITIONS:
         raise ReorderError(f"unknown position mode {positions!r}; choose from {', '.join(POSITIONS)}")
     e = inputs.embeds
+    am = inputs.attention_mask
+    if am is not None and not (torch.is_tensor(am) and am.dim() == 2):
+        raise ReorderError("reordering needs a language model that builds its causal mask from a 2-D attention mask "
+                           "(LLaVA family, Qwen2-VL); this one receives a prebuilt mask")
     perm = perm.to(e.device)
     if tuple(perm.shape) != tuple(e.shape[:2]):
         raise ReorderError(f"permutation of shape {tuple(perm.shape)} for inputs of shape {tuple(e.shape[:2])}")
     embeds = e.gather(1, perm[..., None].expand_as(e))
-    am = inputs.attention_mask
     am = torch.ones(e.shape[:2], dtype=torch.long, device=e.device) if am is None else am.to(e.device).gather(1, perm)
     pos = inputs.position_ids
     if positions == "kept":
@@ -126,20 +129,6 @@ def conditions(orders: Sequence[str], positions: Sequence[str]) -> list[tuple[st
     return out
 
 
-ANSWER_METRIC = Metric("logprob", teacher_forced=True)
-
-
-def answer_scores(model, batch, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(correct [B] bool, logprob [B]) of the gold answers (batch prepared with ``answers=``):
-    correct when the answer's first token is the arg-max over the whole vocabulary at the last
-    prompt position (one-word VQA answers); logprob is the teacher-forced log-probability of the
-    whole answer."""
-    t = ANSWER_METRIC.targets(model, batch)
-    g = gather_logits(logits, t.keep(logits.shape[1]).to(logits.device))      # [B, T, V]
-    correct = g[:, 0].argmax(-1).cpu() == t.ids[:, 0]
-    return correct.numpy(), ANSWER_METRIC.score(g, t).cpu().numpy()
-
-
 @dataclass
 class ReorderConfig:
     """What :func:`evaluate_reorder` ran (serialisable, for manifests)."""
@@ -161,36 +150,32 @@ class ReorderResult:
     config: ReorderConfig
 
     def summary(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
-        """Accuracy with Wilson CIs per group and condition, the paired change in accuracy against
-        ``original`` (``delta``: mean difference with a bootstrap CI; sign-flip permutation
-        p-value), and the mean answer log-probability with its paired change (``logprob_delta``)."""
-        from ..stats import binomial_ci, bootstrap_ci, paired_permutation_test
-        df = self.samples
-        rows = []
-        keys = list(by)
-        groups = [((), df)] if not keys else df.groupby(keys, sort=True)
-        for key, g in groups:
-            key = key if isinstance(key, tuple) else (key,)
-            orig = g[g["condition"] == "original"].set_index("id")
-            base = orig["correct"].astype(float)
-            for cond, c in g.groupby("condition", sort=False):
-                k, n = int(c["correct"].sum()), len(c)
-                acc, lo, hi = binomial_ci(k, n, alpha=alpha)
-                row = {**dict(zip(keys, key)), "condition": cond, "n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi,
-                       "mean_sinks": float(c["n_sinks"].mean()), "logprob": float(c["logprob"].mean())}
-                if cond != "original" and n >= 2:
-                    ci = c.set_index("id").loc[base.index]
-                    row["logprob_delta"] = float((ci["logprob"] - orig["logprob"]).mean())
-                    x = ci["correct"].astype(float).to_numpy()
-                    d = x - base.to_numpy()
-                    if np.all(d == 0):
-                        row.update(delta=0.0, delta_low=0.0, delta_high=0.0, p_value=1.0)
-                    else:
-                        est, dlo, dhi = bootstrap_ci(d, alpha=alpha, method="percentile")
-                        p = paired_permutation_test(x, base.to_numpy(), alternative="two-sided")
-                        row.update(delta=est, delta_low=dlo, delta_high=dhi, p_value=float(p))
-                rows.append(row)
-        return pd.DataFrame(rows)
+        """Per group and condition: accuracy with its Wilson CI, mean answer logprob, and the
+        paired change against ``original``: ``delta`` (accuracy; bootstrap CI, sign-flip
+        permutation p-value) and ``logprob_delta``."""
+        from ..stats import bootstrap_ci, paired_permutation_test
+        keys = [*by, "condition"]
+        table = accuracy_table(self.samples, keys, alpha)
+        table["mean_sinks"] = self.samples.groupby(keys, sort=False)["n_sinks"].mean().to_numpy()
+        wide = self.samples.pivot_table(index=[*by, "id"], columns="condition", values=["correct", "logprob"],
+                                        aggfunc="first")
+        extra = []
+        for _, row in table.iterrows():
+            cond = row["condition"]
+            rec = {}
+            if cond != "original":
+                sub = wide.loc[tuple(row[k] for k in by)] if by else wide
+                x = sub["correct"][cond].astype(float).to_numpy()
+                base = sub["correct"]["original"].astype(float).to_numpy()
+                d = x - base
+                rec["logprob_delta"] = float((sub["logprob"][cond] - sub["logprob"]["original"]).mean())
+                if len(d) >= 2:
+                    est, lo, hi = (bootstrap_ci(d, alpha=alpha, method="percentile") if np.ptp(d) > 0
+                                   else (float(d[0]),) * 3)
+                    rec.update(delta=est, delta_low=lo, delta_high=hi,
+                               p_value=float(paired_permutation_test(x, base, alternative="two-sided")))
+            extra.append(rec)
+        return pd.concat([table, pd.DataFrame(extra, index=table.index)], axis=1)
 
     def figure(self, by: str = "question_type"):
         """Accuracy per question type and condition, with Wilson CIs."""
@@ -198,11 +183,6 @@ class ReorderResult:
         s = self.summary((by,))
         return effect_plot(s, x=by, y="accuracy", hue="condition", low="ci_low", high="ci_high",
                            ylabel="accuracy", title="visual-token order")
-
-
-def _batches(samples, batch_size: int) -> Iterable[list]:
-    for i in range(0, len(samples), batch_size):
-        yield samples[i:i + batch_size]
 
 
 def evaluate_reorder(model, data, spec=None, *, orders: Sequence[str] = ("front", "end"),
@@ -215,13 +195,9 @@ def evaluate_reorder(model, data, spec=None, *, orders: Sequence[str] = ("front"
     from ..sinks.detect import SinkSpec, detect
     spec = spec or SinkSpec()
     samples = list(data)[:limit]
-    bad = [s.id for s in samples if not s.prompt or s.answer is None]
-    if bad:
-        raise ReorderError(f"evaluation needs a prompt and an answer per sample; missing in {bad[:3]}")
     conds = conditions(orders, positions)
     rows = []
-    for chunk in _batches(samples, batch_size):
-        batch = model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk], answers=[s.answer for s in chunk])
+    for chunk, batch in answer_batches(model, samples, batch_size):
         sinks = detect(model, batch, spec)
         n_sinks = sinks.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
         inputs = llm_inputs(model, batch)

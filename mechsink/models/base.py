@@ -145,7 +145,10 @@ class Model:
         block = f"{a.vit_blocks if s.part == 'vit' else a.llm_blocks}.{s.layer}"
         parts = a.vit_parts if s.part == "vit" else a.llm_parts
         mlp_post = self._existing(block, parts.mlp_out_proj) if s.kind == "mlp_post" else None
-        return {"resid_pre": (block, "input", None),
+        # A block's input is the previous block's output: address it there, so that a write also
+        # reaches whatever else reads that tensor (LLaVA's projector reads hidden_states[-2]).
+        prev = f"{a.vit_blocks if s.part == 'vit' else a.llm_blocks}.{s.layer - 1}"
+        return {"resid_pre": (block, "input", None) if s.layer == 0 else (prev, "output", None),
                 "pattern": ((f"{block}.{parts.attn}", "derived", None) if parts.pattern
                             else (f"{block}.{parts.attn}", "output", 1)),
                 "attn_out": ((f"{block}.{parts.attn_out}", "output", None) if parts.attn_out
@@ -215,8 +218,8 @@ class Model:
                 text = f"{text} {answers[i]}"
             texts.append(text)
         flat = [im for group in imgs for im in group]
-        inputs = self.processor(images=imgs if self.adapter.nested_images else flat, text=texts, return_tensors="pt", padding=True,
-                                **self.adapter.processor_kwargs)
+        inputs = self.processor(images=imgs if self.adapter.nested_images else flat, text=texts, return_tensors="pt",
+                                padding=True, **self.adapter.processor_kwargs)
         batch = Batch(dict(inputs), None, texts, imgs, list(answers) if answers is not None else None)
         batch.token_map = self.adapter.layout(self, inputs, imgs)
         if answers is not None:

@@ -1,0 +1,26 @@
+"""Streaming memory: peak RSS of ``mechsink.cache.extract`` over N and 10 N images (tiny-llava).
+
+Every ViT and LLM block is cached at the image tokens, as in the cache section. Each N runs in a
+fresh process (see benchmarks.rss); the figure is ``run_peak_mb`` at 10 N over that at N, which
+must stay about 1 (shards go to disk as they fill, so memory must not grow with the dataset).
+"""
+from __future__ import annotations
+
+TARGET = 1.10      # peak at 10 N within 10 % of the peak at N
+
+
+def section(models: dict, args, workdir) -> list:
+    from .data import image_set
+    from .harness import Row, measure_rss
+    n_small, n_large = (40, 400) if args.quick else (200, 2000)
+    bs = 16
+    folder = workdir / "stream-images"
+    image_set(folder, n_large, 32)          # written once, read by both runs
+    small = measure_rss(["stream", "tiny-llava", str(folder), str(n_small), str(bs), str(workdir)])
+    large = measure_rss(["stream", "tiny-llava", str(folder), str(n_large), str(bs), str(workdir)])
+    grow = large["run_peak_mb"] / max(small["run_peak_mb"], 1e-9)
+    extra = {"batch_size": bs, f"run_peak_mb_{n_small}": small["run_peak_mb"], f"run_peak_mb_{n_large}": large["run_peak_mb"],
+             f"peak_mb_{n_small}": small["peak_mb"], f"peak_mb_{n_large}": large["peak_mb"],
+             f"images_per_s_{n_large}": n_large / large["rss_wall_s"]}
+    return [Row("streaming", "tiny-llava", f"extract {n_large} / {n_small} images", None, None, grow, None,
+                f"{n_small} images", f"peak RSS ratio <= {TARGET}", grow <= TARGET, extra=extra)]

@@ -1,0 +1,136 @@
+"""Patching sweep: patch one image position at one LLM layer (``hook_resid_pre``) from a source
+image into a base image, for every cell of image positions x LLM layers.
+
+- ``tl``: TransformerLens's patching utility (``transformer_lens.patching.generic_activation_patch``
+  with ``layer_pos_patch_setter`` on ``resid_pre``, i.e. ``get_act_patch_resid_pre`` restricted by
+  ``index_df`` to the image positions) on a TransformerBridge of the same model: one full forward
+  (ViT included) per cell.
+- ``exact``: ``mechsink.patching.sweep`` (same cells, same metric).
+- ``attribution``: ``mechsink.attribution.attribute`` (gradient estimate of the same cells).
+
+The metric is the logit difference " yes" - " no" at the last prompt position. Agreement: the
+largest |exact - TL| over cells (they must be the same numbers), and the Spearman rank
+correlation of the attribution estimates with the exact changes. TL costs one full forward per
+cell, so in the time budget it runs only on ``tl_cells`` cells spread over the grid; its time for
+the whole grid is that time scaled by cells (exactly linear: every cell is an independent forward
+of the same size) and the JSON says so (``tl_cells_timed``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import lens
+from .data import image_size
+
+TARGET_TL = 3.0      # exact sweep >= 3x faster than TL's utilities
+TARGET_ATTR = 30.0   # attribution >= 30x faster than the exact sweep
+
+
+def pair(model):
+    """(base, source) batches: two different seeded images with the same prompt."""
+    from mechsink.testing import test_image
+    size = image_size(model)
+    return model.prepare([test_image(size, seed=101)]), model.prepare([test_image(size, seed=202)])
+
+
+def grid(model, base, every: int = 1) -> tuple[list[str], list[int]]:
+    """(LLM resid_pre sites, LLM positions of every ``every``-th image token)."""
+    from mechsink.patching import block_sites
+    pos = sorted(base.token_map.patches["llm_pos"].unique().tolist())
+    return block_sites(model), pos[::every]
+
+
+def run_exact(model, base, source, sites, positions, metric):
+    from mechsink.patching import sweep
+    res = sweep(model, base, source, sites, positions=positions, metric=metric)
+    f = res.frame
+    return f.assign(layer=f["layer"].astype(int), pos=f["position"].astype(int))[["layer", "pos", "base", "patched"]]
+
+
+def run_attribution(model, base, source, sites, positions, metric):
+    from mechsink.attribution import attribute
+    res = attribute(model, base, source, sites, positions=positions, metric=metric)
+    f = res.frame
+    return f.assign(layer=f["layer"].astype(int), pos=f["position"].astype(int))[["layer", "pos", "attribution"]]
+
+
+class TLSweep:
+    """TL's patching utility over given (layer, pos) cells, with the source run cached once."""
+
+    def __init__(self, model, base, source, metric):
+        from mechsink.metrics import Metric
+        self.br = lens.bridge(model)
+        self.model = lens.Bound(self.br, base)
+        self.tokens = base.inputs["input_ids"]
+        t = Metric.coerce(metric).targets(model, base)
+        self.pos, self.cands = int(t.pos[0]), t.candidates
+        self.source = source
+
+    def metric(self, logits):
+        nxt = logits[:, self.pos]
+        return (nxt[:, self.cands[0]] - nxt[:, self.cands[1]]).mean()
+
+    def __call__(self, cells: pd.DataFrame) -> np.ndarray:
+        from transformer_lens import patching
+        with torch.no_grad():
+            _, cache = self.br.run_with_cache(self.source.inputs["input_ids"], names_filter=lambda n: n.endswith("hook_resid_pre"),
+                                              **lens.forward_kwargs(self.source))
+            out = patching.generic_activation_patch(self.model, self.tokens, cache, self.metric,
+                                                    patching.layer_pos_patch_setter, "resid_pre",
+                                                    index_df=cells[["layer", "pos"]].reset_index(drop=True))
+        return out.detach().cpu().numpy()
+
+
+def spread(cells: pd.DataFrame, k: int) -> pd.DataFrame:
+    """``k`` cells spread evenly over the grid (every layer, positions evenly spaced)."""
+    if k >= len(cells):
+        return cells
+    return cells.iloc[np.linspace(0, len(cells) - 1, k).round().astype(int)].reset_index(drop=True)
+
+
+def section(models: dict, args, workdir) -> list:
+    from scipy.stats import spearmanr
+
+    from mechsink.metrics import Metric
+
+    from .harness import Row, compare, ratio
+    rows = []
+    metric = Metric("logit_diff")
+    for name, model in models.items():
+        base, source = pair(model)
+        every = 1 if (name == "tiny-llava" or not args.quick) else 4
+        sites, positions = grid(model, base, every)
+        cells = pd.DataFrame([(l, p) for l in range(len(sites)) for p in positions], columns=["layer", "pos"])
+        tl = TLSweep(model, base, source, metric)
+        tl_cells = spread(cells, len(cells) if name == "tiny-llava" else (16 if args.quick else 32))
+        got: dict = {}
+        variants = {
+            "exact": lambda: got.__setitem__("exact", run_exact(model, base, source, sites, positions, metric)),
+            "attribution": lambda: got.__setitem__("attr", run_attribution(model, base, source, sites, positions, metric)),
+            "tl": lambda: got.__setitem__("tl", tl(tl_cells)),
+        }
+        reps = 1 if name != "tiny-llava" else args.repeats
+        t = compare(variants, repeats=reps, warmup=0 if name != "tiny-llava" else 1)
+        scale = len(cells) / len(tl_cells)
+        for clock in ("wall", "cpu"):
+            getattr(t["tl"], clock)[:] = [x * scale for x in getattr(t["tl"], clock)]
+        exact = got["exact"]
+        m = tl_cells.merge(exact, on=["layer", "pos"], how="left")
+        tl_diff = float(np.abs(m["patched"].to_numpy() - got["tl"]).max())
+        both = exact.merge(got["attr"], on=["layer", "pos"])
+        rho = float(spearmanr(both["patched"] - both["base"], both["attribution"]).statistic)
+        info = dict(cells=len(cells), layers=len(sites), positions=len(positions), tl_cells_timed=len(tl_cells),
+                    rounds=reps)
+        tl_speedup = ratio(t, "tl", "exact")
+        attr_speedup = ratio(t, "exact", "attribution")
+        rows.append(Row("sweep", name, "tl", t["tl"].wall_s, t["tl"].cpu_s, ratio(t, "tl", "exact"),
+                        ratio(t, "tl", "exact", "cpu"), "exact", extra={**info, "max_abs_diff_vs_exact": tl_diff}))
+        rows.append(Row("sweep", name, "exact", t["exact"].wall_s, t["exact"].cpu_s, 1.0, 1.0, "exact",
+                        f"TL / exact >= {TARGET_TL}", tl_speedup >= TARGET_TL, extra={**info, "max_abs_diff_vs_tl": tl_diff}))
+        rows.append(Row("sweep", name, "attribution", t["attribution"].wall_s, t["attribution"].cpu_s,
+                        ratio(t, "attribution", "exact"), ratio(t, "attribution", "exact", "cpu"), "exact",
+                        f"exact / attribution >= {TARGET_ATTR}", attr_speedup >= TARGET_ATTR,
+                        extra={**info, "spearman_vs_exact": rho}))
+    return rows
