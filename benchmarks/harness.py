@@ -60,11 +60,19 @@ def compare(variants: dict[str, Callable[[], object]], repeats: int, warmup: int
             gc.collect()
             w, c = time.perf_counter(), time.process_time()
             variants[name]()
+            _sync()
             w, c = time.perf_counter() - w, time.process_time() - c
             if r >= warmup:
                 out[name].wall.append(w)
                 out[name].cpu.append(c)
     return out
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a run's time includes it."""
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def ratio(t: dict[str, Timing], name: str, base: str, clock: str = "wall") -> float:
@@ -75,7 +83,12 @@ def ratio(t: dict[str, Timing], name: str, base: str, clock: str = "wall") -> fl
 
 @dataclass
 class Row:
-    """One line of the results table (and one record of the JSON)."""
+    """One line of the results table (and one record of the JSON).
+
+    ratio_wall / ratio_cpu: this variant's time over the baseline's (median of per-round ratios);
+    a memory row holds its memory ratio in both. goal: e.g. "<= 1.05", judged on the ratio of the
+    headline clock; ``peers``: variants whose ratio this one must also beat.
+    """
     section: str
     model: str
     variant: str
@@ -84,18 +97,49 @@ class Row:
     ratio_wall: float | None = None
     ratio_cpu: float | None = None
     baseline: str | None = None
-    target: str | None = None
+    goal: str | None = None
+    peers: tuple[str, ...] = ()
     met: bool | None = None
     extra: dict = field(default_factory=dict)
+
+    def ratio(self, clock: str) -> float | None:
+        return self.ratio_cpu if clock == "cpu" else self.ratio_wall
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def judge(rows: list[Row], clock: str) -> None:
+    """Set ``met`` on every row with a goal, from the ratios of ``clock``."""
+    for r in rows:
+        if not r.goal:
+            continue
+        op, value = r.goal.split()
+        x = r.ratio(clock)
+        ok = x <= float(value) if op == "<=" else x >= float(value)
+        for p in r.peers:
+            other = [o for o in rows if (o.section, o.model, o.variant) == (r.section, r.model, p)]
+            ok = ok and all(x < o.ratio(clock) for o in other)
+        r.met = bool(ok)
+
+
 def timing_rows(section: str, model: str, t: dict[str, Timing], base: str, **extra) -> list[Row]:
-    """A Row per variant with its medians and its ratios to ``base``."""
-    return [Row(section, model, n, t[n].wall_s, t[n].cpu_s, ratio(t, n, base), ratio(t, n, base, "cpu"), base,
-                extra=dict(extra)) for n in t]
+    """A Row per variant with its medians and its ratios to ``base`` (plus the spread of the
+    per-round ratios: ``ratio_wall_iqr`` / ``ratio_cpu_iqr``)."""
+    rows = []
+    for n in t:
+        spread = {f"ratio_{c}_iqr": iqr([x / y for x, y in zip(getattr(t[n], c), getattr(t[base], c))]) for c in ("wall", "cpu")}
+        rows.append(Row(section, model, n, t[n].wall_s, t[n].cpu_s, ratio(t, n, base), ratio(t, n, base, "cpu"), base,
+                        extra={**extra, **spread, "rounds": len(t[n].wall)}))
+    return rows
+
+
+def iqr(xs: list[float]) -> list[float]:
+    """[25th, 75th] percentile (the spread of the per-round ratios)."""
+    if len(xs) < 2:
+        return [xs[0], xs[0]] if xs else []
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return [q[0], q[2]]
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -115,11 +159,12 @@ def peak_rss_kb() -> int:
     return _status_kb("VmHWM")
 
 
-def measure_rss(args: list[str], timeout: float = 600) -> dict:
+def measure_rss(args: list[str], timeout: float = 600, device: str = "cpu") -> dict:
     """Run ``python -m benchmarks.rss *args`` in a fresh process and return its JSON report
     (``peak_mb``: whole-process peak; ``start_mb``/``run_peak_mb``: RSS before the measured run and
-    what the run added at its peak)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    what the run added at its peak; on a GPU also ``gpu_peak_mb``)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1",
+           "MECHSINK_BENCH_DEVICE": device}
     p = subprocess.run([sys.executable, "-m", "benchmarks.rss", *args], capture_output=True, text=True,
                        timeout=timeout, env=env, cwd=ROOT)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]

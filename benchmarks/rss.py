@@ -2,10 +2,13 @@
 
     python -m benchmarks.rss cache VARIANT MODEL IMAGES_DIR N BATCH WORKDIR
     python -m benchmarks.rss stream MODEL IMAGES_DIR N BATCH WORKDIR
+    python -m benchmarks.rss merge STORE_DIR
 
 The variant runs once untimed (imports, lazy set-up, allocator warm-up), then the peak-RSS mark is
 reset and it runs again; ``run_peak_mb`` is that run's peak minus the RSS it started from.
-``stream`` caches N images with ``mechsink.cache.extract`` after a warm-up on a few of them.
+``stream`` caches N images with ``mechsink.cache.extract`` after a warm-up on a few of them and
+leaves the store for ``merge``, which measures rebuilding its index alone (from a fresh process,
+so memory a previous step freed but kept does not hide it).
 """
 from __future__ import annotations
 
@@ -25,13 +28,17 @@ def main(argv: list[str]) -> dict:
     from .harness import peak_rss_kb, reset_peak
     from .models import build
     kind = argv[0]
+    if kind == "merge":
+        return merge_only(argv[1])
     if kind == "cache":
         variant, name, folder, n, bs, work = argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), Path(argv[6])
     elif kind == "stream":
         variant, (name, folder, n, bs, work) = "mechsink", (argv[1], argv[2], int(argv[3]), int(argv[4]), Path(argv[5]))
     else:
         raise SystemExit(f"unknown memory run {kind!r}; use cache or stream")
+    device = os.environ.get("MECHSINK_BENCH_DEVICE", "cpu")
     model = build(name)
+    model.hf.to(device)
     data = image_set(folder, n, image_size(model))
     work = work / f"{kind}-{variant}-{n}"
     shutil.rmtree(work, ignore_errors=True)
@@ -45,14 +52,38 @@ def main(argv: list[str]) -> dict:
         warm()
         reset()
         run, _ = cache.make("mechsink", model, data, bs, work)
+    gpu = device != "cpu"
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        gpu_start = torch.cuda.memory_allocated()
     start = reset_peak()
     t = time.perf_counter()
     run()
+    if gpu:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t
     peak = peak_rss_kb()
-    shutil.rmtree(work, ignore_errors=True)
-    return {"start_mb": start / 1024, "run_peak_mb": (peak - start) / 1024, "peak_mb": peak / 1024,
-            "rss_wall_s": wall, "rss_images": n}
+    out = {"start_mb": start / 1024, "run_peak_mb": (peak - start) / 1024, "peak_mb": peak / 1024,
+           "rss_wall_s": wall, "rss_images": n}
+    if gpu:
+        out["gpu_peak_mb"] = (torch.cuda.max_memory_allocated() - gpu_start) / 2**20
+    if kind == "stream":
+        out["store"] = str(work / "store")     # left for the ``merge`` run
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def merge_only(store: str) -> dict:
+    """Peak memory of rebuilding a store's index (the last step of every extract) in this process."""
+    from mechsink.cache import Store, merge
+
+    from .harness import peak_rss_kb, reset_peak
+    start = reset_peak()
+    merge(store)
+    rows = Store.open(store).summary["n_rows"]
+    return {"merge_peak_mb": (peak_rss_kb() - start) / 1024, "rows": rows}
 
 
 if __name__ == "__main__":

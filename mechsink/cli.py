@@ -184,6 +184,87 @@ def probe(cache_dir: Path = typer.Option(..., "--cache", help="Store directory w
         f"control {r['control_accuracy']:.3f}  selectivity {r['selectivity']:+.3f}" for r in rs))
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+MetricOpt = typer.Option("logprob", "--metric", help="logprob (gold answer) | logit_diff | accuracy | kl")
+AnswersOpt = typer.Option(None, "--answers", help="Two answers for logit_diff/accuracy, e.g. yes,no.")
+
+
+@app.command()
+def ablate(model: str = ModelOpt, data: Optional[str] = DataOpt,
+           site: str = typer.Option("proj.out", "--site", help="Where tokens are removed."),
+           mode: str = typer.Option("zero", "--mode", help="zero | mean | resample | drop | knockout"),
+           draws: int = typer.Option(32, "--draws", help="Random control draws per sample."),
+           match: Optional[str] = typer.Option(None, "--match", help="Also match controls on: border,row,foreground."),
+           layers: Optional[str] = typer.Option(None, "--layers", help="LLM layers for knockout, e.g. 0,1,2."),
+           metric: str = MetricOpt, answers: Optional[str] = AnswersOpt, rule: Optional[str] = RuleOpt,
+           limit: Optional[int] = LimitOpt, batch_size: int = typer.Option(8, "--batch-size"),
+           seed: int = typer.Option(0, "--seed"), out: Optional[Path] = typer.Option(None, "--out"),
+           device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+    """Remove sinks vs matched random tokens: paired effects, bootstrap CIs, permutation test."""
+    def body():
+        from .ablation import ablate_command
+        return ablate_command(model, resolve_data(model, data), site=site, mode=mode, draws=draws, metric=metric,
+                              answers=_csv(answers), match=_csv(match) or (),
+                              layers=[int(x) for x in _csv(layers)] if layers else None, rule=rule, limit=limit,
+                              batch_size=batch_size, seed=seed, out=str(out) if out else None, device=device)
+    r = guarded(body)
+
+    def human(r):
+        f = lambda e: f"{e['mean']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"  # noqa: E731
+        return (f"{model}: {mode} @ {site}, metric {r.get('metric', metric)}, n={r['n']}\n"
+                f"  sink effect   {f(r['sink_effect'])}\n  random effect {f(r['random_effect'])}\n"
+                f"  difference    {f(r['diff'])}\n  p (sink > random) = {r['p_value']:.4g}")
+    emit(r, as_json, human)
+
+
+@app.command()
+def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
+          source: Optional[str] = typer.Option(None, "--source", help="Dataset of source images (same order)."),
+          corruption: str = typer.Option("shuffle", "--corruption", help="Without --source: shuffle | noise | blank."),
+          sites: str = typer.Option("proj.out", "--sites", help="Comma-separated sites, or llm.blocks.*.hook_resid_pre."),
+          tokens: str = typer.Option("sinks,random,image", "--tokens", help="Token sets to patch."),
+          sweep: Optional[str] = typer.Option(None, "--sweep", help="Patch every position instead: patches | all."),
+          metric: str = MetricOpt, answers: Optional[str] = AnswersOpt,
+          draws: int = typer.Option(8, "--draws"), rule: Optional[str] = RuleOpt, limit: Optional[int] = LimitOpt,
+          batch_size: int = typer.Option(8, "--batch-size"), seed: int = typer.Option(0, "--seed"),
+          out: Optional[Path] = typer.Option(None, "--out"), device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+    """Activation patching from source into base: normalised recovery per site x token set."""
+    def body():
+        from .patching import patch_command
+        return patch_command(model, resolve_data(model, data), source=source, corruption=corruption,
+                             sites=_expand_sites(model, _csv(sites)), tokens=_csv(tokens), metric=metric,
+                             answers=_csv(answers), draws=draws, sweep_positions=sweep, rule=rule, limit=limit,
+                             batch_size=batch_size, seed=seed, out=str(out) if out else None, device=device)
+    r = guarded(body)
+
+    def human(r):
+        lines = [f"{model}: recovery (metric {r.get('metric', metric)}, n={r.get('n')})"]
+        for site, row in r["recovery"].items():
+            lines.append(f"  {site:32s} " + "  ".join(f"{u}={v:.3f}" for u, v in list(row.items())[:8]))
+        return "\n".join(lines)
+    emit(r, as_json, human)
+
+
+def _expand_sites(model: str, sites: list[str]) -> list[str]:
+    """`llm.blocks.*.hook_resid_pre` -> one site per layer (needs the model's depth)."""
+    if not any("*" in s for s in sites):
+        return sites
+    from . import load
+    m = load(model)
+    out = []
+    for s in sites:
+        if "*" in s:
+            part = s.split(".")[0]
+            n = m.n_vit_layers if part == "vit" else m.n_llm_layers
+            out += [s.replace("*", str(l)) for l in range(n)]
+        else:
+            out.append(s)
+    return out
+
+
 def main() -> None:  # pragma: no cover
     app()
 
