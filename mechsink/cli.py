@@ -265,6 +265,65 @@ def _expand_sites(model: str, sites: list[str]) -> list[str]:
     return out
 
 
+@app.command()
+def demo(out: Path = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory."),
+         as_json: bool = JsonOpt):
+    """The whole pipeline on the bundled toy LVLM (+ planted-llava as positive control) -> HTML report."""
+    _report_run(None, out, as_json)
+
+
+@app.command()
+def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default toy-llava)."),
+           data: Optional[str] = DataOpt,
+           control: Optional[str] = typer.Option(None, "--control", help="Positive-control model ('none' to skip)."),
+           from_manifest: Optional[Path] = typer.Option(None, "--from", help="Re-run the analysis of a manifest.json "
+                                                        "and check that its numbers are reproduced."),
+           config: Optional[Path] = typer.Option(None, "--config", help="JSON file of ReportConfig settings."),
+           limit: Optional[int] = LimitOpt,
+           causal_limit: Optional[int] = typer.Option(None, "--causal-limit", help="Samples for ablation/patching."),
+           draws: Optional[int] = typer.Option(None, "--draws"), seed: Optional[int] = typer.Option(None, "--seed"),
+           device: Optional[str] = DeviceOpt,
+           out: Path = typer.Option(Path("mechsink-report"), "--out", "-o"), as_json: bool = JsonOpt):
+    """Run the report pipeline on any supported model and dataset (GPU for real models)."""
+    overrides = {k: v for k, v in dict(model=model, data=data, limit=limit, causal_limit=causal_limit, draws=draws,
+                                       seed=seed, device=device).items() if v is not None}
+    if control is not None:
+        overrides["control"] = None if control.lower() == "none" else control
+    _report_run(overrides, out, as_json, from_manifest=from_manifest, config_file=config)
+
+
+def _report_run(overrides: dict | None, out: Path, as_json: bool, *, from_manifest: Path | None = None,
+                config_file: Path | None = None) -> None:
+    def body():
+        from .pipeline import ReportConfig, compare_numbers, from_manifest as read_manifest, run_report
+        old = None
+        if from_manifest is not None:
+            cfg = read_manifest(from_manifest)
+            old = json.loads(Path(from_manifest).read_text()).get("numbers", {})
+        elif config_file is not None:
+            cfg = ReportConfig.from_dict(json.loads(Path(config_file).read_text()))
+        else:
+            cfg = ReportConfig()
+        if overrides:
+            cfg = ReportConfig.from_dict({**cfg.to_dict(), **overrides})
+        index = run_report(cfg, out)
+        manifest = json.loads((index.parent / "manifest.json").read_text())
+        res = {"index": str(index), "manifest": str(index.parent / "manifest.json"),
+               "numbers": manifest.get("numbers", {})}
+        if old is not None:
+            diffs = compare_numbers(old, res["numbers"])
+            res["reproduced"] = not diffs
+            res["differing"] = diffs
+            if diffs:
+                typer.echo(f"error: {len(diffs)} number(s) differ from {from_manifest}: {', '.join(diffs[:5])}", err=True)
+        return res
+    res = guarded(body)
+    emit(res, as_json, lambda r: f"report: {r['index']}\nmanifest: {r['manifest']} ({len(r['numbers'])} numbers)"
+         + ("" if "reproduced" not in r else f"\nreproduced: {r['reproduced']}"))
+    if res.get("reproduced") is False:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -6,7 +6,7 @@ import pytest
 
 import mechsink
 from mechsink.analyses import (AnalysisError, decode_isolated, decoding_summary, relevance_maps, removal_masks,
-                               visual_subsets)
+                               subset_scores, visual_subsets)
 from mechsink.data.core import Sample
 from mechsink.sinks.detect import detect
 from mechsink.zoo.planted import EVAL_DIR, LABEL_PATCH, PLANTED_SINKS, PROMPT, load_eval
@@ -82,7 +82,7 @@ def test_isolated_sinks_decode_to_the_planted_label(planted, batch, sinks, data)
 def test_sink_only_input_keeps_the_answer_and_nonsink_only_loses_it(planted, data):
     samples = [Sample(id=r["id"], image_path=str(EVAL_DIR / r["image"]), prompt=PROMPT, answer=r["answer"],
                       question_type="global") for r in data[1]]
-    for mode in ("drop", "mask"):
+    for mode in ("drop", "knockout"):
         res = visual_subsets(planted, samples, mode=mode, batch_size=N)
         s = res.summary().set_index("subset")
         assert s.loc["full", "accuracy"] == 1.0 and s.loc["sinks", "accuracy"] == 1.0
@@ -94,10 +94,12 @@ def test_sink_only_input_keeps_the_answer_and_nonsink_only_loses_it(planted, dat
     assert res.figure() is not None
 
 
-def test_removal_masks_cover_the_right_tokens(sinks):
+def test_removal_masks_cover_the_right_tokens(planted, batch, sinks):
     m = removal_masks(sinks)
     assert m.shape[0] == 3 and not m[0].any()
     assert m[1].sum(1).tolist() == [33] * N and m[2].sum(1).tolist() == [3] * N
     assert not (m[1] & m[2]).any()
     with pytest.raises(AnalysisError, match="unknown visual subsets"):
         removal_masks(sinks, ["everything"])
+    with pytest.raises(AnalysisError, match="drop' or 'knockout"):
+        subset_scores(planted, batch, sinks, mode="erase")

@@ -6,10 +6,10 @@
 
 Inputs: ``full`` (every visual token), ``sinks`` (only the sink tokens; the rest removed),
 ``nonsinks`` (the sinks removed). Removal is ``drop`` (tokens deleted from the LLM sequence; the
-rows are left-padded to a common length, so later tokens move up) or ``mask`` (the tokens stay in
-place but no query may attend to them, in every LLM layer). Both run through the engine shared
-with ablation (:func:`mechsink.patching.execute`): the ViT runs once per batch, and all inputs of a
-batch go through the language model together.
+rows are left-padded to a common length, so later tokens move up) or ``knockout`` (the tokens stay
+in place but no other token may attend to them, in every LLM layer) -- the two removal modes of
+:mod:`mechsink.ablation`, run through the same engine (:func:`mechsink.patching.execute`): the ViT
+runs once per batch, and all inputs of a batch go through the language model together.
 
 A sample is correct when the first answer token is the arg-max over the vocabulary at the last
 prompt position; ``logprob`` is the teacher-forced log-probability of the whole answer.
@@ -29,7 +29,7 @@ from .relevance import AnalysisError
 from .scoring import ANSWER_METRIC, accuracy_table, answer_batches
 
 SUBSETS = ("full", "sinks", "nonsinks")
-MODES = ("drop", "mask")
+MODES = ("drop", "knockout")
 
 
 def removal_masks(sinks, subsets: Sequence[str] = SUBSETS) -> torch.Tensor:
@@ -84,10 +84,10 @@ def subset_scores(model, batch, sinks, subsets: Sequence[str] = SUBSETS, mode: s
     """{"correct": bool [C, B], "logprob": [C, B], "removed": bool [C, B, S]} for one batch
     (prepared with ``answers=``)."""
     if mode not in MODES:
-        raise AnalysisError(f"mode must be 'drop' or 'mask', got {mode!r}")
+        raise AnalysisError(f"mode must be 'drop' or 'knockout', got {mode!r}")
     removed = removal_masks(sinks, subsets)
     targets = ANSWER_METRIC.targets(model, batch)
-    plan = Plan(len(subsets), drop=removed if mode == "drop" else None, knockout=removed if mode == "mask" else None)
+    plan = Plan(len(subsets), drop=removed if mode == "drop" else None, knockout=removed if mode == "knockout" else None)
     out = execute(model, batch, plan, ANSWER_METRIC, targets, inputs=llm_inputs(model, batch), want_next=True)
     correct = out["next"].argmax(-1) == targets.ids[:, 0][None]
     return {"correct": correct.numpy(), "logprob": out["value"].numpy(), "removed": removed}

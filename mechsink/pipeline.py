@@ -1,0 +1,390 @@
+"""The whole analysis, end to end, as one reproducible report (``mechsink demo`` / ``mechsink report``).
+
+For the main model: sink detection and per-layer norms, norm-vs-attention statistics, an
+activation cache with linear probes, sinks-vs-matched-random ablation, a patching sweep,
+sink-only / non-sink-only input per question type and sink-to-the-front. For the control model
+(by default ``planted-llava``, whose answer provably runs through its sinks) the detection and
+causal sections again, so a reader sees what a real effect looks like next to the main result.
+
+Everything that shapes a number is in ``ReportConfig``; the manifest stores it, so
+``mechsink report --from manifest.json`` re-runs the same analysis and checks the numbers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import MechsinkError
+
+log = logging.getLogger("mechsink")
+
+MAIN_SECTIONS = ("detection", "attention", "probes", "ablation", "patching", "subsets", "reorder")
+CONTROL_SECTIONS = ("detection", "attention", "probes", "ablation", "patching")
+# Image-level labels worth probing, by bundled dataset (the first present ones are used).
+PROBE_LABELS = ("planted_label", "majority_class", "n_items", "top_left", "folder")
+
+
+@dataclass
+class ReportConfig:
+    model: str = "toy-llava"
+    data: str | None = None                    # default: the model's bundled evaluation set
+    control: str | None = "planted-llava"      # positive control for the causal sections; None to skip
+    control_data: str | None = None
+    limit: int = 240                           # samples for detection, probes, subsets, reorder
+    causal_limit: int = 96                     # samples for ablation and patching
+    attention_limit: int = 64
+    draws: int = 16                            # random control draws per sample
+    seed: int = 0
+    sink_spec: dict | None = None              # mechsink.sinks.SinkSpec.to_dict(); None = the default rule
+    fallback_topk: int = 3                     # when the rule finds no sinks: top-k norm tokens, labelled as such
+    probe_labels: list[str] | None = None
+    batch_size: int = 16
+    device: str | None = None
+    title: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReportConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise MechsinkError(f"unknown report setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class _Ctx:
+    """What one model's sections share."""
+    key: str                 # prefix of its numbers in the manifest
+    model: Any
+    data: Any                # mechsink.data.Dataset
+    spec: Any                # the SinkSpec the user asked for
+    causal_spec: Any = None  # the spec the causal sections use (the fallback when no sinks exist)
+    fallback: bool = False
+    work: Path = Path(".")
+    notes: list[str] = field(default_factory=list)
+
+
+def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report", *, sections=None,
+               control_sections=None) -> Path:
+    """Run the pipeline and write ``out/index.html`` + ``out/manifest.json``; returns index.html."""
+    from . import __version__
+    from .report import Report
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    t0 = time.perf_counter()
+    main = _context(config.model, config.data, config, work, "main")
+    rep = Report(config.title or f"mechsink report: {main.model.name}", config=config.to_dict(),
+                 seeds={"seed": config.seed}, models={}, data={})
+    rep.text(f"mechsink {__version__}. Model **{main.model.name}** ({main.model.adapter.family}) on "
+             f"**{main.data.name}** ({len(main.data)} samples). Every number below is also in `manifest.json`; "
+             f"`mechsink report --from manifest.json` re-runs this analysis.")
+    _register(rep, main)
+    _overview(rep, main)
+    run_sections(rep, main, config, sections or MAIN_SECTIONS)
+    if config.control:
+        ctl = _context(config.control, config.control_data, config, work, "control")
+        _register(rep, ctl)
+        rep.section(f"Positive control: {ctl.model.name}",
+                    "A model whose answer is known to run through its sinks (planted by the weights). The same "
+                    "sections on it show what a real sink effect looks like next to the main model's result.")
+        run_sections(rep, ctl, config, control_sections or CONTROL_SECTIONS)
+    rep.section("Run")
+    rep.text(f"Finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU thread(s)"
+             f"{' / ' + str(main.model.device) if main.model.device.type != 'cpu' else ''}.")
+    return rep.write(out)
+
+
+def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
+    from tqdm.auto import tqdm
+    table = {"detection": _detection, "attention": _attention, "probes": _probes, "ablation": _ablation,
+             "patching": _patching, "subsets": _subsets, "reorder": _reorder}
+    bad = set(sections) - set(table)
+    if bad:
+        raise MechsinkError(f"unknown report section(s) {sorted(bad)}; sections: {', '.join(table)}")
+    for name in tqdm(list(sections), desc=f"report {ctx.model.name}", unit="section"):
+        log.info("%s: %s", ctx.model.name, name)
+        table[name](rep, ctx, config)
+
+
+# -- set-up -----------------------------------------------------------------------------------------
+def _context(name: str, data: str | None, config: ReportConfig, work: Path, key: str) -> _Ctx:
+    from . import load
+    from .data import default_data, open_dataset
+    from .sinks import SinkSpec
+    model = load(name, device=config.device)
+    ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
+    spec = SinkSpec.from_dict(config.sink_spec) if config.sink_spec else SinkSpec()
+    return _Ctx(key=key, model=model, data=ds, spec=spec, causal_spec=spec, work=work / key)
+
+
+def _register(rep, ctx: _Ctx) -> None:
+    from .report import hash_directory
+    src = ctx.model.source
+    rep.models[ctx.model.name] = {"source": src, "sha256": hash_directory(src)} if Path(str(src)).is_dir() else {"source": src}
+    rep.data[ctx.data.name] = ctx.data.fingerprint()
+
+
+def _subset(ctx: _Ctx, n: int):
+    return ctx.data[:min(n, len(ctx.data))]
+
+
+def _overview(rep, ctx: _Ctx) -> None:
+    m = ctx.model
+    rep.section("Model and data")
+    rep.table(pd.DataFrame([{"model": m.name, "family": m.adapter.family, "ViT blocks": m.n_vit_layers,
+                             "LLM blocks": m.n_llm_layers, "parameters": sum(p.numel() for p in m.hf.parameters()),
+                             "dataset": ctx.data.name, "samples": len(ctx.data)}]), index=False)
+    metrics = Path(str(m.source)) / "metrics.json"
+    if metrics.is_file():   # the bundled toy model ships its measured accuracy
+        acc = json.loads(metrics.read_text())
+        per = acc.get("accuracy", acc)
+        if isinstance(per, dict):
+            rows = [{"question type": k, "accuracy": v} for k, v in per.items() if isinstance(v, (int, float))]
+            if rows:
+                rep.text("Accuracy of the model on its full evaluation set (`metrics.json`, measured at training time):")
+                rep.table(pd.DataFrame(rows), index=False)
+                for r in rows:
+                    _num(rep, f"{ctx.key}.model.accuracy.{r['question type']}", r["accuracy"])
+
+
+# -- sections ---------------------------------------------------------------------------------------
+def _num(rep, key: str, value) -> None:
+    """Record a number under a manifest key made of dotted words (conditions like "front/kept" allowed)."""
+    rep.number(re.sub(r"[^A-Za-z0-9_.\-]", "_", key), value)
+
+
+def _detection(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .batching import batches
+    from .report.figures import new_figure, norm_histogram
+    from .sinks import SinkSet, SinkSpec
+    from .sinks.detect import detect_acts
+    m, spec = ctx.model, ctx.spec
+    rep.section(f"Sink detection ({m.name})")
+    layers = [f"vit.blocks.{l}.hook_resid_post" for l in range(m.n_vit_layers)]
+    reads = list(dict.fromkeys([*layers, spec.site]))
+    sets, ratios = [], {s: [] for s in layers}
+    frac3 = {s: [] for s in layers}
+    for samples, batch in batches(m, _subset(ctx, config.limit), config.batch_size, progress="detect"):
+        acts = m.run(batch, read=reads)
+        sets.append(detect_acts(acts, batch.token_map, spec, ids=[s.id for s in samples]))
+        p = batch.token_map.patches
+        for s in layers:
+            x = acts[s][batch.token_map.index("vit", p)].float().norm(dim=-1).numpy()
+            for _, idx in p.groupby(["sample", "image", "tile"]).indices.items():
+                med = np.median(x[idx])
+                ratios[s].append(x[idx].max() / med)
+                frac3[s].append(bool((x[idx] > 3 * med).any()))
+    sinks = SinkSet.concat(sets)
+    pat = sinks.patches
+    per_img = pat.groupby(["sample", "image", "tile"])["is_sink"].sum()
+    n_img = len(per_img)
+    rep.text(f"Rule: `{spec.rule}` at `{spec.site}` with {json.dumps(spec.params)} "
+             f"(score `{spec.score}`, judged per {spec.per}). {n_img} images.")
+    _num(rep, f"{ctx.key}.sinks.images", n_img)
+    _num(rep, f"{ctx.key}.sinks.images_with_sinks", int((per_img > 0).sum()))
+    _num(rep, f"{ctx.key}.sinks.mean_per_image", float(per_img.mean()))
+    _num(rep, f"{ctx.key}.sinks.fraction_of_tokens", float(pat["is_sink"].mean()))
+    rel = pat["norm"] / pat.groupby(["sample", "image", "tile"])["norm"].transform("median")
+    fig = norm_histogram(rel, threshold=spec.params.get("ratio") if spec.rule in ("relative", "ratio") else None,
+                         title=f"{m.name}: norm / image median at {spec.site}", xlabel="norm / median norm of the image")
+    rep.figure(fig, "Token norms relative to their image's median (sinks sit far right).")
+    stats = pd.DataFrame({"layer": range(len(layers)),
+                          "median max/median norm": [float(np.median(ratios[s])) for s in layers],
+                          "images with a token > 3x median": [float(np.mean(frac3[s])) for s in layers]})
+    rep.table(stats, "Per ViT layer: how far the largest token norm stands out (natural high-norm tokens).", index=False)
+    for r in stats.itertuples(index=False):
+        _num(rep, f"{ctx.key}.norms.layer{r.layer}.max_over_median", r[1])
+        _num(rep, f"{ctx.key}.norms.layer{r.layer}.frac_images_gt3x", r[2])
+    fig, ax = new_figure(6.4, 3.4)
+    ax.plot(stats["layer"], stats["median max/median norm"], marker="o", color="#2471a3")
+    ax.axhline(3, color="#999999", ls=":", lw=1)
+    ax.set_xlabel("ViT layer")
+    ax.set_ylabel("median over images of max/median norm")
+    ax.set_title(f"{m.name}: outlier norms by layer")
+    rep.figure(fig, "Largest token norm over the image median, per ViT layer (3x dotted).")
+    if pat["is_sink"].any():
+        grid = pat[pat["is_sink"]].groupby(["row", "col"]).size().reset_index(name="count")
+        rep.table(grid.sort_values("count", ascending=False).head(10), "Where sinks sit (most frequent cells).",
+                  index=False)
+    else:
+        k = config.fallback_topk
+        ctx.fallback = True
+        ctx.causal_spec = SinkSpec(site=spec.site, rule="topk", params={"k": k}, per=spec.per)
+        rep.text(f"**No sinks under this rule.** The causal sections below therefore use the **top-{k} highest-norm "
+                 f"tokens** of each image (rule `topk`), clearly not sinks: they test whether the largest-norm "
+                 f"tokens matter more than matched random ones.")
+    _num(rep, f"{ctx.key}.sinks.causal_rule_is_fallback", int(ctx.fallback))
+
+
+def _token_word(ctx: _Ctx) -> str:
+    return f"top-{ctx.causal_spec.params['k']} norm tokens" if ctx.fallback else "sinks"
+
+
+def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .batching import batches
+    from .report.figures import binned_bar
+    from .sinks.attention import llm_attention, norm_bins, sink_ratio
+    from .sinks.detect import detect
+    m = ctx.model
+    rep.section(f"Norms and LLM attention ({m.name})")
+    frames = []
+    for _, batch in batches(m, _subset(ctx, config.attention_limit), config.batch_size, progress="attention"):
+        sinks = detect(m, batch, ctx.causal_spec)
+        frames.append(llm_attention(m, batch, sinks, per_head=False).assign(batch=len(frames)))
+    df = pd.concat(frames, ignore_index=True)
+    df["sample"] = df["batch"] * 10_000 + df["sample"]          # unique images across batches
+    bins = norm_bins(df, bins=4)
+    rep.figure(binned_bar(bins.assign(layer=bins["layer"].astype(str)), x="bin", y="attn_mean", hue="layer",
+                          title=f"{m.name}: attention received by ViT-norm bin", ylabel="mean attention received",
+                          xlabel="ViT norm quartile"),
+               "Attention each visual token receives from the text/answer tokens, by ViT-norm quartile and LLM layer.")
+    ratio = sink_ratio(df, seed=config.seed)
+    rep.table(ratio, f"Mean attention to {_token_word(ctx)} / to the other visual tokens (95 % bootstrap CI over images).",
+              index=False)
+    for r in ratio.itertuples(index=False):
+        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ratio", r.ratio)
+        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ci_low", r.ci_low)
+        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ci_high", r.ci_high)
+
+
+def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .cache.extract import extract
+    from .probing import ProbeConfig, accuracy_figure, probe
+    m = ctx.model
+    rep.section(f"Linear probes ({m.name})")
+    data = _subset(ctx, config.limit)
+    labels = config.probe_labels or [c for c in PROBE_LABELS if c in data.label_columns()][:2]
+    if not labels:
+        rep.text("The dataset has no image-level label column to probe.")
+        return
+    mid = max(0, m.n_vit_layers // 2 - 1)
+    sites = list(dict.fromkeys([f"vit.blocks.{mid}.hook_resid_post", "vit.out", "proj.out"]))
+    store = extract(m, data, sites=sites, tokens=("image", "cls"), out=ctx.work / "cache", dtype="float32",
+                    batch_size=config.batch_size, sink_spec=ctx.causal_spec, progress=True)
+    rep.text(f"Cache: {len(store.index)} token rows at {', '.join(f'`{s}`' for s in sites)} "
+             f"(token sets: {_token_word(ctx)}, the other patches, CLS, mean-pooled patches).")
+    for label in labels:
+        res = probe(store, ProbeConfig(label=label, seed=config.seed, n_boot=500))
+        f = res.frame
+        cols = ["token_set", "site", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity", "majority"]
+        rep.table(f[[c for c in cols if c in f]], f"Probe for `{label}` (balanced accuracy, images never split "
+                                                  f"across folds; control = shuffled labels).", index=False)
+        rep.figure(accuracy_figure(res, title=f"{m.name}: probing {label}"))
+        for r in f.itertuples(index=False):
+            key = f"{ctx.key}.probe.{label}.{r.token_set}.{r.site}"
+            _num(rep, f"{key}.accuracy", r.accuracy)
+            _num(rep, f"{key}.control", r.control_accuracy)
+
+
+def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .ablation import AblationConfig, ablate
+    m = ctx.model
+    rep.section(f"Ablation: {_token_word(ctx)} vs matched random tokens ({m.name})")
+    cfg = AblationConfig(site="proj.out", mode="zero", metric="logprob", n_draws=config.draws, seed=config.seed,
+                         batch_size=config.batch_size)
+    res = ablate(m, _subset(ctx, config.causal_limit), ctx.causal_spec, cfg, progress=True)
+    d = res.to_dict()
+    rep.text(f"Zeroing the {_token_word(ctx)} at `proj.out` vs the same number of random visual tokens "
+             f"({config.draws} draws per image). Effect = drop in the gold answer's log-probability; "
+             f"paired over {d['n']} images; p from a sign-flip permutation test of sink > random.")
+    rep.figure(res.figure())
+    rows = []
+    for name in ("sink_effect", "random_effect", "diff"):
+        e = d[name]
+        rows.append({"": name, "mean": e["mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"]})
+        for k in ("mean", "ci_low", "ci_high"):
+            _num(rep, f"{ctx.key}.ablation.{name}.{k}", e[k])
+    rep.table(pd.DataFrame(rows), index=False)
+    _num(rep, f"{ctx.key}.ablation.p_value", d["p_value"])
+    _num(rep, f"{ctx.key}.ablation.n", d["n"])
+
+
+def _patching(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .patching import PatchResult, block_sites, patch_command
+    m = ctx.model
+    rep.section(f"Activation patching ({m.name})")
+    out = ctx.work / "patching"
+    sites = ["proj.out", *block_sites(m, "llm")]
+    r = patch_command(m, _subset(ctx, config.causal_limit // 2), corruption="shuffle", sites=sites,
+                      tokens=("sinks", "random", "image"), draws=max(2, config.draws // 4), sinks=ctx.causal_spec,
+                      batch_size=config.batch_size, seed=config.seed, out=str(out))
+    res = PatchResult.load(out)
+    rep.text(f"Base: each image with its question; source: the same question with another image of the batch "
+             f"(shuffled). Values patched from source into base at each site for the {_token_word(ctx)}, matched "
+             f"random tokens, or all image tokens; recovery = (patched - base) / (source - base) of the gold "
+             f"answer's log-probability (n = {r['n']}).")
+    rep.figure(res.heatmap())
+    t = res.table("recovery")
+    rep.table(t.reset_index(), "Normalised recovery per site and token set.", index=False)
+    for site, row in r["recovery"].items():
+        for unit, v in row.items():
+            _num(rep, f"{ctx.key}.patching.{site}.{unit}", v)
+
+
+def _subsets(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .analyses.subsets import visual_subsets
+    m = ctx.model
+    rep.section(f"Sink-only and non-sink-only visual input ({m.name})")
+    res = visual_subsets(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
+    s = res.summary()
+    rep.text(f"Accuracy with the full visual input, the {_token_word(ctx)} only, or everything but them "
+             f"(tokens dropped from the sequence), per question type, with Wilson 95 % CIs.")
+    rep.figure(res.figure())
+    rep.table(s, index=False)
+    for r in s.to_dict("records"):
+        _num(rep, f"{ctx.key}.subsets.{r['question_type']}.{r['subset']}.accuracy", r["accuracy"])
+
+
+def _reorder(rep, ctx: _Ctx, config: ReportConfig) -> None:
+    from .interventions.reorder import evaluate_reorder
+    m = ctx.model
+    rep.section(f"Sink-to-the-front ({m.name})")
+    res = evaluate_reorder(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
+    s = res.summary()
+    rep.text(f"The {_token_word(ctx)} moved to the front of the visual tokens (sink-to-the-end as control), with "
+             f"their position ids kept or reassigned; accuracy per question type and the paired change against "
+             f"the original order.")
+    rep.figure(res.figure())
+    rep.table(s, index=False)
+    for r in s.to_dict("records"):
+        key = f"{ctx.key}.reorder.{r['question_type']}.{r['condition']}"
+        _num(rep, f"{key}.accuracy", r["accuracy"])
+        if r.get("delta") is not None and not pd.isna(r.get("delta")):
+            _num(rep, f"{key}.delta", r["delta"])
+
+
+# -- reproduction -----------------------------------------------------------------------------------
+def from_manifest(path: str | os.PathLike) -> ReportConfig:
+    m = json.loads(Path(path).read_text())
+    if "config" not in m:
+        raise MechsinkError(f"{path} is not a mechsink manifest (no 'config')")
+    return ReportConfig.from_dict(m["config"])
+
+
+def compare_numbers(old: dict, new: dict, rtol: float = 1e-6) -> list[str]:
+    """Keys whose values differ between two manifests' numbers (empty list = reproduced)."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if not np.isclose(a, b, rtol=rtol, atol=1e-9, equal_nan=True):
+                diffs.append(k)
+        elif a != b:
+            diffs.append(k)
+    return diffs
