@@ -23,6 +23,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", help="comma-separated (default: tiny-llava with --quick, else tiny-llava,vitb-llava)")
     p.add_argument("--repeats", type=int, help="timed rounds per comparison (default 3 quick, 5 full)")
     p.add_argument("--draws", type=int, default=32, help="random draws in the ablation section")
+    p.add_argument("--stream-images", help="N,10N images of the streaming section (default 40,400 quick, 200,2000 full)")
     p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
                    help="clock the targets are judged on; auto: CPU time when the machine is busy with other work")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
@@ -35,6 +36,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     a.models = [m.strip() for m in (a.models or ("tiny-llava" if a.quick else "tiny-llava,vitb-llava")).split(",")]
     a.repeats = a.repeats or (3 if a.quick else 5)
+    try:
+        a.stream_images = tuple(int(x) for x in (a.stream_images or ("40,400" if a.quick else "200,2000")).split(","))
+        assert len(a.stream_images) == 2 and 0 < a.stream_images[0] < a.stream_images[1]
+    except (ValueError, AssertionError):
+        p.error("--stream-images takes two increasing counts, e.g. 200,2000")
     return a
 
 
@@ -98,7 +104,7 @@ def table(result: dict) -> str:
         if "run_peak_mb" in e:
             notes.append(f"rss+{e['run_peak_mb']:.0f}MB")
         for k, v in e.items():
-            if k.startswith(("run_peak_mb_", "merge_peak_mb_")):
+            if k.startswith(("run_peak_mb_", "merge_peak_mb_", "loop_peak_mb_")):
                 notes.append(f"{k}={v:.1f}")
         if r["variant"] == "tl" and r["section"] == "sweep":
             notes.append(f"timed {e['tl_cells_timed']}/{e['cells']} cells")

@@ -151,7 +151,7 @@ def agreement(model, dataset, batch_size: int, store_path: Path) -> float:
 
 def section(models: dict, args, workdir: Path) -> list:
     """Timing rows for every model (interleaved rounds) plus peak RSS per variant (fresh processes)."""
-    from .harness import Row, compare, measure_rss, timing_rows  # noqa: F401
+    from .harness import TARGET_MODEL, compare, measure_rss, timing_rows
     rows: list[Row] = []
     for name, model in models.items():
         n, bs = (4, 2) if args.quick else (8, 4)
@@ -168,11 +168,13 @@ def section(models: dict, args, workdir: Path) -> list:
         runs["mechsink"]()
         agree = agreement(model, data, bs, workdir / name / "store")
         for r in new:
-            if r.variant == "mechsink":
+            if r.variant == "mechsink" and name == TARGET_MODEL:
                 r.goal, r.peers = f"<= {TARGET}", ("nnsight", "tl")
                 r.extra["max_rel_diff_vs_hooks"] = agree
         if not args.no_rss:
             for r in new:
+                if args.quick and r.variant not in ("bare", "mechsink"):
+                    continue
                 mem = measure_rss(["cache", r.variant, name, str(workdir / "images"), str(n), str(bs),
                                    str(workdir / f"rss-{name}")], device=args.device)
                 r.extra.update(mem)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+TARGET_MODEL = "vitb-llava"     # the targets are stated for the ViT-B/16-sized model
 
 
 @dataclass
