@@ -1,7 +1,9 @@
 """Cache overhead: caching every ViT and LLM block against the bare forward pass.
 
 Every variant does the whole job over the same image files in the same batches: decode the
-images, run the processor (``model.prepare``), run the model, and keep the block outputs:
+images, run the processor (``model.prepare``), run the model, and keep the block outputs. The
+peers keep one batch's outputs in memory until the next batch replaces them (what a loop that
+uses and drops them costs at least); mechsink writes them to disk:
 
 - ``bare``: the HF forward alone (the denominator); nothing is kept.
 - ``torch_hooks``: plain ``register_forward_hook`` on every ViT and LLM block, outputs kept in memory.
@@ -56,19 +58,18 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         mods = [model.module(p) for p in block_paths(model)]
 
         def run():
-            kept = []
+            saved: list = []
             save = lambda m, a, o: saved.append((o[0] if isinstance(o, tuple) else o).detach())  # noqa: E731
             handles = [m.register_forward_hook(save) for m in mods]
             try:
                 with torch.no_grad():
                     for chunk in batches(dataset, batch_size):
-                        saved: list = []
+                        saved.clear()
                         model.hf(**_prepared(model, chunk).inputs)
-                        kept.append(saved)
             finally:
                 for h in handles:
                     h.remove()
-            return kept
+            return saved
         return run, noop
     if variant == "nnsight":
         from nnsight import NNsight
@@ -76,11 +77,12 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         paths = block_paths(model)
 
         def run():
-            kept = []
+            kept = None
             with torch.no_grad():
                 for chunk in batches(dataset, batch_size):
+                    kept = None
                     with nn.trace(**_prepared(model, chunk).inputs):
-                        kept.append([lens_envoy(nn, p).output.save() for p in paths])
+                        kept = [lens_envoy(nn, p).output.save() for p in paths]
             return kept
         return run, noop
     if variant in ("tl", "tl_all"):
@@ -88,13 +90,13 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         names = lens.vit_hooks(model) + lens.llm_hooks(model) if variant == "tl" else None
 
         def run():
-            kept = []
+            cache = None
             with torch.no_grad():
                 for chunk in batches(dataset, batch_size):
                     b = _prepared(model, chunk)
+                    cache = None
                     _, cache = br.run_with_cache(b.inputs["input_ids"], names_filter=names, **lens.forward_kwargs(b))
-                    kept.append(cache)
-            return kept
+            return cache
         return run, noop
     if variant == "mechsink":
         from mechsink.cache.extract import extract

@@ -36,7 +36,7 @@ import torch
 
 from .errors import MechsinkError
 from .metrics import Metric
-from .patching import PatchError, Plan, Write, clean, execute, rows_mask
+from .patching import PatchError, Plan, Write, clean, execute, llm_inputs, rows_mask
 from .sites import Site
 from .tokens import _AXIS_COLUMNS
 
@@ -277,9 +277,12 @@ def cell_means(model, batches: Iterable, site: str) -> dict[tuple, torch.Tensor]
     return {k: sums[k] / counts[k] for k in sums}
 
 
-def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(site tensor of the clean batch, replacement values of the same shape or None for zeros)."""
-    x = model.run(batch, read=[cfg.site])[cfg.site].detach()
+def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int,
+            x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(site tensor of the clean batch, replacement values of the same shape or None for zeros).
+    ``x``: the clean site tensor when already at hand (else one forward reads it)."""
+    if x is None:
+        x = model.run(batch, read=[cfg.site])[cfg.site].detach()
     tm = batch.token_map
     axis = Site.parse(cfg.site).axis
     if cfg.mode == "zero":
@@ -472,8 +475,8 @@ def _ablate_batch(model, batch, ids, cfg: AblationConfig, sinks, foreground, mea
     gidx = list(range(offset, offset + batch.size))
     select, valid, reason = draw_controls(table, tm, cfg.n_draws, axis=cfg.axis, match=cfg.match,
                                           norm_band=cfg.norm_band, seed=cfg.seed, sample_ids=gidx)
-    base = clean(model, batch, cfg.metric)
-    plan = _plan(model, batch, cfg, select, means, base, seed=cfg.seed + k)
+    base, x = _clean_with_site(model, batch, cfg)
+    plan = _plan(model, batch, cfg, select, means, base, seed=cfg.seed + k, x=x)
     res = execute(model, batch, plan, cfg.metric, base["targets"], inputs=base["inputs"], clean_next=base["next"],
                   rows_per_forward=cfg.rows_per_forward)
     value = res["value"]                                                 # [1 + K, B]
@@ -491,7 +494,32 @@ def _ablate_batch(model, batch, ids, cfg: AblationConfig, sinks, foreground, mea
     return pd.DataFrame(rows)
 
 
-def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: dict, seed: int) -> Plan:
+def _clean_with_site(model, batch, cfg: AblationConfig) -> tuple[dict, torch.Tensor | None]:
+    """The clean run and, when it comes without another forward, the clean tensor at ``cfg.site``:
+    ``proj.out`` is caught while the ViT and projector run for the LLM inputs, an LLM site is read
+    in the clean LLM run. None otherwise (ViT sites, drop, knockout)."""
+    site = Site.parse(cfg.site)
+    if cfg.mode in ("drop", "knockout") or site.part == "vit":
+        return clean(model, batch, cfg.metric), None
+    if site.part == "llm":
+        base = clean(model, batch, cfg.metric, read=[cfg.site])
+        return base, base[cfg.site].detach()
+    path, io, idx = model.locate(site)
+    got: dict = {}
+
+    def keep(mod, args, out):
+        value = out if io == "output" else args[0]
+        got.setdefault("x", value[idx or 0] if isinstance(value, tuple) else value)
+    hook = model.module(path).register_forward_hook(keep)
+    try:
+        inputs = llm_inputs(model, batch)
+    finally:
+        hook.remove()
+    return clean(model, batch, cfg.metric, inputs=inputs), got["x"].detach() if "x" in got else None
+
+
+def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: dict, seed: int,
+          x: torch.Tensor | None = None) -> Plan:
     tm = batch.token_map
     c = select.shape[0]
     if cfg.mode in ("drop", "knockout"):
@@ -500,7 +528,7 @@ def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: di
         if cfg.mode == "drop":
             return Plan(c, drop=m)
         return Plan(c, knockout=m, knockout_layers=cfg.layers)
-    x, values = _values(model, batch, cfg, means, seed)
+    x, values = _values(model, batch, cfg, means, seed, x)
     axis = Site.parse(cfg.site).axis
     return Plan(c, [Write(cfg.site, rows_mask(tm, axis, select, tuple(x.shape[:-1])), values)])
 

@@ -283,10 +283,11 @@ def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mode
            causal_limit: Optional[int] = typer.Option(None, "--causal-limit", help="Samples for ablation/patching."),
            draws: Optional[int] = typer.Option(None, "--draws"), seed: Optional[int] = typer.Option(None, "--seed"),
            device: Optional[str] = DeviceOpt,
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype: float32 | bfloat16 | float16."),
            out: Path = typer.Option(Path("mechsink-report"), "--out", "-o"), as_json: bool = JsonOpt):
     """Run the report pipeline on any supported model and dataset (GPU for real models)."""
     overrides = {k: v for k, v in dict(model=model, data=data, limit=limit, causal_limit=causal_limit, draws=draws,
-                                       seed=seed, device=device).items() if v is not None}
+                                       seed=seed, device=device, dtype=dtype).items() if v is not None}
     if control is not None:
         overrides["control"] = None if control.lower() == "none" else control
     _report_run(overrides, out, as_json, from_manifest=from_manifest, config_file=config)

@@ -116,7 +116,7 @@ def llm_inputs(model, batch) -> LLMInputs:
     handle = model.module(_llm_module(model)).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            model.hf(**batch.inputs)
+            model.hf(**batch.inputs, use_cache=False)
     except _Captured:
         pass
     finally:
@@ -423,6 +423,11 @@ class PatchConfig:
         d = asdict(self)
         d.update(metric=self.metric.to_dict(), sites=list(self.sites), tokens=list(self.tokens), match=list(self.match))
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PatchConfig":
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**{**d, "metric": Metric.coerce(d.get("metric"))})
 
 
 def check_pair(base, source) -> None:

@@ -50,6 +50,8 @@ class ReportConfig:
     probe_labels: list[str] | None = None
     batch_size: int = 16
     device: str | None = None
+    dtype: str | None = None                   # e.g. "bfloat16" for 7B models on a GPU
+    device_map: str | None = None              # "auto" spreads a large model over the GPUs
     title: str | None = None
 
     def to_dict(self) -> dict:
@@ -127,7 +129,8 @@ def _context(name: str, data: str | None, config: ReportConfig, work: Path, key:
     from . import load
     from .data import default_data, open_dataset
     from .sinks import SinkSpec
-    model = load(name, device=config.device)
+    model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
+                 device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
     spec = SinkSpec.from_dict(config.sink_spec) if config.sink_spec else SinkSpec()
     return _Ctx(key=key, model=model, data=ds, spec=spec, causal_spec=spec, work=work / key)

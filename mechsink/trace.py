@@ -43,6 +43,8 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
     saved: dict[str, torch.Tensor] = {}
     nn = model.nn
     inputs = {**batch.inputs, **(extra_inputs or {})}
+    if not model.adapter.vision_only:
+        inputs.setdefault("use_cache", False)   # a KV cache is never reused here and costs memory
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with grad_ctx, model.attention("eager" if eager else None):
         with nn.trace(**inputs, remote=remote):

@@ -19,12 +19,13 @@ TokenMap conventions (shared with LLaVA-OneVision):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from ..errors import PromptError, UnsupportedModel
 from ..tokens import ROLE, TokenMap
-from .base import Adapter, BlockParts
+from .llava import ADAPTER as LLAVA
 from .llava import image_runs, llm_roles
 
 
@@ -127,15 +128,5 @@ def _canvas_index(cv: dict, t: int, r: int, c: int, g: int) -> int:
     return g * g + R * (cv["cols"] + 1) + C
 
 
-ADAPTER = Adapter(
-    family="llava_next",
-    architectures=("LlavaNextForConditionalGeneration",),
-    vit_embed="model.vision_tower.embeddings",
-    vit_blocks="model.vision_tower.encoder.layers",
-    vit_out=("model.multi_modal_projector", "input"),
-    vit_parts=BlockParts(attn="self_attn", mlp="mlp", mlp_out_proj="mlp.fc2"),
-    projector="model.multi_modal_projector",
-    llm_blocks="model.language_model.layers",
-    lm_head="lm_head",
-    layout=anyres_layout,
-)
+# Same module layout as LLaVA-1.5; only the token layout differs.
+ADAPTER = replace(LLAVA, family="llava_next", architectures=("LlavaNextForConditionalGeneration",), layout=anyres_layout)

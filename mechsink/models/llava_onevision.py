@@ -3,8 +3,10 @@ LLaVA-NeXT, and a Qwen2 LLM. Canvases larger than ``anyres_max_N`` tiles are bil
 before they reach the LLM (see `llava_next` for how the TokenMap records that)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..tokens import TokenMap
-from .base import Adapter, BlockParts
+from .llava import ADAPTER as LLAVA
 from .llava_next import anyres_layout
 from .processors import LlavaOnevisionImageTextProcessor, loader
 
@@ -14,16 +16,11 @@ def onevision_layout(model, inputs, images) -> TokenMap:
     return anyres_layout(model, inputs, images, max_patches=max_tiles)
 
 
-ADAPTER = Adapter(
+# LLaVA's module layout with SigLIP (no CLS), a Qwen2 chat format and pooled any-res tiles.
+ADAPTER = replace(
+    LLAVA,
     family="llava_onevision",
     architectures=("LlavaOnevisionForConditionalGeneration",),
-    vit_embed="model.vision_tower.embeddings",
-    vit_blocks="model.vision_tower.encoder.layers",
-    vit_out=("model.multi_modal_projector", "input"),
-    vit_parts=BlockParts(attn="self_attn", mlp="mlp", mlp_out_proj="mlp.fc2"),
-    projector="model.multi_modal_projector",
-    llm_blocks="model.language_model.layers",
-    lm_head="lm_head",
     layout=onevision_layout,
     chat="<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n",
     processor_loader=loader(LlavaOnevisionImageTextProcessor),
