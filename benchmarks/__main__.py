@@ -21,13 +21,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every row and the run's settings here")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     p.add_argument("--models", help="comma-separated (default: tiny-llava with --quick, else tiny-llava,vitb-llava)")
-    p.add_argument("--repeats", type=int, help="timed rounds per comparison (default 3 quick, 5 full)")
+    p.add_argument("--repeats", type=int, help="timed rounds per comparison (default 3 quick, 4 full)")
     p.add_argument("--draws", type=int, default=32, help="random draws in the ablation section")
     p.add_argument("--stream-images", help="N,10N images of the streaming section (default 40,400 quick, 200,2000 full)")
     p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
                    help="clock the targets are judged on; auto: CPU time when the machine is busy with other work")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-memory runs of the cache section")
+    p.add_argument("--tl-all", action="store_true", help="also time TransformerLens run_with_cache of every hook point")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
     a = p.parse_args(argv)
     a.sections = [s.strip() for s in a.sections.split(",") if s.strip()]
@@ -35,7 +36,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     a.models = [m.strip() for m in (a.models or ("tiny-llava" if a.quick else "tiny-llava,vitb-llava")).split(",")]
-    a.repeats = a.repeats or (3 if a.quick else 5)
+    a.repeats = a.repeats or (3 if a.quick else 4)
     try:
         a.stream_images = tuple(int(x) for x in (a.stream_images or ("40,400" if a.quick else "200,2000")).split(","))
         assert len(a.stream_images) == 2 and 0 < a.stream_images[0] < a.stream_images[1]

@@ -10,7 +10,7 @@ uses and drops them costs at least); mechsink writes them to disk:
 - ``nnsight``: ``NNsight(model).trace`` with ``.save()`` on every ViT and LLM block output.
 - ``tl``: TransformerLens ``run_with_cache`` on a TransformerBridge of the same model, cache
   filtered to every ViT and LLM block output (the same tensors as the other variants).
-- ``tl_all``: ``run_with_cache`` with TL's default (every hook point); full runs only.
+- ``tl_all``: ``run_with_cache`` with TL's default (every hook point); only with ``--tl-all``.
 - ``mechsink``: ``mechsink.cache.extract`` of every ViT block at the image patches and every LLM
   block at the image positions, with sink detection, written to disk as float16 shards.
 """
@@ -160,7 +160,7 @@ def section(models: dict, args, workdir: Path) -> list:
         if name == "tiny-llava":
             n, bs = (16, 8) if args.quick else (32, 8)
         data = image_set(workdir / "images", n, image_size(model))
-        variants = [v for v in VARIANTS if not (args.quick and v == "tl_all")]
+        variants = [v for v in VARIANTS if v != "tl_all" or args.tl_all]
         runs, resets = {}, {}
         for v in variants:
             runs[v], resets[v] = make(v, model, data, bs, workdir / name)
@@ -170,9 +170,10 @@ def section(models: dict, args, workdir: Path) -> list:
         runs["mechsink"]()
         agree = agreement(model, data, bs, workdir / name / "store")
         for r in new:
-            if r.variant == "mechsink" and name == TARGET_MODEL:
-                r.goal, r.peers = f"<= {TARGET}", ("nnsight", "tl")
+            if r.variant == "mechsink":
                 r.extra["max_rel_diff_vs_hooks"] = agree
+                if name == TARGET_MODEL:
+                    r.goal, r.peers = f"<= {TARGET}", ("nnsight", "tl")
         if not args.no_rss:
             for r in new:
                 if args.quick and r.variant not in ("bare", "mechsink"):

@@ -104,7 +104,7 @@ def section(models: dict, args, workdir) -> list:
         sites, positions = grid(model, base, every)
         cells = pd.DataFrame([(l, p) for l in range(len(sites)) for p in positions], columns=["layer", "pos"])
         tl = TLSweep(model, base, source, metric)
-        tl_cells = spread(cells, len(cells) if name == "tiny-llava" else (16 if args.quick else 32))
+        tl_cells = spread(cells, len(cells) if name == "tiny-llava" else 16)
         got: dict = {}
         variants = {
             "exact": lambda: got.__setitem__("exact", run_exact(model, base, source, sites, positions, metric)),

@@ -155,15 +155,14 @@ def _overview(rep, ctx: _Ctx) -> None:
                              "dataset": ctx.data.name, "samples": len(ctx.data)}]), index=False)
     metrics = Path(str(m.source)) / "metrics.json"
     if metrics.is_file():   # the bundled toy model ships its measured accuracy
-        acc = json.loads(metrics.read_text())
-        per = acc.get("accuracy", acc)
-        if isinstance(per, dict):
-            rows = [{"question type": k, "accuracy": v} for k, v in per.items() if isinstance(v, (int, float))]
-            if rows:
-                rep.text("Accuracy of the model on its full evaluation set (`metrics.json`, measured at training time):")
-                rep.table(pd.DataFrame(rows), index=False)
-                for r in rows:
-                    _num(rep, f"{ctx.key}.model.accuracy.{r['question type']}", r["accuracy"])
+        per = json.loads(metrics.read_text()).get("by_type", {})
+        rows = [{"question type": k, "accuracy": v["accuracy"], "majority baseline": v.get("majority_baseline"),
+                 "n": v.get("n")} for k, v in per.items()]
+        if rows:
+            rep.text("Accuracy of the model on its full evaluation set (`metrics.json`, measured when it was trained):")
+            rep.table(pd.DataFrame(rows), index=False)
+            for r in rows:
+                _num(rep, f"{ctx.key}.model.accuracy.{r['question type']}", r["accuracy"])
 
 
 # -- sections ---------------------------------------------------------------------------------------

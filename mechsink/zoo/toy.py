@@ -1,7 +1,7 @@
 """The bundled toy LVLM: a tiny LLaVA trained from scratch on Fashion-MNIST scenes.
 
-An 84x84 grayscale canvas holds 1-4 Fashion-MNIST items, one per cell of a 2x2 grid, each jittered
-inside its 42x42 cell, on a black background. A CLIP-style ViT (patch 7 -> 12x12 = 144 patches, CLS
+An 84x84 grayscale canvas holds 1-4 Fashion-MNIST items, one per cell of a 2x2 grid, each at one of
+3x3 patch-aligned offsets inside its 42x42 cell, on a black background (about 80 % of the patches). A CLIP-style ViT (patch 7 -> 12x12 = 144 patches, CLS
 dropped before the projector) feeds a small Llama through the LLaVA projector. Questions come in three
 types, each answered with one word: ``presence`` (POPE-style yes/no with similar-class negatives),
 ``global`` (item count, most common kind) and ``local`` (what sits in a given corner cell).
@@ -253,7 +253,7 @@ def load_eval_samples(path: str | Path = EVAL_DIR / "samples.jsonl", limit: int 
 
 def pixels(canvases: np.ndarray) -> torch.Tensor:
     """Canvases uint8 (B, 84, 84) -> pixel_values float (B, 3, 84, 84), exactly as the processor makes them."""
-    x = (torch.from_numpy(np.ascontiguousarray(canvases)).float() / 255.0 - MEAN) / STD
+    x = (torch.from_numpy(np.array(canvases, dtype=np.uint8)).float() / 255.0 - MEAN) / STD
     return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
@@ -346,8 +346,8 @@ def accuracy_by_type(model, batcher: Batcher, canvases: np.ndarray, questions: l
     flat = [(i, q) for i, qs in enumerate(questions) for q in qs]
     for start in range(0, len(flat), batch_size):
         chunk = flat[start:start + batch_size]
-        batch = batcher.encode([[q] for _, q in chunk])
-        logits = answer_logits(model, batch, pixels(canvases[[i for i, _ in chunk]]))[:, 0]
+        batch = {k: v.to(model.device) for k, v in batcher.encode([[q] for _, q in chunk]).items()}
+        logits = answer_logits(model, batch, pixels(canvases[[i for i, _ in chunk]]).to(model.device))[:, 0]
         pred = logits.argmax(-1).tolist()
         for (_, q), p in zip(chunk, pred):
             hits[q["question_type"]].append(int(batcher.tok.convert_ids_to_tokens(p) == q["answer"]))
@@ -586,6 +586,8 @@ def norm_stats(path: Path = TOY_DIR, samples: Path = EVAL_DIR / "samples.jsonl",
                                 "p90": float(rel.max(1).values.quantile(0.9)),
                                 "max": float(rel.max())},
             "cls_over_median": float((norms[:, layer, 0] / med).median()),
+            # Content, not sinks: lit object patches against the uniform black background.
+            "object_over_background_median": float(patch[is_object].median() / patch[~is_object].median()),
             "frac_images_with_outlier": float(out.any(1).float().mean()),
             "outliers_per_image": float(out.sum(1).float().mean()),
             "n_outlier_tokens": n_out,
