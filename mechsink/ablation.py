@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 import pandas as pd
 import torch
 
@@ -170,6 +171,24 @@ def token_table(model, batch, sinks: SinkSource = None, foreground: Callable | N
             raise AblationError(f"foreground gave {fg.shape} flags for {len(table)} patches")
         table["foreground"] = fg
     return table
+
+
+def contrast_foreground(threshold: float = 0.1) -> Callable:
+    """A foreground flag per patch from pixels: the patch's mean luminance differs from the image's
+    median patch luminance by more than ``threshold`` (fraction of the 0-255 range). Fits images of
+    objects on a plain background; for any-res tiles the whole image is gridded (approximate).
+    Returns (model, batch) -> bool per row of ``batch.token_map.patches``."""
+    def flags(model, batch) -> np.ndarray:
+        tm = batch.token_map
+        out = np.zeros(len(tm.patches), dtype=bool)
+        for (s, i, t), idx in tm.patches.groupby(["sample", "image", "tile"]).indices.items():
+            rows, cols = tm.grids[(s, i, t)]
+            lum = np.asarray(batch.images[s][i].convert("L").resize((cols, rows), Image.BOX), dtype=float)
+            fg = np.abs(lum - np.median(lum)) > threshold * 255
+            p = tm.patches.iloc[idx]
+            out[idx] = fg[p["row"].to_numpy(), p["col"].to_numpy()]
+        return out
+    return flags
 
 
 def _patch_index(tm) -> np.ndarray:

@@ -295,16 +295,20 @@ def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .ablation import AblationConfig, ablate
+    from .ablation import AblationConfig, ablate, contrast_foreground
     m = ctx.model
     rep.section(f"Ablation: {_token_word(ctx)} vs matched random tokens ({m.name})")
+    # Controls matched on count and on foreground/background: high-norm tokens often sit on objects,
+    # and object tokens matter more than background ones whether or not they are sinks.
     cfg = AblationConfig(site="proj.out", mode="zero", metric="logprob", n_draws=config.draws, seed=config.seed,
-                         batch_size=config.batch_size)
-    res = ablate(m, _subset(ctx, config.causal_limit), ctx.causal_spec, cfg, progress=True)
+                         batch_size=config.batch_size, match=("foreground",))
+    res = ablate(m, _subset(ctx, config.causal_limit), ctx.causal_spec, cfg, foreground=contrast_foreground(),
+                 progress=True)
     d = res.to_dict()
-    rep.text(f"Zeroing the {_token_word(ctx)} at `proj.out` vs the same number of random visual tokens "
-             f"({config.draws} draws per image). Effect = drop in the gold answer's log-probability; "
-             f"paired over {d['n']} images; p from a sign-flip permutation test of sink > random.")
+    rep.text(f"Zeroing the {_token_word(ctx)} at `proj.out` vs the same number of random visual tokens drawn "
+             f"from the same foreground/background stratum ({config.draws} draws per image). Effect = drop in the "
+             f"gold answer's log-probability; paired over {d['n']} images ({d['n_skipped']} without enough matched "
+             f"controls left out); p from a sign-flip permutation test of sink > random.")
     rep.figure(res.figure())
     rows = []
     for name in ("sink_effect", "random_effect", "diff"):

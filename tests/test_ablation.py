@@ -320,3 +320,20 @@ def test_results_save_load_figure_and_command(planted, tmp_path):
     assert d["n"] == 12 and d["p_value"] < 0.01 and d["sink_effect"]["ci_low"] > d["random_effect"]["ci_high"]
     d2 = ablate_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=12, draws=4, rule="llava-1.5", batch_size=12)
     assert d2["mean_sinks"] == 3 and d2["p_value"] < 0.01
+
+
+def test_contrast_foreground_flags_the_object_cells():
+    """A bright square on a black image covers known grid cells; only those are foreground."""
+    import numpy as np
+    from PIL import Image
+
+    import mechsink
+    from mechsink.ablation import contrast_foreground
+    m = mechsink.load("tiny-llava")                      # 32 px, patch 8 -> 4x4 grid
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[8:24, 16:32] = 255                                 # rows 1-2, cols 2-3
+    b = m.prepare([Image.fromarray(a)], [None])
+    fg = contrast_foreground()(m, b)
+    p = b.token_map.patches
+    expected = p["row"].isin([1, 2]) & p["col"].isin([2, 3])
+    assert fg.tolist() == expected.tolist()
