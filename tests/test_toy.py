@@ -91,15 +91,14 @@ def test_every_answer_and_prompt_word_is_in_the_vocabulary(bundled, rows):
     assert tok.unk_token_id not in tok.convert_tokens_to_ids(sorted(words))
 
 
-def test_accuracy_well_above_majority_baseline_on_a_slice(bundled, rows):
-    head = rows[:60]
+@pytest.mark.parametrize("qtype", ["presence", "global", "local"])
+def test_accuracy_well_above_majority_baseline_on_a_slice(bundled, rows, qtype):
+    # 60 samples: +0.2 over the majority answer is about 3 standard errors above guessing it.
+    head = [r for r in rows if r["question_type"] == qtype][:60]
     preds = toy.predict(*bundled, head)
-    for qtype in toy.QUESTION_TYPES:
-        idx = [i for i, r in enumerate(head) if r["question_type"] == qtype]
-        answers = [head[i]["answer"] for i in idx]
-        baseline = Counter(answers).most_common(1)[0][1] / len(idx)
-        acc = np.mean([preds[i] == head[i]["answer"] for i in idx])
-        assert len(idx) >= 15 and acc >= baseline + 0.25, (qtype, acc, baseline)
+    baseline = Counter(r["answer"] for r in head).most_common(1)[0][1] / len(head)
+    acc = np.mean([p == r["answer"] for p, r in zip(preds, head)])
+    assert acc >= baseline + 0.2, (qtype, acc, baseline)
 
 
 def test_training_batches_match_what_the_processor_makes(bundled, rows):

@@ -358,7 +358,7 @@ def accuracy_by_type(model, batcher: Batcher, canvases: np.ndarray, questions: l
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    steps: int = 1800
+    steps: int = 2400
     batch_images: int = 32
     turns: int = 6
     lr: float = 2e-3
@@ -394,6 +394,7 @@ def train(out: Path = TOY_DIR, tc: TrainConfig = TrainConfig(), mc: ToyConfig = 
 
     The schedule is fixed by `tc.steps` (reproducible); `minutes` is a wall-clock cap that stops early
     and still saves. Returns the training log."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on --device cuda
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
