@@ -8,6 +8,8 @@ uses and drops them costs at least); mechsink writes them to disk:
 - ``bare``: the HF forward alone (the denominator); nothing is kept.
 - ``torch_hooks``: plain ``register_forward_hook`` on every ViT and LLM block, outputs kept in memory.
 - ``nnsight``: ``NNsight(model).trace`` with ``.save()`` on every ViT and LLM block output.
+- ``nnsight_disk``: the same, each batch's saved outputs then written with
+  ``safetensors.torch.save_file`` (as saved: every token, the model's dtype) - a hand-made cache.
 - ``tl``: TransformerLens ``run_with_cache`` on a TransformerBridge of the same model, cache
   filtered to every ViT and LLM block output (the same tensors as the other variants).
 - ``tl_all``: ``run_with_cache`` with TL's default (every hook point); only with ``--tl-all``.
@@ -25,7 +27,7 @@ import torch
 from . import lens
 from .data import batches, image_set, image_size
 
-VARIANTS = ("bare", "torch_hooks", "nnsight", "tl", "tl_all", "mechsink")
+VARIANTS = ("bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "tl_all", "mechsink")
 TARGET = 1.05
 
 
@@ -45,57 +47,71 @@ def _prepared(model, chunk):
     return model.prepare([s.load_image() for s in chunk])
 
 
+def _inputs(model, chunk) -> dict:
+    """Forward inputs of a chunk; no KV cache, which a single forward never reuses (as in mechsink)."""
+    return {**_prepared(model, chunk).inputs, "use_cache": False}
+
+
 def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[Callable[[], object], Callable[[], None]]:
-    """(run, reset) for one variant; ``reset`` (untimed) clears what a run left behind."""
+    """(run, reset) for one variant; ``run(data=dataset, bs=batch_size)`` (another image set may be
+    given, e.g. for a warm-up) and ``reset()`` (untimed) clears what a run left behind."""
     noop = lambda: None  # noqa: E731
     if variant == "bare":
-        def run():
+        def run(data=dataset, bs=batch_size):
             with torch.no_grad():
-                for chunk in batches(dataset, batch_size):
-                    model.hf(**_prepared(model, chunk).inputs)
+                for chunk in batches(data, bs):
+                    model.hf(**_inputs(model, chunk))
         return run, noop
     if variant == "torch_hooks":
         mods = [model.module(p) for p in block_paths(model)]
 
-        def run():
+        def run(data=dataset, bs=batch_size):
             saved: list = []
             save = lambda m, a, o: saved.append((o[0] if isinstance(o, tuple) else o).detach())  # noqa: E731
             handles = [m.register_forward_hook(save) for m in mods]
             try:
                 with torch.no_grad():
-                    for chunk in batches(dataset, batch_size):
+                    for chunk in batches(data, bs):
                         saved.clear()
-                        model.hf(**_prepared(model, chunk).inputs)
+                        model.hf(**_inputs(model, chunk))
             finally:
                 for h in handles:
                     h.remove()
             return saved
         return run, noop
-    if variant == "nnsight":
+    if variant in ("nnsight", "nnsight_disk"):
         from nnsight import NNsight
+        from safetensors.torch import save_file
         nn = NNsight(model.hf)
         paths = block_paths(model)
+        out = workdir / "nnsight"
 
-        def run():
-            kept = None
+        def run(data=dataset, bs=batch_size):
+            kept: list = []     # filled inside the trace (nnsight hands back objects, not rebound names)
+            out.mkdir(parents=True, exist_ok=True)
             with torch.no_grad():
-                for chunk in batches(dataset, batch_size):
-                    kept = None
-                    with nn.trace(**_prepared(model, chunk).inputs):
-                        kept = [lens_envoy(nn, p).output.save() for p in paths]
+                for k, chunk in enumerate(batches(data, bs)):
+                    kept.clear()
+                    with nn.trace(**_inputs(model, chunk)):
+                        kept.extend([_envoy(nn, p).output.save() for p in paths])
+                    assert len(kept) == len(paths) and torch.is_tensor(kept[0])
+                    if variant == "nnsight_disk":
+                        save_file({p: (x[0] if isinstance(x, tuple) else x).contiguous() for p, x in zip(paths, kept)},
+                                  out / f"batch{k:05d}.safetensors")
             return kept
-        return run, noop
+        return run, lambda: shutil.rmtree(out, ignore_errors=True)
     if variant in ("tl", "tl_all"):
         br = lens.bridge(model)
         names = lens.vit_hooks(model) + lens.llm_hooks(model) if variant == "tl" else None
 
-        def run():
+        def run(data=dataset, bs=batch_size):
             cache = None
             with torch.no_grad():
-                for chunk in batches(dataset, batch_size):
+                for chunk in batches(data, bs):
                     b = _prepared(model, chunk)
-                    cache = None
-                    _, cache = br.run_with_cache(b.inputs["input_ids"], names_filter=names, **lens.forward_kwargs(b))
+                    cache = None        # drop the previous batch's cache first, as the other peers do
+                    _, cache = br.run_with_cache(b.inputs["input_ids"], names_filter=names, use_cache=False,
+                                                 **lens.forward_kwargs(b))
             return cache
         return run, noop
     if variant == "mechsink":
@@ -103,14 +119,14 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         out = workdir / "store"
         sites = cache_sites(model)
 
-        def run():
-            return extract(model, dataset, sites=sites, tokens=("image",), out=out, dtype="float16",
-                           batch_size=batch_size)
+        def run(data=dataset, bs=batch_size):
+            return extract(model, data, sites=sites, tokens=("image",), out=out, dtype="float16", batch_size=bs)
         return run, lambda: shutil.rmtree(out, ignore_errors=True)
     raise ValueError(f"unknown cache variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
-def lens_envoy(nn, path: str):
+def _envoy(nn, path: str):
+    """The nnsight Envoy of a dotted module path."""
     env = nn
     for part in path.split("."):
         env = env[int(part)] if part.isdigit() else getattr(env, part)

@@ -58,6 +58,7 @@ def compare(variants: dict[str, Callable[[], object]], repeats: int, warmup: int
         for name in names[k:] + names[:k]:
             if before is not None:
                 before(name)
+            os.sync()       # no run pays for another's pending disk writes
             gc.collect()
             w, c = time.perf_counter(), time.process_time()
             variants[name]()

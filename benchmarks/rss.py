@@ -4,8 +4,10 @@
     python -m benchmarks.rss stream MODEL IMAGES_DIR N BATCH WORKDIR
     python -m benchmarks.rss merge STORE_DIR
 
-The variant runs once untimed (imports, lazy set-up, allocator warm-up), then the peak-RSS mark is
-reset and it runs again; ``run_peak_mb`` is that run's peak minus the RSS it started from.
+The variant is set up (a TL bridge, an nnsight wrapper) and runs once on one image (lazy imports
+and set-up), then the peak-RSS mark is reset and it runs on the whole set; ``run_peak_mb`` is
+that run's peak minus the RSS it started from. (A full-size warm-up would leave freed memory
+with the allocator, and the measured run would seem to need nothing.)
 ``stream`` caches N images with ``mechsink.cache.extract`` after a warm-up on a few of them and
 leaves the store for ``merge``, which measures rebuilding its index alone (from a fresh process,
 so memory a previous step freed but kept does not hide it).
@@ -43,15 +45,13 @@ def main(argv: list[str]) -> dict:
     work = work / f"{kind}-{variant}-{n}"
     shutil.rmtree(work, ignore_errors=True)
     from . import cache
+    run, reset = cache.make(variant, model, data, bs, work)
+    # a small warm-up does the lazy set-up without leaving a full run's memory with the allocator
     if kind == "cache":
-        run, reset = cache.make(variant, model, data, bs, work)
-        run()
-        reset()
+        run(data[:1], 1)
     else:
-        warm, reset = cache.make("mechsink", model, data[: 2 * bs], bs, work / "warm")
-        warm()
-        reset()
-        run, _ = cache.make("mechsink", model, data, bs, work)
+        run(data[:bs], bs)
+    reset()
     gpu = device != "cpu"
     if gpu:
         torch.cuda.synchronize()

@@ -44,7 +44,7 @@ def rows(result, section):
 
 
 def test_every_section_reports_its_variants(result):
-    assert set(rows(result, "cache")) == {"bare", "torch_hooks", "nnsight", "tl", "mechsink"}
+    assert set(rows(result, "cache")) == {"bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
     assert set(rows(result, "sweep")) == {"exact", "attribution", "tl"}
     assert set(rows(result, "ablation")) == {"mechsink", "naive"}
     assert len(rows(result, "streaming")) == 3

@@ -252,9 +252,12 @@ def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: 
                 with_kwargs=True))
         else:
             handles.append(mod.register_forward_hook(lambda m, args, out, pick=pick: pick(out)))
+    inputs = dict(batch.inputs)
+    if not model.adapter.vision_only:
+        inputs.setdefault("use_cache", False)   # as in model.run: a KV cache is never reused here
     try:
         with torch.no_grad():
-            model.hf(**batch.inputs)
+            model.hf(**inputs)
     except _Done:
         pass
     finally:
