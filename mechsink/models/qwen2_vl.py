@@ -19,6 +19,7 @@ images read the patterns of a few layers per run.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -110,19 +111,13 @@ QWEN2_VL = Adapter(
     processor_loader=loader(Qwen2VLImageTextProcessor),
 )
 
-QWEN2_5_VL = Adapter(
+# Qwen2.5-VL: the same layout; SwiGLU MLPs in the ViT, and blocks that see window-ordered patches.
+QWEN2_5_VL = replace(
+    QWEN2_VL,
     family="qwen2_5_vl",
     architectures=("Qwen2_5_VLForConditionalGeneration",),
     vit_embed=("model.visual.blocks.0", "input"),   # after the window reordering
-    vit_blocks="model.visual.blocks",
-    vit_out=("model.visual.merger", "input"),
     vit_parts=BlockParts(attn="attn", mlp="mlp", mlp_out_proj="mlp.down_proj", pattern=vision_pattern),
-    projector="model.visual.merger",
-    llm_blocks="model.language_model.layers",
-    lm_head="lm_head",
-    layout=qwen_layout,
-    chat=CHAT,
-    image_placeholder="<|image_pad|>",
     processor_loader=loader(Qwen2_5_VLImageTextProcessor),
 )
 
