@@ -7,7 +7,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is as fast and avoids oversubscription stalls on small shared machines.
+torch.set_num_threads(1)
 
 # TransformerLens' bridge pip-installs torchvision when a processor needs it; torchvision must never
 # be installed next to the CPU torch (it replaces torch). Make any such install fail fast instead.

@@ -18,12 +18,6 @@ from mechsink.testing import test_image as make_image
 PROMPTS = ["is there a cat ?", "is there a cat in this picture ?", "is there a dog ?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

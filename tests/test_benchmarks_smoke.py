@@ -17,7 +17,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ is a folder of the repo, not installed
 
 import mechsink  # noqa: E402

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 import mechsink  # noqa: E402
 from mechsink.cache import Store, StoreError  # noqa: E402

@@ -34,7 +34,6 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def bridge_cls():
-    torch.set_num_threads(1)
     from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.model_bridge.sources.transformers import helpers
     original, present = helpers._ensure_torchvision, importlib.util.find_spec("torchvision") is not None

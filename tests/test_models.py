@@ -44,11 +44,6 @@ SITES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def inputs(m, name):
     img = make_image(48).resize(IMAGE.get(name, (32, 32)))
     return m.prepare([img], None if m.adapter.vision_only else ["what is this ?"])

@@ -28,11 +28,6 @@ from mechsink.tokens import ROLE
 _ = -1   # "never reaches the LLM"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    torch.set_num_threads(1)
-
-
 def grid(tm, column, sample=0, image=0, tile=0) -> list[list[int]]:
     """One TokenMap column laid out on the patch grid of a tile."""
     rows = tm.patches[(tm.patches["sample"] == sample) & (tm.patches["image"] == image) & (tm.patches["tile"] == tile)]

@@ -22,7 +22,6 @@ HAS_FASHION = (toy.FASHION_DIR / "t10k-images-idx3-ubyte.gz").exists()
 
 @pytest.fixture(scope="module")
 def bundled():
-    torch.set_num_threads(1)
     model = LlavaForConditionalGeneration.from_pretrained(toy.TOY_DIR).eval()
     return model, LlavaProcessor.from_pretrained(toy.TOY_DIR)
 

@@ -47,7 +47,6 @@ IMAGES = {"tiny-llava-next": (40, 10), "tiny-llava-onevision": (40, 10), "tiny-q
 
 @pytest.fixture(scope="module")
 def zoo():
-    torch.set_num_threads(1)
     cache = {}
 
     def get(name):
