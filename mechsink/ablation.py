@@ -35,6 +35,7 @@ from PIL import Image
 import pandas as pd
 import torch
 
+from .atomic import write_parquet, write_text
 from .errors import MechsinkError
 from .metrics import Metric
 from .patching import PatchError, Plan, Write, clean, execute, llm_inputs, rows_mask
@@ -395,16 +396,14 @@ class AblationResult:
         ``summary=False`` (a run in progress) the JSON holds only the config."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_parquet(self.frame, path / "results.parquet")
+        write_parquet(path / "results.parquet", self.frame)
         meta = {"config": self.config.to_dict(), "model": self.model, "partial": not summary}
         if summary:
             try:
                 meta = self.to_dict()
             except MechsinkError as e:      # the frame is kept even when statistics cannot be had
                 meta["error"] = str(e)
-        tmp = path / ".summary.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path / "summary.json")
+        write_text(path / "summary.json", json.dumps(meta, indent=1))
         return path
 
     @classmethod
@@ -412,12 +411,6 @@ class AblationResult:
         path = Path(path)
         meta = json.loads((path / "summary.json").read_text())
         return cls(pd.read_parquet(path / "results.parquet"), AblationConfig.from_dict(meta["config"]), meta.get("model", ""))
-
-
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def iter_batches(model, data, batch_size: int = 8, errors=None) -> Callable[[], Iterator[tuple[Any, list]]]:

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import write_parquet, write_text
 from .errors import MechsinkError
 from .metrics import Metric, Targets, gather_logits
 from .sites import Site
@@ -496,12 +497,8 @@ class PatchResult:
         """Write results.parquet and config.json (atomically) into a directory."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / ".results.parquet.tmp"
-        self.frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path / "results.parquet")
-        tmp = path / ".config.json.tmp"
-        tmp.write_text(json.dumps({"config": self.config, "unit": self.unit}, indent=1))
-        os.replace(tmp, path / "config.json")
+        write_parquet(path / "results.parquet", self.frame)
+        write_text(path / "config.json", json.dumps({"config": self.config, "unit": self.unit}, indent=1))
         return path
 
     @classmethod

@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .atomic import write_parquet, write_text
 from .errors import MechsinkError, SiteError
 from .sites import Site
 
@@ -197,7 +198,7 @@ class LinearProbe:
         os.replace(tmp, st)
         doc = {"format": PROBE_FORMAT, "kind": self.kind, "classes": _plain(self.classes), "dim": self.dim,
                "tensors": st.name, "meta": self.meta}
-        _write_text(js, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        write_text(js, json.dumps(doc, indent=2, sort_keys=True) + "\n")
         return js
 
 
@@ -231,12 +232,6 @@ def _softmax(s: np.ndarray) -> np.ndarray:
 
 def _plain(values: Iterable) -> list:
     return [v.item() if isinstance(v, np.generic) else v for v in values]
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -311,12 +306,10 @@ class ProbeResult:
         out.mkdir(parents=True, exist_ok=True)
         doc = {"config": self.config.to_dict(), "config_hash": self.config.fingerprint(), "store_id": self.store_id,
                "notes": self.notes, "rows": self.to_records()}
-        _write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
+        write_text(out / "results.json", json.dumps(doc, indent=2) + "\n")
         for (ts, site), p in self.probes.items():
             p.save(out / "probes" / _probe_name(ts, site))
-        tmp = out / ".splits.parquet.tmp"
-        self.splits.to_parquet(tmp, index=False)
-        os.replace(tmp, out / "splits.parquet")
+        write_parquet(out / "splits.parquet", self.splits)
         if figure and len(self.frame):
             fig = accuracy_figure(self)
             fig.savefig(out / "accuracy_by_layer.png", dpi=120)
@@ -707,7 +700,7 @@ def _resume(out, config: ProbeConfig, store) -> dict:
         if (have.get("config_hash"), have.get("store_id")) != (run["config_hash"], run["store_id"]):
             raise ProbeError(f"{out} holds probes of another config or cache; use a new output directory")
     else:
-        _write_text(cfg, json.dumps(run, indent=2) + "\n")
+        write_text(cfg, json.dumps(run, indent=2) + "\n")
     done = {}
     log_file = out / "rows.jsonl"
     if log_file.exists():

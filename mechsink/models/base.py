@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..errors import PromptError, SiteError
-from ..sites import BLOCK_HOOKS, Site, site_names
+from ..sites import Site, site_names
 from ..tokens import ROLE, TokenMap
 
 if TYPE_CHECKING:

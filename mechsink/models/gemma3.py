@@ -8,9 +8,12 @@ therefore ``hook_attn_out`` / ``hook_mlp_out``. Pan-and-scan crops are not suppo
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import PromptError, UnsupportedModel
 from ..tokens import TokenMap
-from .base import Adapter, BlockParts
+from .base import BlockParts
+from .llava import ADAPTER as LLAVA
 from .llava import image_runs, llm_roles
 
 
@@ -42,18 +45,14 @@ def gemma3_layout(model, inputs, images) -> TokenMap:
     return TokenMap(patches, [], llm, roles, grids)
 
 
-ADAPTER = Adapter(
+# LLaVA's module layout (SigLIP tower, multi_modal_projector); Gemma 3's LLM adds its attention and MLP
+# outputs to the residual after an extra norm, so those norms are the attn_out / mlp_out sites.
+ADAPTER = replace(
+    LLAVA,
     family="gemma3",
     architectures=("Gemma3ForConditionalGeneration",),
-    vit_embed="model.vision_tower.embeddings",
-    vit_blocks="model.vision_tower.encoder.layers",
-    vit_out=("model.multi_modal_projector", "input"),
-    vit_parts=BlockParts(attn="self_attn", mlp="mlp", mlp_out_proj="mlp.fc2"),
-    projector="model.multi_modal_projector",
-    llm_blocks="model.language_model.layers",
     llm_parts=BlockParts(attn="self_attn", mlp="mlp", mlp_out_proj="mlp.down_proj",
                          attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm"),
-    lm_head="lm_head",
     layout=gemma3_layout,
     chat="<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n",
     image_placeholder="<start_of_image>",

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from markdown_it import MarkdownIt
 
+from mechsink.atomic import write_text
 from mechsink.report.manifest import ReportError, build_manifest, to_jsonable, write_manifest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
@@ -233,11 +234,11 @@ class Report:
             if stale.name not in current:
                 stale.unlink()
         for name, df, _ in self._tables:
-            _atomic_write(out / "tables" / name, df.to_csv(index=not isinstance(df.index, pd.RangeIndex)))
+            write_text(out / "tables" / name, df.to_csv(index=not isinstance(df.index, pd.RangeIndex)))
         manifest = self.manifest()
         write_manifest(manifest, out / "manifest.json")
         index = out / "index.html"
-        _atomic_write(index, self.render(manifest))
+        write_text(index, self.render(manifest))
         return index
 
 
@@ -254,12 +255,6 @@ def _table_html(df: pd.DataFrame, caption_html: str, digits: int) -> str:
     rows = "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in df.itertuples(index=False, name=None))
     return (f'<div class="table-wrap">\n<table>\n<caption>{caption_html}</caption>\n'
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>\n</div>")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

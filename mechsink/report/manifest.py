@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mechsink.atomic import write_text
 from mechsink.errors import MechsinkError
 
 MANIFEST_VERSION = 1
@@ -199,8 +200,4 @@ def build_manifest(
 
 def write_manifest(manifest: Mapping, path: str | os.PathLike) -> Path:
     """Write the manifest as canonical JSON (atomically, so a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(canonical_json(manifest) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, canonical_json(manifest) + "\n")

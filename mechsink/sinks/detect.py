@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..atomic import write_parquet, write_text
 from ..errors import SiteError
 from ..sites import Site
 from ..tokens import _AXIS_COLUMNS, TokenMap
@@ -325,12 +326,10 @@ class SinkSet:
         """Write patches.parquet, special.parquet and sinkset.json into a directory."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.patches.to_parquet(path / "patches.parquet", index=False)
-        self.special.to_parquet(path / "special.parquet", index=False)
+        write_parquet(path / "patches.parquet", self.patches)
+        write_parquet(path / "special.parquet", self.special)
         meta = {"spec": self.spec.to_dict(), "ids": [_plain(i) for i in self.ids] if self.ids is not None else None}
-        tmp = path / ".sinkset.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path / "sinkset.json")
+        write_text(path / "sinkset.json", json.dumps(meta, indent=1))
         return path
 
     @classmethod
