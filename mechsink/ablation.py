@@ -38,7 +38,9 @@ import torch
 from .atomic import write_parquet, write_text
 from .errors import MechsinkError
 from .metrics import Metric
-from .patching import PatchError, Plan, Write, clean, execute, llm_inputs, rows_mask
+from .engine import Plan, Write, clean, execute
+from .patching import PatchError
+from .trace import llm_inputs
 from .sites import Site
 from .tokens import _AXIS_COLUMNS
 
@@ -536,13 +538,13 @@ def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: di
     c = select.shape[0]
     if cfg.mode in ("drop", "knockout"):
         shape = tuple(base["inputs"].embeds.shape[:2])
-        m = rows_mask(tm, "llm", select, shape)
+        m = tm.mask("llm", select, shape)
         if cfg.mode == "drop":
             return Plan(c, drop=m)
         return Plan(c, knockout=m, knockout_layers=cfg.layers)
     x, values = _values(model, batch, cfg, means, seed, x)
     axis = Site.parse(cfg.site).axis
-    return Plan(c, [Write(cfg.site, rows_mask(tm, axis, select, tuple(x.shape[:-1])), values)])
+    return Plan(c, [Write(cfg.site, tm.mask(axis, select, tuple(x.shape[:-1])), values)])
 
 
 # -- the CLI's entry point ----------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 
 from .metrics import Metric, gather_logits
-from .patching import PatchError, _needs_full, _unit_masks, block_sites, check_pair, llm_inputs
+from .engine import _needs_full
+from .patching import PatchError, _unit_masks, block_sites, check_pair
+from .trace import llm_inputs
 from .sites import Site
 
 

@@ -6,7 +6,8 @@ index on each token axis: the ViT sequence (``vit_item``, ``vit_pos``), the proj
 sequence (``llm_pos``). ``*_item`` is -1 when that axis has no batch dimension (Qwen2-VL flattens
 all patches of a batch into one sequence). ``llm_pos`` is -1 for patches that never reach the LLM
 (LLaVA-NeXT unpadding). Several patches share one ``llm_pos`` when the projector merges them
-(Qwen2-VL's 2x2 merger).
+(Qwen2-VL's 2x2 merger). ``patch`` is the row-major index of the patch in its tile's grid
+(``row * cols + col``), the number researchers call "patch 0, 14, 21".
 
 ``special`` lists ViT tokens that are not patches (CLS, registers), ``llm_tokens`` lists the LLM
 positions that carry image content (role ``image`` or ``newline``) with their token-grid cell, and
@@ -15,25 +16,50 @@ positions that carry image content (role ``image`` or ``newline``) with their to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Bool, Shaped
 
 ROLES = ("pad", "text", "image", "newline", "answer")
 ROLE = {r: i for i, r in enumerate(ROLES)}
 
-PATCH_COLUMNS = ["sample", "image", "tile", "row", "col", "vit_item", "vit_pos", "out_item", "out_pos",
+PATCH_COLUMNS = ["sample", "image", "tile", "row", "col", "patch", "vit_item", "vit_pos", "out_item", "out_pos",
                  "proj_item", "proj_pos", "llm_pos"]
 SPECIAL_COLUMNS = ["sample", "image", "tile", "role", "vit_item", "vit_pos", "out_item", "out_pos",
                    "proj_item", "proj_pos", "llm_pos"]
 LLM_COLUMNS = ["sample", "llm_pos", "role", "image", "tile", "row", "col"]
+AXES = ("vit", "vit_out", "proj", "llm")
 _AXIS_COLUMNS = {"vit": ("vit_item", "vit_pos"), "vit_out": ("out_item", "out_pos"),
                  "proj": ("proj_item", "proj_pos"), "llm": ("sample", "llm_pos")}
 
 
+def axis_columns(axis: str) -> tuple[str, str]:
+    """(item column, position column) of a token axis."""
+    if axis not in _AXIS_COLUMNS:
+        raise KeyError(f"unknown token axis {axis!r}; axes: {', '.join(AXES)}")
+    return _AXIS_COLUMNS[axis]
+
+
+def patch_index(patches: pd.DataFrame, grids: dict) -> np.ndarray:
+    """Row-major index of each patch in its tile's grid."""
+    if len(patches) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = list(zip(patches["sample"], patches["image"], patches["tile"]))
+    if grids and all(k in grids for k in set(keys)):
+        cols = np.array([grids[k][1] for k in keys], dtype=np.int64)
+    else:
+        cols = patches.groupby(["sample", "image", "tile"])["col"].transform("max").to_numpy() + 1
+    return patches["row"].to_numpy() * cols + patches["col"].to_numpy()
+
+
 def _frame(rows: list[dict] | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=columns)
+    df = pd.DataFrame(rows)
+    if "patch" in columns and "patch" not in df.columns:
+        df["patch"] = -1                       # filled from the grids in TokenMap.__post_init__
+    df = df.reindex(columns=columns)
     for c in columns:
         if c != "role":
             df[c] = df[c].astype("int64")
@@ -50,6 +76,8 @@ class TokenMap:
 
     def __post_init__(self):
         self.patches = _frame(self.patches, PATCH_COLUMNS)
+        if len(self.patches) and (self.patches["patch"] < 0).any():
+            self.patches["patch"] = patch_index(self.patches, self.grids).astype("int64")
         self.special = _frame(self.special, SPECIAL_COLUMNS)
         self.llm_tokens = _frame(self.llm_tokens, LLM_COLUMNS)
 
@@ -67,6 +95,45 @@ class TokenMap:
         keys = keys.drop_duplicates()
         cols = [torch.tensor(keys[c].to_numpy(), dtype=torch.long) for c in keys.columns]  # copy: pandas arrays are read-only
         return tuple(cols)
+
+    def mask(self, axis: str, select: np.ndarray, shape: Sequence[int]) -> Bool[torch.Tensor, "copies *tok"]:
+        """Per copy c, the tokens on ``axis`` of the patches where ``select[c]`` is True.
+
+        select: bool [C, n_patches] over the rows of ``patches``; shape: the site tensor's token
+        shape (without the hidden dim), e.g. [items, seq]. Patches without a token there are skipped."""
+        item_col, pos_col = axis_columns(axis)
+        item = self.patches[item_col].to_numpy()
+        pos = self.patches[pos_col].to_numpy()
+        c, j = np.nonzero(np.asarray(select, dtype=bool))
+        ok = pos[j] >= 0
+        c, j = c[ok], j[ok]
+        out = torch.zeros(len(select), *shape, dtype=torch.bool)
+        as_long = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+        if len(shape) == 1:
+            out[as_long(c), as_long(pos[j])] = True
+        else:
+            out[as_long(c), as_long(item[j]), as_long(pos[j])] = True
+        return out
+
+    def gather(self, x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> Shaped[torch.Tensor, "n d"]:
+        """Vectors [n, d] of ``rows`` (any frame with the axis columns) from a site tensor on
+        ``axis``, NaN where a row has no token there. x: [items, seq, d], or [seq, d] for a flat axis."""
+        item_col, pos_col = axis_columns(axis)
+        d = x.shape[-1]
+        out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
+        pos = rows[pos_col].to_numpy()
+        items = rows[item_col].to_numpy()
+        ok = pos >= 0
+        if not ok.any():
+            return out
+        dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
+        flat = ok & (items < 0)
+        if flat.any():
+            out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
+        nested = ok & (items >= 0)
+        if nested.any():
+            out[dev(np.flatnonzero(nested))] = x[dev(items[nested]), dev(pos[nested])]
+        return out
 
     def llm_positions(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Distinct (sample, llm_pos) pairs that `rows` reach in the LLM."""

@@ -1,18 +1,25 @@
-"""Reading and writing sites inside one forward pass, with nnsight underneath.
+"""All hook plumbing: reading and writing sites in one forward pass, and the plain-hook tools.
 
-``run(model, batch, read=[...], write={site: edit})`` returns the read tensors by site name. An
-edit is a function ``value -> new value`` (it may also modify ``value`` in place and return it);
-reads at an edited site see the edited value. Helpers below build the common edits from TokenMap
-indices. Sites are visited in execution order, as nnsight requires.
+``run(model, batch, read=[...], write={site: edit})`` reads and edits sites inside one nnsight
+trace and returns the read tensors by site name. An edit is a function ``value -> new value`` (it
+may also modify ``value`` in place and return it); reads at an edited site see the edited value.
+Sites are visited in execution order, as nnsight requires.
+
+The plain torch-hook tools are for hot paths that need no edits: ``capture`` (every asked site's
+tensor, passed through a function as soon as it exists, with the forward stopped after the last
+one), ``llm_inputs`` (what the language model receives, without running it) and ``knockout``
+(attention from every query to chosen keys masked).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
+from jaxtyping import Bool, Float
 
-from .errors import SiteError
+from .errors import MechsinkError, SiteError
 from .sites import Site
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -127,3 +134,163 @@ def scale_tokens(index: tuple[torch.Tensor, ...], factor: float) -> Edit:
 
 def zero_tokens(index: tuple[torch.Tensor, ...]) -> Edit:
     return scale_tokens(index, 0.0)
+
+
+# -- plain-hook tools ------------------------------------------------------------------------------
+class Stop(Exception):
+    """Ends a forward early: everything a caller needs has been seen (later layers need not run)."""
+
+
+class TraceError(MechsinkError, ValueError):
+    """A hook tool that cannot work on this model (no language model, unsupported attention)."""
+
+
+def capture(model, inputs: Mapping, sites: Sequence[str | Site], take: Callable[[str, torch.Tensor], object] | None = None,
+            *, stop: bool = True) -> dict[str, object]:
+    """One forward of ``inputs`` with plain hooks at the modules holding ``sites``.
+
+    Returns {site name: take(site, tensor)} (the tensor itself without ``take``) for the first time
+    each site's tensor exists; with ``stop`` the forward ends as soon as every site was seen. Sites
+    computed from others (``hook_resid_mid``, recomputed patterns) cannot be captured: use ``run``.
+    """
+    names = [str(Site.parse(s)) for s in sites]
+    where = {s: model.locate(s) for s in names}
+    derived = [s for s, (_, io, _) in where.items() if io not in ("input", "output")]
+    if derived:
+        raise SiteError(f"sites {derived} are computed from other sites; read them with model.run")
+    got: dict[str, object] = {}
+
+    def record(site: str, x: torch.Tensor) -> None:
+        if site in got:          # a module run twice: the first call counts, as in model.run
+            return
+        got[site] = take(site, x) if take is not None else x
+        if stop and len(got) == len(names):
+            raise Stop
+
+    by_module: dict[tuple[str, str], list[tuple[str, int | None]]] = {}
+    for s, (path, io, idx) in where.items():
+        by_module.setdefault((path, io), []).append((s, idx))
+    handles = []
+    for (path, io), entries in by_module.items():
+        def pick(value, entries=entries):
+            for s, idx in entries:
+                record(s, value[idx or 0] if isinstance(value, tuple) else value)
+        mod = model.module(path)
+        if io == "input":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, kwargs, pick=pick: pick(args[0] if args else next(iter(kwargs.values()))),
+                with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, out, pick=pick: pick(out)))
+    inputs = dict(inputs)
+    if not model.adapter.vision_only:
+        inputs.setdefault("use_cache", False)   # as in run: a KV cache is never reused here
+    try:
+        with torch.no_grad():
+            model.hf(**inputs)
+    except Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [s for s in names if s not in got]
+    if missing:
+        raise SiteError(f"{model.name}: sites {missing} did not run in the forward pass")
+    return got
+
+
+@dataclass
+class LLMInputs:
+    """What the language model received in a clean forward; enough to rerun the LLM alone.
+
+    embeds: inputs_embeds (text embeddings with the visual tokens scattered in); attention_mask:
+    [B, S] or None; position_ids: as the model built them (e.g. Qwen's [3, B, S] M-RoPE ids), or None.
+    """
+    embeds: Float[torch.Tensor, "batch seq d"]
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+
+    def repeat(self, n: int) -> dict:
+        """Model inputs for ``n`` copies stacked along the batch dimension."""
+        out = {"inputs_embeds": self.embeds.repeat(n, 1, 1)}
+        if self.attention_mask is not None:
+            out["attention_mask"] = self.attention_mask.repeat(n, 1)
+        if self.position_ids is not None:
+            p = self.position_ids
+            out["position_ids"] = p if p.shape[-2] == 1 else torch.cat([p] * n, dim=-2)
+        return out
+
+
+def llm_module(model) -> str:
+    """Path of the language model (the parent of its blocks)."""
+    blocks = model.adapter.llm_blocks
+    if not blocks:
+        raise TraceError(f"{model.name} has no language model")
+    return blocks.rsplit(".", 1)[0]
+
+
+def llm_inputs(model, batch) -> LLMInputs:
+    """Capture the language model's inputs in one forward of ``batch`` (the ViT and projector
+    run; the language model does not)."""
+    got: dict = {}
+
+    def hook(mod, args, kwargs):
+        got.update(kwargs)
+        if args:
+            got.setdefault("inputs_embeds", args[0])
+        raise Stop
+
+    handle = model.module(llm_module(model)).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.hf(**batch.inputs, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    if got.get("inputs_embeds") is None:
+        raise TraceError(f"could not capture the inputs of {llm_module(model)}")
+    return LLMInputs(got["inputs_embeds"].detach(), got.get("attention_mask"), got.get("position_ids"))
+
+
+@contextlib.contextmanager
+def knockout(model, key_mask: Bool[torch.Tensor, "rows seq"], layers: Sequence[int] | None = None):
+    """Within the block, LLM attention from every query to the positions in ``key_mask`` is masked
+    at ``layers`` (default: all). A token still attends to itself, so no row is empty; what is cut
+    is the flow from those tokens to the others. Needs sdpa or eager attention."""
+    layers = range(model.n_llm_layers) if layers is None else layers
+    impl = getattr(model.hf.config, "_attn_implementation", None)
+    if impl not in (None, "sdpa", "eager"):
+        raise TraceError(f"attention knockout needs sdpa or eager attention, the model uses {impl!r}")
+
+    def hook(mod, args, kwargs):
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        if "attention_mask" not in kwargs:
+            raise TraceError(f"cannot knock out attention: {type(mod).__name__} takes no attention_mask keyword")
+        am = kwargs["attention_mask"]
+        r, q = h.shape[0], h.shape[1]
+        km = key_mask.to(h.device)
+        k = km.shape[1]
+        if r != km.shape[0]:
+            raise TraceError(f"knockout mask for {km.shape[0]} rows, attention sees {r}")
+        own = torch.zeros(q, k, dtype=torch.bool, device=h.device)          # query i is key k - q + i
+        own[torch.arange(q), torch.arange(q) + (k - q)] = True
+        block = km[:, None, None, :] & ~own                                  # [R, 1, q, k]
+        if am is None:
+            causal = torch.ones(q, k, dtype=torch.bool, device=h.device).tril(k - q)
+            am = causal[None, None] & ~block
+        elif am.dtype == torch.bool:
+            am = am & ~block
+        else:
+            am = am.masked_fill(block, torch.finfo(am.dtype).min)
+        kwargs["attention_mask"] = am
+        return args, kwargs
+
+    parts = model.adapter.llm_parts
+    handles = [model.module(f"{model.adapter.llm_blocks}.{l}.{parts.attn}").register_forward_pre_hook(hook, with_kwargs=True)
+               for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -8,7 +8,7 @@ import mechsink
 from mechsink.data.core import Sample
 from mechsink.interventions.reorder import (ReorderError, evaluate_reorder, permutation, reorder_inputs,
                                             reordered_logits)
-from mechsink.patching import llm_inputs
+from mechsink.trace import llm_inputs
 from mechsink.sinks.detect import SinkSpec, detect
 from mechsink.zoo.planted import EVAL_DIR, PLANTED_SINKS, PROMPT, load_eval
 

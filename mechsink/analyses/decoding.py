@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..patching import knockout_hooks, llm_inputs
+from ..trace import knockout as knockout_hooks, llm_inputs
 from ..tokens import ROLE
 from .relevance import AnalysisError
 

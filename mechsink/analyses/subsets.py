@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..patching import Plan, execute, llm_inputs
+from ..engine import Plan, execute
+from ..trace import llm_inputs
 from ..tokens import ROLE
 from .relevance import AnalysisError
 from .scoring import ANSWER_METRIC, accuracy_table, answer_batches

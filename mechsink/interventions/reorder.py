@@ -29,7 +29,7 @@ import torch
 
 from ..analyses.scoring import accuracy_table, answer_batches, answer_scores
 from ..errors import MechsinkError
-from ..patching import LLMInputs, llm_inputs
+from ..trace import LLMInputs, llm_inputs
 
 ORDERS = ("original", "front", "end")
 POSITIONS = ("kept", "reassigned")
