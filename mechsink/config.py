@@ -72,8 +72,8 @@ class Config:
         return cls.from_dict(d)
 
     def fingerprint(self) -> str:
-        """sha256 hex of the canonical JSON (sorted keys, no spaces)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        """sha256 hex of the canonical JSON (sorted keys): equal settings, equal fingerprints."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def replace(self: C, **changes) -> C:
         return dataclasses.replace(self, **changes)

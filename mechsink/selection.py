@@ -152,18 +152,19 @@ def _split(text: str) -> list[str]:
 SinkSource = Any   # SinkSpec | SinkSet | Callable[[model, batch], SinkSet | DataFrame] | Sequence[int] | None
 
 
-def sink_table(model, batch, sinks: SinkSource = None, foreground: Callable | None = None) -> pd.DataFrame:
+def sink_table(model, batch, sinks: SinkSource, foreground: Callable | None = None) -> pd.DataFrame:
     """The batch's patch table with ``is_sink`` and, when known, ``norm`` and ``foreground``;
     rows in ``batch.token_map.patches`` order.
 
-    sinks: a SinkSpec (detected here, one forward), a SinkSet of this batch, a function
-    (model, batch) -> SinkSet or DataFrame, fixed patch indices (e.g. planted sinks), or None
-    (detection with the default SinkSpec). foreground: (model, batch) -> bool per patch row.
+    sinks: a SinkSpec (anything with ``detect(model, batch)``: detected here, one forward), a
+    SinkSet of this batch, a function (model, batch) -> SinkSet or DataFrame, or fixed patch
+    indices (e.g. planted sinks). foreground: (model, batch) -> bool per patch row.
     """
     tm = batch.token_map
-    if sinks is None or type(sinks).__name__ == "SinkSpec":
-        from .sinks.detect import detect            # sinks/ sits beside this module's users, above it
-        table = detect(model, batch, sinks).patches
+    if sinks is None:
+        raise SelectionError("no sink rule given: pass sinks=SinkSpec() (the default rule), a SinkSet or patch indices")
+    if hasattr(sinks, "detect"):
+        table = sinks.detect(model, batch).patches
     elif hasattr(sinks, "patches"):
         table = sinks.patches
     elif callable(sinks):

@@ -17,15 +17,22 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mechsink.data.errors import ImageError
 
-if TYPE_CHECKING:
-    from mechsink.data.core import Sample
+
+
+class _HasImage(Protocol):
+    """What iter_images needs of a sample (mechsink.data.core.Sample is one); a protocol, so that
+    this module does not import core, which imports it."""
+    id: str
+    image_path: str | None
+
+    def load_image(self, max_side: int | None = ...) -> Image.Image: ...
 
 log = logging.getLogger("mechsink.data")
 
@@ -171,8 +178,8 @@ class ErrorLog:
 
 
 def iter_images(
-    ds: Iterable[Sample], *, errors: ErrorLog | None = None, max_side: int | None = DEFAULT_MAX_SIDE
-) -> Iterator[tuple[Sample, Image.Image]]:
+    ds: Iterable[_HasImage], *, errors: ErrorLog | None = None, max_side: int | None = DEFAULT_MAX_SIDE
+) -> Iterator[tuple[_HasImage, Image.Image]]:
     """Yield (sample, RGB image) for every readable image; skip and record the rest.
 
     A skipped sample is logged at WARNING level and, when `errors` is given, recorded there.

@@ -15,6 +15,7 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mechsink.report.manifest import ReportError
 
@@ -254,3 +255,41 @@ def binned_bar(
         ax.legend(title=hue, frameon=False)
     _label(ax, title, x if xlabel is None else xlabel, y if ylabel is None else ylabel)
     return fig
+
+
+# -- one entry point ---------------------------------------------------------------------------------
+# Result class -> the function below that draws it (looked up at call time).
+_PLOTTERS = {
+    "AblationResult": "ablation_figure", "PatchResult": "patch_heatmap", "AttributionResult": "attribution_heatmap",
+    "ProbeResult": "probe_figure", "RelevanceMaps": "relevance_figure", "ReorderResult": "reorder_figure",
+    "SubsetResult": "subset_figure", "NormProfile": "norm_profile_figure", "SinkSet": "sink_norm_figure",
+}
+
+
+def plot(result, **kw) -> Figure:
+    """The standard figure of any mechsink result: ``plot(ablate(model, data))`` in a notebook."""
+    name = _PLOTTERS.get(type(result).__name__)
+    if name is None or name not in globals():
+        raise ReportError(f"no figure for a {type(result).__name__}; results with figures: {', '.join(_PLOTTERS)}")
+    return globals()[name](result, **kw)
+
+
+# -- sink results ------------------------------------------------------------------------------------
+def norm_profile_figure(profile, title: str | None = None) -> Figure:
+    """Median over images of (largest token norm / median norm) per ViT layer, the outlier line dotted."""
+    t = profile.table()
+    fig, ax = new_figure(6.4, 3.4)
+    ax.plot(t["layer"], t["median_max_over_median"], marker="o", color="#2471a3")
+    ax.axhline(profile.config.ratio if profile.config is not None else 3.0, color="#999999", ls=":", lw=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _label(ax, title, "ViT layer", "median over images of max/median norm")
+    return fig
+
+
+def sink_norm_figure(sinks, title: str | None = None) -> Figure:
+    """Token norms relative to their image's median at the detection site; sinks far right."""
+    pat = sinks.patches
+    rel = pat["norm"] / pat.groupby(["sample", "image", "tile"])["norm"].transform("median")
+    spec = sinks.spec
+    return norm_histogram(rel, threshold=spec.params.get("ratio") if spec.rule in ("relative", "ratio") else None,
+                          title=title, xlabel="norm / median norm of the image")

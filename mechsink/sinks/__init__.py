@@ -6,7 +6,7 @@
 """
 from .attention import llm_attention, llm_attention_acts, norm_bins, sink_ratio, vit_attention, vit_attention_acts
 from .detect import (PRESETS, SinkSet, SinkSpec, calibrate, calibrate_acts, candidate_scores, detect, detect_acts,
-                     score_tokens, sinks_command)
+                     detect_dataset, score_tokens)
 from .llm import CLASSES, SinkClasses, classify_acts, kang_score, rms_normalize, sink_classes
 from .massive import massive_dims, scan_massive, top_dims
 from .rules import RULES, QuantileSketch, SinkError
@@ -15,5 +15,5 @@ __all__ = [
     "CLASSES", "PRESETS", "RULES", "QuantileSketch", "SinkClasses", "SinkError", "SinkSet", "SinkSpec",
     "calibrate", "calibrate_acts", "candidate_scores", "classify_acts", "detect", "detect_acts", "kang_score",
     "llm_attention", "llm_attention_acts", "massive_dims", "norm_bins", "rms_normalize", "scan_massive",
-    "score_tokens", "sink_classes", "sink_ratio", "sinks_command", "top_dims", "vit_attention", "vit_attention_acts",
+    "detect_dataset", "score_tokens", "sink_classes", "sink_ratio", "top_dims", "vit_attention", "vit_attention_acts",
 ]

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from ..atomic import write_parquet, write_text
+from ..config import Config
 from ..errors import SiteError
 from ..sites import Site
 from ..tokens import _AXIS_COLUMNS, TokenMap
@@ -48,8 +49,8 @@ PRESETS: dict[str, dict] = {
 _INT_PARAMS = {"k": ("topk",), "n_calib": ("quantile",)}
 
 
-@dataclass(frozen=True)
-class SinkSpec:
+@dataclass(frozen=True, eq=True)
+class SinkSpec(Config):
     """How sinks are detected. Parameters missing from ``params`` take the rule's defaults, so
     ``to_dict`` (and the fingerprint) always spell out every number that was used."""
     site: str = "vit.out"
@@ -131,37 +132,16 @@ class SinkSpec:
             changes["params"] = {}
         return dataclasses.replace(self, **changes)
 
-    # -- serialisation -----------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"site": self.site, "score": self.score, "dims": list(self.dims) if self.dims else None,
-                "rule": self.rule, "params": dict(self.params), "include_special": self.include_special,
-                "per": self.per}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SinkSpec":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise SinkError(f"not a SinkSpec: unknown keys {', '.join(sorted(unknown))}")
-        return cls(**dict(d))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SinkSpec":
-        return cls.from_dict(json.loads(text))
-
-    def fingerprint(self) -> str:
-        """sha256 hex of the canonical JSON: equal specs give equal fingerprints, across processes."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
-
     def __hash__(self) -> int:
         return hash(self.fingerprint())
 
     @property
     def axis(self) -> str:
         return Site.parse(self.site).axis
+
+    def detect(self, model, batch, *, ids: Sequence | None = None) -> "SinkSet":
+        """Sinks of one batch under this rule (one forward reading ``site``)."""
+        return detect(model, batch, self, ids=ids)
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -199,16 +179,6 @@ def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkS
     return out
 
 
-def _patch_index(patches: pd.DataFrame, grids: dict) -> np.ndarray:
-    """Row-major index of each patch in its tile's grid."""
-    keys = list(zip(patches["sample"], patches["image"], patches["tile"]))
-    if grids and all(k in grids for k in set(keys)):
-        cols = np.array([grids[k][1] for k in keys], dtype=np.int64)
-    else:
-        cols = patches.groupby(["sample", "image", "tile"])["col"].transform("max").to_numpy() + 1
-    return patches["row"].to_numpy() * cols + patches["col"].to_numpy()
-
-
 def _flag(cands: pd.DataFrame, spec: SinkSpec) -> np.ndarray:
     """Apply the rule to candidate scores (column 'norm'), per group for relative rules."""
     flags = np.zeros(len(cands), dtype=bool)
@@ -237,6 +207,24 @@ class SinkSet:
     special: pd.DataFrame
     ids: list | None = None
     token_map: TokenMap | None = field(default=None, repr=False)
+    norms: Any = field(default=None, repr=False)      # a NormProfile when detect_dataset profiled the layers
+
+    # -- the Result protocol (frame, config, summary, save, load) ------------------------------
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self.patches
+
+    @property
+    def config(self) -> SinkSpec:
+        return self.spec
+
+    def summary(self) -> dict:
+        """Images, images with sinks, sinks per image and the fraction of patches that are sinks."""
+        per = self.patches.groupby(["sample", "image", "tile"])["is_sink"].sum()
+        return {"images": int(len(per)), "images_with_sinks": int((per > 0).sum()),
+                "mean_per_image": float(per.mean()) if len(per) else float("nan"),
+                "fraction_of_tokens": float(self.patches["is_sink"].mean()) if len(self.patches) else float("nan"),
+                "rule": self.spec.to_dict()}
 
     @property
     def sinks(self) -> pd.DataFrame:
@@ -358,7 +346,6 @@ def _site_tensor(acts, spec: SinkSpec) -> torch.Tensor:
 def _scored(acts, token_map: TokenMap, spec: SinkSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     x = _site_tensor(acts, spec)
     patches = token_map.patches.copy()
-    patches["patch"] = _patch_index(patches, token_map.grids)
     patches["norm"] = frame_scores(x, patches, spec.axis, spec)
     special = token_map.special.copy()
     special["norm"] = frame_scores(x, special, spec.axis, spec)
@@ -426,51 +413,46 @@ def calibrate(model, batches: Iterable, spec: SinkSpec | None = None, q: float =
     return calibrate_acts(((model.run(b, read=[spec.site]), b.token_map) for b in batches), spec, q, sketch)
 
 
-# -- the CLI's entry point ------------------------------------------------------------------------
-def sinks_command(model_name, images_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-                  rule: str | None = None, *, params: Mapping[str, float] | None = None, site: str | None = None,
-                  score: str | None = None, dims: Sequence[int] | None = None, include_special: bool | None = None,
-                  per: str | None = None, prompt: str | None = None, limit: int | None = None, batch_size: int = 8,
-                  device: str | None = None, dtype: str | None = None, json: bool = True, errors=None):
-    """Detect sinks on a folder of images (``images_dir``) or a dataset (``data``).
+# -- over a dataset ----------------------------------------------------------------------------
+def detect_dataset(model, data, sinks: SinkSpec | None = None, *, batch_size: int = 8, prompt: str | None = None,
+                   errors=None, progress: bool | str = False, norms=None) -> SinkSet:
+    """Detect sinks on every readable sample of ``data`` (a Dataset, Samples, a Batch or Batches).
 
-    Returns, per image, {"image": path or id, "sinks": [{"patch", "row", "col", "norm", "llm_pos", "tile"}]}
-    (``json=True``), or the concatenated SinkSet. Images go in with ``prompt``, else the dataset's
-    own prompt, else the model's neutral default prompt. The quantile rule without a ``tau`` is
-    calibrated on the same images first. Unreadable images are skipped and recorded in ``errors``
-    (a mechsink.data.ErrorLog) when given.
+    Images go in with ``prompt``, else the dataset's own prompt, else the model's neutral
+    question. The quantile rule without ``tau`` is calibrated on the same images first (one more
+    pass). Unreadable images are skipped and listed in ``errors``. ``norms``: a
+    ``mechsink.sinks.norms.NormConfig``; the same forwards then also profile every ViT layer's
+    token norms into ``result.norms`` (a NormProfile).
     """
-    from .. import load
-    from ..data import ErrorLog, iter_images, open_dataset
-    if (images_dir is None) == (data is None):
-        raise SinkError("give exactly one of images_dir (a folder of images) or data (a dataset)")
-    spec = SinkSpec.from_options(rule, site=site, score=score, dims=dims, include_special=include_special, per=per,
-                                 **dict(params or {}))
-    ds = open_dataset(images_dir, format="folder", limit=limit) if images_dir is not None else open_dataset(data, limit=limit)
-    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=dtype)
-    errors = errors if errors is not None else ErrorLog()
+    from ..batching import batches
+    spec = sinks if sinks is not None else SinkSpec()
+    if not isinstance(spec, SinkSpec):
+        raise SinkError(f"sinks must be a SinkSpec to detect on a dataset, got {type(spec).__name__}")
+    data = list(data) if not hasattr(data, "__getitem__") else data
 
-    def batches():
-        chunk: list = []
-        for sample, image in iter_images(ds, errors=errors):
-            chunk.append((sample, image))
-            if len(chunk) == batch_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    def prepared():
-        for chunk in batches():
-            prompts = [prompt if prompt is not None else (s.prompt if images_dir is None else None) for s, _ in chunk]
-            ids = [s.image_path or s.id for s, _ in chunk]
-            yield model.prepare([im for _, im in chunk], prompts=prompts), ids
+    def chunks(label):
+        return batches(model, data, batch_size, answers=False, prompt=prompt, errors=errors, progress=label)
 
     if spec.rule == "quantile" and spec.params.get("tau") is None:
-        spec = calibrate(model, (b for b, _ in prepared()), spec.replace(rule="relative"), q=spec.params["q"])
+        spec = calibrate(model, (c.batch for c in chunks("calibrate" if progress else False)),
+                         spec.replace(rule="relative"), q=spec.params["q"])
         log.info("calibrated the quantile rule: tau = %.4g over %d tokens", spec.params["tau"], spec.params["n_calib"])
-    sets = [detect(model, b, spec, ids=ids) for b, ids in prepared()]
+        errors = None        # the calibration pass has listed the unreadable images already
+    profile = None
+    if norms is not None:
+        from .norms import NormProfiler
+        profile = NormProfiler(model, norms)
+    sets = []
+    for chunk in chunks("detect" if progress is True else progress):
+        reads = [spec.site, *(profile.sites if profile is not None else [])]
+        acts = model.run(chunk.batch, read=list(dict.fromkeys(reads)))
+        ids = [s.image_path or s.id for s in chunk.samples] if chunk.samples is not None else chunk.ids
+        sets.append(detect_acts(acts, chunk.batch.token_map, spec, ids=ids))
+        if profile is not None:
+            profile.add(acts, chunk.batch.token_map, chunk.start)
     if not sets:
-        raise SinkError(f"no readable images in {images_dir if images_dir is not None else data}")
+        raise SinkError("no readable images to detect sinks in")
     out = SinkSet.concat(sets) if len(sets) > 1 else sets[0]
-    return out.to_records() if json else out
+    if profile is not None:
+        out.norms = profile.result()
+    return out

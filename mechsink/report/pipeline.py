@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import MechsinkError
+from ..config import Config
+from ..errors import MechsinkError
 
 log = logging.getLogger("mechsink")
 
@@ -34,8 +35,8 @@ CONTROL_SECTIONS = ("detection", "attention", "probes", "ablation", "patching")
 PROBE_LABELS = ("planted_label", "majority_class", "n_items", "top_left", "folder")
 
 
-@dataclass
-class ReportConfig:
+@dataclass(frozen=True)
+class ReportConfig(Config):
     model: str = "toy-llava"
     data: str | None = None                    # default: the model's bundled evaluation set
     control: str | None = "planted-llava"      # positive control for the causal sections; None to skip
@@ -47,23 +48,16 @@ class ReportConfig:
     seed: int = 0
     sink_spec: dict | None = None              # mechsink.sinks.SinkSpec.to_dict(); None = the default rule
     fallback_topk: int = 3                     # when the rule finds no sinks: top-k norm tokens, labelled as such
-    probe_labels: list[str] | None = None
+    probe_labels: tuple[str, ...] | None = None
     batch_size: int = 16
     device: str | None = None
     dtype: str | None = None                   # e.g. "bfloat16" for 7B models on a GPU
     device_map: str | None = None              # "auto" spreads a large model over the GPUs
     title: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ReportConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise MechsinkError(f"unknown report setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+    def __post_init__(self):
+        if self.probe_labels is not None:
+            object.__setattr__(self, "probe_labels", tuple(self.probe_labels))
 
 
 @dataclass
@@ -82,8 +76,8 @@ class _Ctx:
 def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report", *, sections=None,
                control_sections=None) -> Path:
     """Run the pipeline and write ``out/index.html`` + ``out/manifest.json``; returns index.html."""
-    from . import __version__
-    from .report import Report
+    from .. import __version__
+    from .html import Report
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     out = Path(out)
@@ -126,9 +120,9 @@ def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
 
 # -- set-up -----------------------------------------------------------------------------------------
 def _context(name: str, data: str | None, config: ReportConfig, work: Path, key: str) -> _Ctx:
-    from . import load
-    from .data import default_data, open_dataset
-    from .sinks import SinkSpec
+    from .. import load
+    from ..data import default_data, open_dataset
+    from ..sinks import SinkSpec
     model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
                  device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
@@ -137,7 +131,7 @@ def _context(name: str, data: str | None, config: ReportConfig, work: Path, key:
 
 
 def _register(rep, ctx: _Ctx) -> None:
-    from .report import hash_directory
+    from .manifest import hash_directory
     src = ctx.model.source
     rep.models[ctx.model.name] = {"source": src, "sha256": hash_directory(src)} if Path(str(src)).is_dir() else {"source": src}
     rep.data[ctx.data.name] = ctx.data.fingerprint()
@@ -172,54 +166,31 @@ def _num(rep, key: str, value) -> None:
 
 
 def _detection(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .batching import batches
-    from .report.figures import new_figure, norm_histogram
-    from .sinks import SinkSet, SinkSpec
-    from .sinks.detect import detect_acts
+    from ..sinks import SinkSpec, detect_dataset
+    from ..sinks.norms import NormConfig
+    from .figures import norm_histogram, norm_profile_figure
     m, spec = ctx.model, ctx.spec
     rep.section(f"Sink detection ({m.name})")
-    layers = [f"vit.blocks.{l}.hook_resid_post" for l in range(m.n_vit_layers)]
-    reads = list(dict.fromkeys([*layers, spec.site]))
-    sets, ratios = [], {s: [] for s in layers}
-    frac3 = {s: [] for s in layers}
-    for samples, batch in batches(m, _subset(ctx, config.limit), config.batch_size, progress="detect"):
-        acts = m.run(batch, read=reads)
-        sets.append(detect_acts(acts, batch.token_map, spec, ids=[s.id for s in samples]))
-        p = batch.token_map.patches
-        for s in layers:
-            x = acts[s][batch.token_map.index("vit", p)].float().norm(dim=-1).numpy()
-            for _, idx in p.groupby(["sample", "image", "tile"]).indices.items():
-                med = np.median(x[idx])
-                ratios[s].append(x[idx].max() / med)
-                frac3[s].append(bool((x[idx] > 3 * med).any()))
-    sinks = SinkSet.concat(sets)
+    sinks = detect_dataset(m, _subset(ctx, config.limit), spec, batch_size=config.batch_size, progress="detect",
+                           norms=NormConfig())
     pat = sinks.patches
-    per_img = pat.groupby(["sample", "image", "tile"])["is_sink"].sum()
-    n_img = len(per_img)
+    s = sinks.summary()
     rep.text(f"Rule: `{spec.rule}` at `{spec.site}` with {json.dumps(spec.params)} "
-             f"(score `{spec.score}`, judged per {spec.per}). {n_img} images.")
-    _num(rep, f"{ctx.key}.sinks.images", n_img)
-    _num(rep, f"{ctx.key}.sinks.images_with_sinks", int((per_img > 0).sum()))
-    _num(rep, f"{ctx.key}.sinks.mean_per_image", float(per_img.mean()))
-    _num(rep, f"{ctx.key}.sinks.fraction_of_tokens", float(pat["is_sink"].mean()))
+             f"(score `{spec.score}`, judged per {spec.per}). {s['images']} images.")
+    for k in ("images", "images_with_sinks", "mean_per_image", "fraction_of_tokens"):
+        _num(rep, f"{ctx.key}.sinks.{k}", s[k])
     rel = pat["norm"] / pat.groupby(["sample", "image", "tile"])["norm"].transform("median")
     fig = norm_histogram(rel, threshold=spec.params.get("ratio") if spec.rule in ("relative", "ratio") else None,
                          title=f"{m.name}: norm / image median at {spec.site}", xlabel="norm / median norm of the image")
     rep.figure(fig, "Token norms relative to their image's median (sinks sit far right).")
-    stats = pd.DataFrame({"layer": range(len(layers)),
-                          "median max/median norm": [float(np.median(ratios[s])) for s in layers],
-                          "images with a token > 3x median": [float(np.mean(frac3[s])) for s in layers]})
+    stats = sinks.norms.table().rename(columns={"median_max_over_median": "median max/median norm",
+                                                "frac_images_with_outlier": "images with a token > 3x median"})
     rep.table(stats, "Per ViT layer: how far the largest token norm stands out (natural high-norm tokens).", index=False)
     for r in stats.itertuples(index=False):
         _num(rep, f"{ctx.key}.norms.layer{r.layer}.max_over_median", r[1])
         _num(rep, f"{ctx.key}.norms.layer{r.layer}.frac_images_gt3x", r[2])
-    fig, ax = new_figure(6.4, 3.4)
-    ax.plot(stats["layer"], stats["median max/median norm"], marker="o", color="#2471a3")
-    ax.axhline(3, color="#999999", ls=":", lw=1)
-    ax.set_xlabel("ViT layer")
-    ax.set_ylabel("median over images of max/median norm")
-    ax.set_title(f"{m.name}: outlier norms by layer")
-    rep.figure(fig, "Largest token norm over the image median, per ViT layer (3x dotted).")
+    rep.figure(norm_profile_figure(sinks.norms, title=f"{m.name}: outlier norms by layer"),
+               "Largest token norm over the image median, per ViT layer (3x dotted).")
     if pat["is_sink"].any():
         grid = pat[pat["is_sink"]].groupby(["row", "col"]).size().reset_index(name="count")
         rep.table(grid.sort_values("count", ascending=False).head(10), "Where sinks sit (most frequent cells).",
@@ -239,10 +210,10 @@ def _token_word(ctx: _Ctx) -> str:
 
 
 def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .batching import batches
-    from .report.figures import binned_bar
-    from .sinks.attention import llm_attention, norm_bins, sink_ratio
-    from .sinks.detect import detect
+    from ..batching import batches
+    from .figures import binned_bar
+    from ..sinks.attention import llm_attention, norm_bins, sink_ratio
+    from ..sinks.detect import detect
     m = ctx.model
     rep.section(f"Norms and LLM attention ({m.name})")
     frames = []
@@ -266,8 +237,8 @@ def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .cache.extract import extract
-    from .probing import ProbeConfig, accuracy_figure, probe
+    from ..cache.extract import extract
+    from ..probing import ProbeConfig, accuracy_figure, probe
     m = ctx.model
     rep.section(f"Linear probes ({m.name})")
     data = _subset(ctx, config.limit)
@@ -295,7 +266,7 @@ def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .ablation import AblationConfig, ablate, contrast_foreground
+    from ..ablation import AblationConfig, ablate, contrast_foreground
     m = ctx.model
     rep.section(f"Ablation: {_token_word(ctx)} vs matched random tokens ({m.name})")
     # Controls matched on count and on foreground/background: high-norm tokens often sit on objects,
@@ -322,7 +293,7 @@ def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _patching(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .patching import PatchResult, block_sites, patch_command
+    from ..patching import PatchResult, block_sites, patch_command
     m = ctx.model
     rep.section(f"Activation patching ({m.name})")
     out = ctx.work / "patching"
@@ -344,7 +315,7 @@ def _patching(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _subsets(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .analyses.subsets import visual_subsets
+    from ..analyses.subsets import visual_subsets
     m = ctx.model
     rep.section(f"Sink-only and non-sink-only visual input ({m.name})")
     res = visual_subsets(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
@@ -358,7 +329,7 @@ def _subsets(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _reorder(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from .interventions.reorder import evaluate_reorder
+    from ..interventions.reorder import evaluate_reorder
     m = ctx.model
     rep.section(f"Sink-to-the-front ({m.name})")
     res = evaluate_reorder(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
