@@ -293,3 +293,94 @@ def sink_norm_figure(sinks, title: str | None = None) -> Figure:
     spec = sinks.spec
     return norm_histogram(rel, threshold=spec.params.get("ratio") if spec.rule in ("relative", "ratio") else None,
                           title=title, xlabel="norm / median norm of the image")
+
+
+# -- semantic results --------------------------------------------------------------------------------
+# Probes, relevance maps, visual subsets and reordering (mechsink.probing, .analyses, .interventions).
+_TOKEN_SET_COLOURS = {"sinks": CONDITION_COLOURS["sinks"], "nonsinks": CONDITION_COLOURS["nonsinks"],
+                      "image": CONDITION_COLOURS["full"], "cls": "#1e8449", "mean": "#8e44ad"}
+
+
+def probe_figure(result, title: str | None = None) -> Figure:
+    """Probe accuracy (with CI band) by site in model order, one line per token set; chance dotted.
+    result: a ProbeResult or its frame."""
+    df = getattr(result, "frame", result)
+    _require(df, ["token_set", "site", "depth", "accuracy", "ci_low", "ci_high", "chance", "label"], "probe_figure")
+    order = [t for t in _TOKEN_SET_COLOURS if t in set(df["token_set"])]
+    order += [t for t in pd.unique(df["token_set"]) if t not in order]
+    label = df["label"].iloc[0]
+    palette = {t: _TOKEN_SET_COLOURS.get(t, "#34495e") for t in order}
+    fig = accuracy_by_layer(df, x="depth", y="accuracy", hue="token_set", low="ci_low", high="ci_high",
+                            hue_order=order, palette=palette, chance=float(df["chance"].max()),
+                            title=title or f"probe accuracy for {label!r}", ylabel="balanced accuracy", xlabel="site")
+    ax = fig.axes[0]
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # never over the lines
+    ticks = df.drop_duplicates("depth").sort_values("depth")
+    ax.set_xticks(ticks["depth"].to_numpy(), ticks["site"].tolist(), rotation=30, ha="right", fontsize=8)
+    return fig
+
+
+def draw_map(ax, rmap: np.ndarray, image=None, *, marker: tuple[int, int] | None = None, alpha: float = 0.6,
+             cmap: str = "magma") -> None:
+    """Draw a [rows, cols] relevance map over ``image`` (stretched to the image; exact for square
+    images the processor does not crop) on a matplotlib axes; ``marker`` = (row, col) of the token."""
+    rows, cols = rmap.shape
+    if image is not None:
+        w, h = image.size
+        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, w, h, 0))
+    else:
+        w, h = cols, rows
+    ax.imshow(rmap, extent=(0, w, h, 0), alpha=alpha if image is not None else 1.0, cmap=cmap,
+              interpolation="nearest")
+    if marker is not None:
+        r, c = marker
+        ax.scatter([(c + 0.5) * w / cols], [(r + 0.5) * h / rows], s=30, marker="x", color="cyan")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def relevance_figure(maps, images: Sequence | None = None, *, per_set: int = 3, alpha: float = 0.6) -> Figure:
+    """Up to ``per_set`` sink maps (top row) and non-sink maps (bottom row) of a RelevanceMaps, each
+    over its image. images: per sample, an image or a list of images (``batch.images``); None draws
+    the maps alone."""
+    f = maps.frame.reset_index(drop=True)
+    if f.empty:
+        raise ReportError("relevance_figure: no maps to draw")
+    picks = [f.index[f["is_sink"]][:per_set], f.index[~f["is_sink"]][:per_set]]
+    ncols = max(1, max(len(p) for p in picks))
+    fig = Figure(figsize=(2.6 * ncols, 5.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, ncols, squeeze=False)
+    for r, (label, idx) in enumerate(zip(("sink", "non-sink"), picks)):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(idx):
+                ax.axis("off")
+                continue
+            i = int(idx[c])
+            row = f.loc[i]
+            im = None
+            if images is not None:
+                im = images[int(row["sample"])]
+                im = im[int(row["image"])] if isinstance(im, (list, tuple)) else im
+            draw_map(ax, maps.maps[i], im, marker=(int(row["row"]), int(row["col"])), alpha=alpha)
+            ax.set_title(f"{label} ({int(row['row'])},{int(row['col'])}) spread {row['spread']:.2f}", fontsize=8)
+    return fig
+
+
+def subset_figure(result, by: str = "question_type", title: str | None = None) -> Figure:
+    """Accuracy (Wilson CIs) per ``by`` group with each visual input (image tokens, sinks only,
+    non-sinks only) of a SubsetResult."""
+    t = result.table((by,))
+    cfg = result.config
+    order = [s for s in cfg.subsets] if cfg is not None else list(pd.unique(t["subset"]))
+    return effect_plot(t, x=by, y="accuracy", hue="subset", low="ci_low", high="ci_high", hue_order=order,
+                       palette={s: _TOKEN_SET_COLOURS.get(s, "#34495e") for s in order}, ylabel="accuracy",
+                       title=title or f"visual input ({cfg.mode if cfg is not None else ''})")
+
+
+def reorder_figure(result, by: str = "question_type", title: str | None = None) -> Figure:
+    """Accuracy (Wilson CIs) per ``by`` group and condition of a ReorderResult."""
+    t = result.table((by,))
+    return effect_plot(t, x=by, y="accuracy", hue="condition", low="ci_low", high="ci_high",
+                       ylabel="accuracy", title=title or "visual-token order")

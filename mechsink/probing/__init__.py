@@ -1,0 +1,46 @@
+"""Linear probes on cached activations: what do sink tokens encode, compared with the rest?
+
+    cfg = ProbeConfig(label="planted_label")                # token sets sinks, nonsinks, cls, mean
+    res = probe(Store.open("cache/"), cfg, out="probe_out/")
+    res.frame                                               # one row per (token set, site)
+    res.probes["sinks", "vit.out"].predict(x)               # the probe refit on every image
+    mechsink.report.figures.probe_figure(res)               # accuracy by layer per token set
+
+A label is *image-level* when it is constant within each sample (a class, an attribute) and
+*patch-level* otherwise (what or where the patch is, e.g. ``patch_row``). Token sets are token
+selections (:mod:`mechsink.selection`) and one aggregate:
+
+- ``sinks`` / ``nonsinks`` / ``image``: every image token (``is_sink`` true / false / either) is one
+  training sample. For an image-level label the test images are scored by averaging their tokens'
+  predicted probabilities (ridge: decision scores) — the ``aggregate`` column says which — and the
+  token-level score is reported too (``token_accuracy``).
+- ``cls``: CLS rows (image-level labels only).
+- ``mean``: an aggregate, not a selection: the mean of each image's image tokens, one sample per
+  image (image-level labels only).
+
+Every split is grouped by image: images (``image_path`` when the cache records it, so one picture
+asked several questions stays on one side; else the sample) are dealt into k folds once, and every
+token set and site uses those folds, so their scores are paired. The score is balanced accuracy with
+a bootstrap CI over images. The control task (Hewitt & Liang) gives each image a random label from
+the token set's label distribution (image-level: the images' labels shuffled across images;
+patch-level: each (image, label) pair mapped to a random label), fixed across sites; with
+image-grouped splits a probe can only beat chance on it by memorising images, so a control above
+chance flags leakage or an over-expressive probe. ``selectivity`` = accuracy - control accuracy.
+``majority`` is the balanced accuracy of predicting the training folds' most frequent class.
+
+Probes are saved as safetensors (weight [K, d], bias [K]) + JSON (classes, site, label, config):
+the feature standardisation is folded into the weights, so a saved probe is one affine map.
+
+Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, fitting,
+saving), :mod:`.data` (labels, folds, token sets, features), :mod:`.scoring` (balanced accuracy,
+cross-validation), :mod:`.result` (ProbeResult), :mod:`.run` (``probe``).
+"""
+from .config import AGGREGATES, LEVELS, MODELS, SELECTIONS, TOKEN_SETS, ProbeConfig, ProbeError
+from .linear import PROBE_FORMAT, LinearProbe, fit_linear, load_probe
+from .result import RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
+from .run import probe
+from .scoring import balanced_accuracy_ci
+
+__all__ = ["AGGREGATES", "LEVELS", "MODELS", "PROBE_FORMAT", "RESULT_COLUMNS", "SELECTIONS", "SPLIT_COLUMNS",
+           "TOKEN_SETS", "LinearProbe", "ProbeConfig", "ProbeError", "ProbeResult", "balanced_accuracy_ci",
+           "fit_linear", "load_probe", "probe", "probe_name"]

@@ -1,0 +1,191 @@
+"""``probe(store, config)``: train and score probes for every (token set, site) of a cache, with an
+optional checkpoint directory that a rerun resumes from."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import write_text
+from ..config import coerce
+from ..errors import SiteError
+from ..results import json_safe
+from ..sites import Site
+from .config import ProbeConfig, ProbeError
+from .data import _features, _labels, _subset, _token_set
+from .linear import LinearProbe, fit_linear, load_probe
+from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
+from .scoring import _cross_val, _score
+
+log = logging.getLogger("mechsink")
+
+
+def _site_order(sites: Sequence[str]) -> list[str]:
+    def key(s):
+        try:
+            return (0, Site.parse(s).order, s)
+        except SiteError:
+            return (1, (), s)
+    return sorted(sites, key=key)
+
+
+def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None,
+          **settings) -> ProbeResult:
+    """Train and score probes for every (token set, site); see :mod:`mechsink.probing`.
+
+    store: a Store or a cache directory. config: a ProbeConfig or its dict; keyword ``settings``
+    (``label=...``) build or amend one. out: when given, every finished (token set, site) is
+    written there at once (its row to rows.jsonl, its probe to probes/) and a rerun with the same
+    config skips it, so an interrupted run loses at most the probe in progress; the finished result
+    is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
+    """
+    from ..cache import Store
+
+    if config is None:
+        config = ProbeConfig(**settings)
+    else:
+        config = coerce(ProbeConfig, config)
+        if settings:
+            config = config.replace(**settings)
+    if not isinstance(store, Store):
+        store = Store.open(store)
+    index = store.index
+    sites = list(store.sites) if config.sites is None else list(config.sites)
+    missing = [s for s in sites if s not in store.sites]
+    if missing:
+        raise ProbeError(f"sites {missing} are not in the cache; it has {list(store.sites)}")
+    sites = _site_order(sites)
+    depth = {s: i for i, s in enumerate(_site_order(store.sites))}
+    lab = _labels(index, config)
+    n_classes = len(lab.classes)
+    done = _resume(out, config, store) if out is not None else {}
+
+    rows, probes, splits, notes = [], {}, [], []
+    recorded: dict[str, set[str]] = {}
+    for name in config.token_sets:
+        s = _token_set(name, index, lab, config)
+        if isinstance(s, str):
+            notes.append(s)
+            log.info("probe: %s", s)
+            continue
+        fold = lab.fold_of_group[s.group]
+        for site in sites:
+            key = (name, site)
+            if key in done:
+                rows.append(done[key][0])
+                probes[key] = done[key][1]
+                continue
+            x = _features(store, s, site)
+            finite = np.isfinite(x).all(axis=1)
+            if not finite.any():
+                notes.append(f"{name} @ {site}: no activations cached for these tokens")
+                continue
+            sub = _subset(s, finite)
+            x, f_sub = x[finite], fold[finite]
+            folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
+            folds = [(tr, te) for tr, te in folds if len(te)]
+            if len(folds) < 2:
+                notes.append(f"{name} @ {site}: its images fall in fewer than 2 folds")
+                continue
+            used = hashlib.sha256(finite.tobytes()).hexdigest()
+            if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
+                recorded[name].add(used)
+                splits += _split_records(name, site, folds, sub.group, lab.group_names)
+            real = _score(sub, sub.y, _cross_val(x, sub.y, folds, n_classes, config), f_sub, n_classes, config)
+            ctrl = None
+            if config.control:
+                ctrl = _score(sub, sub.y_control, _cross_val(x, sub.y_control, folds, n_classes, config),
+                              f_sub, n_classes, config)
+            w, b = fit_linear(x, sub.y, n_classes, config)
+            meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
+                    "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
+                    "n_tokens": int(len(sub.y))}
+            probes[key] = LinearProbe(w, b, lab.classes, config.model, meta)
+            acc, c_acc = real.accuracy, (ctrl.accuracy if ctrl else (math.nan,) * 3)
+            row = {"label": config.label, "level": lab.level, "token_set": name, "site": site, "depth": depth[site],
+                   "unit": "image" if lab.level == "image" else "token", "aggregate": real.aggregate,
+                   "metric": "balanced_accuracy", "accuracy": acc[0], "ci_low": acc[1], "ci_high": acc[2],
+                   "token_accuracy": real.token_accuracy, "control_accuracy": c_acc[0], "control_ci_low": c_acc[1],
+                   "control_ci_high": c_acc[2], "selectivity": acc[0] - c_acc[0], "majority": real.majority,
+                   "chance": 1.0 / len(np.unique(sub.y)), "n_classes": int(len(np.unique(sub.y))),
+                   "n_images": int(len(np.unique(sub.group))), "n_units": real.n_units, "n_tokens": int(len(sub.y)),
+                   "k": len(folds), "model": config.model}
+            rows.append(row)
+            log.info("probe %s @ %s: accuracy %.3f [%.3f, %.3f], control %.3f", name, site, *acc, c_acc[0])
+            if out is not None:
+                _checkpoint(Path(out), row, probes[key])
+
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    split_frame = pd.concat(splits, ignore_index=True) if splits else pd.DataFrame(columns=SPLIT_COLUMNS)
+    result = ProbeResult(frame, config, {"notes": notes, "store_id": store.id}, probes=probes, splits=split_frame)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _split_records(name, site, folds, group, group_names) -> list[pd.DataFrame]:
+    """The images on each side of each fold, read off the index arrays the fold trains and tests on."""
+    out = []
+    for f, (train, test) in enumerate(folds):
+        for side, idx in (("train", train), ("test", test)):
+            images = group_names[np.unique(group[idx])]
+            out.append(pd.DataFrame({"token_set": name, "site": site, "fold": f, "image": images.astype(str),
+                                     "side": side}, columns=SPLIT_COLUMNS))
+    return out
+
+
+def _recorded_hash(have: dict) -> str | None:
+    """The config hash a checkpoint directory was written with; a directory from before the full
+    fingerprint (16 hex digits) is judged by its recorded config instead."""
+    h = have.get("config_hash")
+    if isinstance(h, str) and len(h) < 64 and isinstance(have.get("config"), dict):
+        try:
+            return ProbeConfig.from_dict(have["config"]).fingerprint()
+        except (ProbeError, ValueError, TypeError):
+            return h
+    return h
+
+
+def _resume(out, config: ProbeConfig, store) -> dict:
+    """{(token_set, site): (row, probe)} finished by an earlier run of this config into out."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"config": config.to_dict(), "config_hash": config.fingerprint(), "store_id": store.id}
+    cfg = out / "config.json"
+    if cfg.exists():
+        have = json.loads(cfg.read_text())
+        if (_recorded_hash(have), have.get("store_id")) != (run["config_hash"], run["store_id"]):
+            raise ProbeError(f"{out} holds probes of another config or cache; use a new output directory")
+    else:
+        write_text(cfg, json.dumps(run, indent=2) + "\n")
+    done = {}
+    log_file = out / "rows.jsonl"
+    if log_file.exists():
+        for line in log_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that probe is redone
+            key = (row["token_set"], row["site"])
+            try:
+                done[key] = (row, load_probe(out / PROBES / probe_name(*key)))
+            except ProbeError:
+                continue
+    return done
+
+
+def _checkpoint(out: Path, row: dict, p: LinearProbe) -> None:
+    p.save(out / PROBES / probe_name(row["token_set"], row["site"]))
+    path = out / "rows.jsonl"
+    torn = path.exists() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"  # a kill mid-line
+    with open(path, "a") as f:  # after the probe: a row on disk always has its probe
+        f.write(("\n" if torn else "") + json.dumps(json_safe(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,105 @@
+"""Scoring probes: balanced accuracy with an image-level (cluster) bootstrap CI, token predictions
+aggregated per image, cross-validated out-of-fold scores and the majority baseline."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ProbeConfig
+from .data import _Set
+from .linear import LinearProbe, _softmax, fit_linear
+
+
+def _balanced_counts(group: np.ndarray, y: np.ndarray, correct: np.ndarray, n_groups: int, k: int):
+    """Per image and class: evaluated units [G, K] and correct ones [G, K]."""
+    counts = np.zeros((n_groups, k))
+    hits = np.zeros((n_groups, k))
+    np.add.at(counts, (group, y), 1.0)
+    np.add.at(hits, (group, y), correct.astype(float))
+    return counts, hits
+
+
+def _balanced(counts: np.ndarray, hits: np.ndarray) -> float:
+    c, h = counts.sum(0), hits.sum(0)
+    return float(np.mean(h[c > 0] / c[c > 0]))
+
+
+def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
+    """Balanced accuracy of per-unit outcomes with a bootstrap CI that resamples images.
+
+    group, y, correct: [n] image id, true class code and whether the prediction was right, per
+    evaluated unit (image or token). Images are resampled whole (a cluster bootstrap), so tokens
+    of one image never count as independent evidence. Returns (estimate, low, high).
+    """
+    from ..stats import bootstrap_ci
+
+    gids, g = np.unique(np.asarray(group), return_inverse=True)
+    y = np.asarray(y, dtype=np.int64)
+    counts, hits = _balanced_counts(g.ravel(), y, np.asarray(correct, bool), len(gids), int(y.max()) + 1)
+    n = len(gids)
+
+    def stat(idx, axis=-1):
+        idx = np.asarray(idx, dtype=np.int64)
+        b, m = idx.shape
+        w = np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n).reshape(b, n).astype(float)
+        c, h = w @ counts, w @ hits
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nanmean(np.where(c > 0, h / c, np.nan), axis=1)
+
+    if n < 2:
+        est = _balanced(counts, hits)
+        return est, float("nan"), float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample can miss a class entirely
+        return bootstrap_ci(np.arange(n, dtype=float), stat=stat, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Average token predictions per unit: probabilities (logistic) or scores (ridge).
+    Returns (units [u], mean [u, K], aggregate name)."""
+    values = _softmax(scores) if kind == "logistic" else scores
+    units, inv = np.unique(unit, return_inverse=True)
+    sums = np.zeros((len(units), values.shape[1]))
+    np.add.at(sums, inv.ravel(), values)
+    return units, sums / np.bincount(inv.ravel())[:, None], "mean_proba" if kind == "logistic" else "mean_score"
+
+
+@dataclass
+class _Scored:
+    accuracy: tuple[float, float, float]
+    token_accuracy: float
+    majority: float
+    n_units: int
+    aggregate: str
+
+
+def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes: int, config: ProbeConfig) -> _Scored:
+    """Score out-of-fold scores [n, K] against codes y [n] at the unit level."""
+    pred_tok = oof.argmax(axis=1)
+    one_g = np.zeros(len(y), dtype=np.int64)
+    token_acc = _balanced(*_balanced_counts(one_g, y, pred_tok == y, 1, n_classes))
+    units, mean, agg = _aggregate(s.unit, oof, config.model)
+    first = np.unique(s.unit, return_index=True)[1]
+    uy, ug, uf = y[first], s.group[first], fold[first]
+    if len(units) == len(y):
+        agg = "none"
+    pred = mean.argmax(axis=1)
+    acc = balanced_accuracy_ci(ug, uy, pred == uy, n_boot=config.n_boot, seed=config.seed)
+    # majority baseline: each fold predicts its training units' most frequent class
+    maj = np.empty(len(uy), dtype=np.int64)
+    for f in np.unique(uf):
+        train = uy[uf != f]
+        maj[uf == f] = np.bincount(train, minlength=n_classes).argmax() if len(train) else 0
+    majority = _balanced(*_balanced_counts(np.zeros(len(uy), np.int64), uy, maj == uy, 1, n_classes))
+    return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, len(units), agg)
+
+
+def _cross_val(x, y, folds, n_classes, config) -> np.ndarray:
+    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds."""
+    oof = np.zeros((len(y), n_classes))
+    for train, test in folds:
+        w, b = fit_linear(x[train], y[train], n_classes, config)
+        oof[test] = LinearProbe(w, b, list(range(n_classes)), config.model).scores(x[test])
+    return oof
