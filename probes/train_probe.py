@@ -3,10 +3,11 @@
 
     python probes/train_probe.py --cache CACHE_DIR --label planted_label --out runs/probe_planted
 
-Writes under --out: results.json (config + one row per token set and site), rows.jsonl (rows as they
-finish; a rerun with the same arguments resumes from it), probes/<token_set>__<site>.safetensors + .json
-(weights and metadata, loadable with mechsink.probing.load_probe), splits.parquet (the images on each
-side of every fold) and accuracy_by_layer.png. See probes/README.md.
+Writes under --out: frame.parquet + result.json (one row per token set and site; config, summary,
+notes; ``mechsink.probing.ProbeResult.load(out)`` reads them back), rows.jsonl (rows as they finish; a
+rerun with the same arguments resumes from it), probes/<token_set>__<site>.safetensors + .json (weights
+and metadata, loadable with mechsink.probing.load_probe), splits.parquet (the images on each side of
+every fold) and accuracy_by_layer.png. See probes/README.md.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import logging
 import sys
 
 from mechsink.errors import MechsinkError
-from mechsink.probing import TOKEN_SETS, ProbeConfig, probe
+from mechsink.probing import AGGREGATES, SELECTIONS, TOKEN_SETS, ProbeConfig, probe
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +24,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache", required=True, help="activation cache directory (a mechsink store)")
     ap.add_argument("--label", required=True, help="index column to predict, e.g. planted_label or patch_row")
     ap.add_argument("--out", required=True, help="output directory (created; reruns resume)")
-    ap.add_argument("--token-sets", nargs="+", default=list(TOKEN_SETS), choices=TOKEN_SETS)
+    ap.add_argument("--token-sets", nargs="+", default=list(TOKEN_SETS), choices=SELECTIONS + AGGREGATES,
+                    help="image tokens (sinks, nonsinks, image), cls, or mean (per-image mean of image tokens)")
     ap.add_argument("--sites", nargs="+", default=None, help="cached sites to probe (default: all)")
     ap.add_argument("--model", choices=("logistic", "ridge"), default="logistic")
     ap.add_argument("--C", type=float, default=1.0, help="logistic inverse regularisation strength")
@@ -50,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except MechsinkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if len(result.frame):
+        from mechsink.report.figures import probe_figure
+        probe_figure(result).savefig(f"{a.out}/accuracy_by_layer.png", dpi=120)
     cols = ["token_set", "site", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity", "majority",
             "n_images"]
     print(result.frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for note in result.notes:
         print(f"skipped {note}")
-    print(f"wrote {a.out}/results.json, probes/, accuracy_by_layer.png")
+    print(f"wrote {a.out}/frame.parquet, result.json, probes/, accuracy_by_layer.png")
     return 0
 
 

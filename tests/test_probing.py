@@ -21,13 +21,13 @@ from mechsink.probing import (
     LinearProbe,
     ProbeConfig,
     ProbeError,
-    accuracy_figure,
+    ProbeResult,
     balanced_accuracy_ci,
     fit_linear,
     load_probe,
     probe,
-    probe_command,
 )
+from mechsink.report.figures import plot, probe_figure
 from mechsink.sites import Site
 from mechsink.zoo import planted
 
@@ -249,9 +249,14 @@ def test_balanced_accuracy_ci_resamples_images():
 # --------------------------------------------------------------------------------- command, script, figure
 
 
-def test_probe_command_rows_and_resume(store, tmp_path):
+def _records(cache_dir, label, out, **kw) -> list[dict]:
+    """What ``mechsink probe --json`` prints."""
+    return probe(cache_dir, ProbeConfig(label=label, **kw), out=out).to_records()
+
+
+def test_probe_records_and_resume(store, tmp_path):
     kw = dict(token_sets=("sinks", "nonsinks"), sites=("vit.out",), n_boot=200)
-    rows = probe_command(store.path, "planted_label", out=tmp_path / "o", **kw)
+    rows = _records(store.path, "planted_label", out=tmp_path / "o", **kw)
     need = {"token_set", "site", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity", "n_images", "majority"}
     assert len(rows) == 2 and all(need <= set(r) for r in rows)
     json.dumps(rows)  # plain JSON
@@ -262,10 +267,10 @@ def test_probe_command_rows_and_resume(store, tmp_path):
     for r in lines:
         r["accuracy"] = 0.123 if r["token_set"] == "sinks" else r["accuracy"]
     log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"token_set": "nonsi')
-    again = probe_command(store.path, "planted_label", out=tmp_path / "o", **kw)
+    again = _records(store.path, "planted_label", out=tmp_path / "o", **kw)
     assert [r["accuracy"] for r in again] == [0.123, rows[1]["accuracy"]]
     with pytest.raises(ProbeError, match="another config"):
-        probe_command(store.path, "planted_label", out=tmp_path / "o", token_sets=("sinks",), sites=("vit.out",), n_boot=200)
+        _records(store.path, "planted_label", out=tmp_path / "o", token_sets=("sinks",), sites=("vit.out",), n_boot=200)
 
 
 def test_bad_input_gets_one_line_errors(store):
@@ -282,15 +287,44 @@ def test_bad_input_gets_one_line_errors(store):
     assert ProbeConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_accuracy_figure_orders_sites(image_result):
+def test_probe_figure_orders_sites(image_result, tmp_path):
     res, out = image_result
-    fig = accuracy_figure(res)
+    fig = probe_figure(res)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == list(SITES)
     assert {t.get_text() for t in ax.get_legend().get_texts()} >= {"sinks", "nonsinks", "cls", "mean"}
-    assert (out / "accuracy_by_layer.png").stat().st_size > 5000
-    saved = json.loads((out / "results.json").read_text())
-    assert len(saved["rows"]) == len(res.frame) and saved["config"]["label"] == "planted_label"
+    plot(res).savefig(tmp_path / "accuracy_by_layer.png", dpi=120)
+    assert (tmp_path / "accuracy_by_layer.png").stat().st_size > 5000
+    saved = ProbeResult.load(out)
+    assert len(saved.frame) == len(res.frame) and saved.config.label == "planted_label"
+
+
+def test_probe_result_saves_and_loads_without_matplotlib(image_result, tmp_path):
+    """The saved result is the same frame, config, notes, splits and probes; saving draws nothing."""
+    import subprocess
+    import sys
+
+    res, out = image_result
+    back = ProbeResult.load(res.save(tmp_path / "r"))
+    pd.testing.assert_frame_equal(back.frame, res.frame)
+    pd.testing.assert_frame_equal(back.splits, res.splits)
+    assert back.config == res.config and back.config.fingerprint() == res.config.fingerprint()
+    assert back.notes == res.notes and back.store_id == res.store_id
+    assert set(back.probes) == set(res.probes)
+    assert np.array_equal(back.probes["sinks", "vit.out"].weight, res.probes["sinks", "vit.out"].weight)
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["kind"] == "ProbeResult"
+    code = (f"import sys; from mechsink.probing import ProbeResult; r = ProbeResult.load({str(tmp_path / 'r')!r}); "
+            f"r.save({str(tmp_path / 'r2')!r}); assert 'matplotlib' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_probe_config_round_trips_with_a_full_fingerprint():
+    cfg = ProbeConfig(label="planted_label", token_sets=("sinks", "image", "mean"), sites=("vit.out",), k=3)
+    back = ProbeConfig.from_json(cfg.to_json())
+    assert back == cfg and back.fingerprint() == cfg.fingerprint() and len(cfg.fingerprint()) == 64
+    assert ProbeConfig(label="planted_label").fingerprint() != cfg.fingerprint()
+    with pytest.raises(ValueError, match="no setting"):
+        ProbeConfig.from_dict({"label": "x", "folds": 3})
 
 
 def _script():
@@ -307,7 +341,7 @@ def test_train_probe_script(store, tmp_path, capsys):
     assert main(["--cache", str(store.path), "--label", "planted_label", "--out", str(out), "--token-sets", "sinks",
                  "nonsinks", "--sites", "vit.out", "--n-boot", "200"]) == 0
     assert "sinks" in capsys.readouterr().out
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    rows = ProbeResult.load(out).frame.to_dict("records")
     assert {r["token_set"] for r in rows} == {"sinks", "nonsinks"}
     assert (out / "accuracy_by_layer.png").exists() and (out / "probes" / "sinks__vit.out.safetensors").exists()
     # bad input: one line on stderr and exit status 2
