@@ -56,16 +56,86 @@ def guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2)
 
 
+# -- shared options ----------------------------------------------------------------------------------
+ModelOpt = typer.Option(..., "--model", "-m", help="Zoo name, save_pretrained folder or HF id.")
+DataOpt = typer.Option(None, "--data", "-d", help="Dataset: bundled name, folder, JSONL/CSV, HF dataset dir, "
+                       "pope:/mme:/mmstar: file. Default: the model's bundled evaluation set.")
+RuleOpt = typer.Option(None, "--rule", help="Sink rule or preset: relative (default), fixed, sigma, robust_z, ratio, "
+                       "topk, gap, quantile, llava-1.5.")
+ParamOpt = typer.Option(None, "--param", "-p", help="Rule parameter KEY=VALUE (repeatable), e.g. -p tau=100.")
+DetectSiteOpt = typer.Option(None, "--detect-site", help="Site whose token norms define sinks (default vit.out).")
+LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N samples.")
+DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...")
+DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32 | bfloat16 | float16.")
+DeviceMapOpt = typer.Option(None, "--device-map", help="'auto' spreads a large model over the GPUs (accelerate).")
+BatchOpt = typer.Option(8, "--batch-size", help="Images per forward.")
+ErrorsOpt = typer.Option(None, "--errors", help="Write the skipped images (and why) to this JSONL.")
+
+
+def open_model(name: str, device: str | None, dtype: str | None, device_map: str | None):
+    """The one place a command loads its model."""
+    from . import load
+    return load(name, device=None if device_map else device, dtype=dtype, device_map=device_map)
+
+
+def parse_params(items: list[str] | None) -> dict[str, float]:
+    from .errors import MechsinkError
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise MechsinkError(f"--param expects KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise MechsinkError(f"--param {k.strip()} must be a number, got {v!r}") from None
+    return out
+
+
+def sink_rule(rule: str | None, params: list[str] | None = None, site: str | None = None):
+    """The SinkSpec of --rule / --param / --detect-site."""
+    from .sinks import SinkSpec
+    return SinkSpec.from_options(rule, site=site, **parse_params(params))
+
+
+def open_data(model: str, data: str | None, images: Path | None = None, limit: int | None = None):
+    """The dataset a command runs on: --data, else --images (a folder), else the model's bundled set."""
+    from .data import default_data, open_dataset
+    from .errors import MechsinkError
+    if data is not None and images is not None:
+        raise MechsinkError("give --data or --images, not both")
+    if images is not None:
+        return open_dataset(images, format="folder", limit=limit)
+    if data is None:
+        data = default_data(Path(model).name if Path(model).is_dir() else model)
+    return open_dataset(data, limit=limit)
+
+
+def resolve_data(model: str, data: str | None, images: Path | None = None) -> str | None:
+    """Deprecated inside the CLI: use open_data."""
+    if data is not None or images is not None:
+        return data
+    from .data import default_data
+    return default_data(Path(model).name if Path(model).is_dir() else model)
+
+
+def report_skipped(log, path: Path | None) -> None:
+    """Say how many images were skipped (and where they are listed) on stderr."""
+    if len(log):
+        where = f"; listed in {log.write(path)}" if path is not None else "; list them with --errors FILE"
+        typer.echo(f"skipped {len(log)} image(s) that could not be read or processed{where}", err=True)
+
+
 @app.command()
-def inspect(model: str = typer.Option(..., "--model", "-m", help="Zoo name, save_pretrained folder or HF id."),
+def inspect(model: str = ModelOpt,
             image: Optional[Path] = typer.Option(None, "--image", help="Image file (default: a built-in test image)."),
             prompt: Optional[str] = typer.Option(None, "--prompt", help="Question or full prompt with the placeholder."),
-            as_json: bool = JsonOpt):
+            device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+            device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
     """Print every site (with its shape for this input) and the TokenMap."""
     def body():
-        from . import load
         from .inspect import inspect_model
-        return inspect_model(load(model), image=image, prompt=prompt)
+        return inspect_model(open_model(model, device, dtype, device_map), image=image, prompt=prompt)
     payload = guarded(body)
 
     def human(p):
@@ -80,56 +150,29 @@ def inspect(model: str = typer.Option(..., "--model", "-m", help="Zoo name, save
     emit(payload, as_json, human)
 
 
-# -- shared options ----------------------------------------------------------------------------------
-ModelOpt = typer.Option(..., "--model", "-m", help="Zoo name, save_pretrained folder or HF id.")
-DataOpt = typer.Option(None, "--data", "-d", help="Dataset: bundled name, folder, JSONL/CSV, HF dataset dir, "
-                       "pope:/mme:/mmstar: file. Default: the model's bundled evaluation set.")
-RuleOpt = typer.Option(None, "--rule", help="Sink rule or preset: relative (default), fixed, sigma, robust_z, ratio, "
-                       "topk, gap, quantile, llava-1.5.")
-ParamOpt = typer.Option(None, "--param", "-p", help="Rule parameter KEY=VALUE (repeatable), e.g. -p tau=100.")
-DetectSiteOpt = typer.Option(None, "--detect-site", help="Site whose token norms define sinks (default vit.out).")
-LimitOpt = typer.Option(None, "--limit", "-n", help="Use only the first N samples.")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ...")
-
-
-def parse_params(items: list[str] | None) -> dict[str, float]:
-    from .errors import MechsinkError
-    out = {}
-    for it in items or []:
-        if "=" not in it:
-            raise MechsinkError(f"--param expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        out[k.strip()] = float(v)
-    return out
-
-
-def resolve_data(model: str, data: str | None, images: Path | None = None) -> str | None:
-    """The dataset a command runs on: --data, else --images, else the model's bundled set."""
-    if data is not None or images is not None:
-        return data
-    from .data import default_data
-    return default_data(Path(model).name if Path(model).is_dir() else model)
-
-
 @app.command()
 def sinks(model: str = ModelOpt,
           images: Optional[Path] = typer.Option(None, "--images", help="Folder of images (neutral default prompt)."),
           data: Optional[str] = DataOpt, rule: Optional[str] = RuleOpt, param: Optional[list[str]] = ParamOpt,
-          site: Optional[str] = DetectSiteOpt, prompt: Optional[str] = typer.Option(None, "--prompt"),
-          limit: Optional[int] = LimitOpt, batch_size: int = typer.Option(8, "--batch-size"),
-          errors: Optional[Path] = typer.Option(None, "--errors", help="Write unreadable images to this JSONL."),
-          device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+          site: Optional[str] = DetectSiteOpt,
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="Question for every image (default: the dataset's)."),
+          limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt, errors: Optional[Path] = ErrorsOpt,
+          device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+          device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
     """Detect ViT sinks per image: patch, row, col, norm, LLM position."""
     def body():
         from .data import ErrorLog
-        from .sinks.detect import sinks_command
+        from .sinks import detect_dataset
+        spec = sink_rule(rule, param, site)
+        ds = open_data(model, data, images, limit)
+        m = open_model(model, device, dtype, device_map)
         log = ErrorLog()
-        recs = sinks_command(model, images_dir=images, data=resolve_data(model, data, images), rule=rule,
-                             params=parse_params(param), site=site, prompt=prompt, limit=limit,
-                             batch_size=batch_size, device=device, errors=log)
-        if len(log):
-            typer.echo(f"skipped {len(log)} unreadable image(s)" + (f"; listed in {log.write(errors)}" if errors else ""),
-                       err=True)
+        found = detect_dataset(m, ds, spec, batch_size=batch_size, prompt=prompt, errors=log, progress=not as_json)
+        recs = found.to_records()
+        report_skipped(log, errors)
+        if not found.patches["is_sink"].any():
+            typer.echo(f"no sinks under rule {spec.rule} {spec.params} at {spec.site}; the largest norm is "
+                       f"{found.patches['norm'].max():.4g} (try --rule topk -p k=3, or --rule fixed -p tau=...)", err=True)
         return recs
     recs = guarded(body)
 
@@ -145,19 +188,28 @@ def sinks(model: str = ModelOpt,
 @app.command()
 def cache(model: str = ModelOpt, data: Optional[str] = DataOpt,
           images: Optional[Path] = typer.Option(None, "--images", help="Folder of images instead of --data."),
-          sites: str = typer.Option("vit.out,proj.out", "--sites", help="Comma-separated site names."),
-          tokens: str = typer.Option("image", "--tokens", help="Token roles: image,sinks,cls,register,newline,text,answer."),
+          sites: str = typer.Option("vit.out,proj.out", "--sites", help="Comma-separated site names (* for every layer)."),
+          tokens: str = typer.Option("image", "--tokens", help="Token selections: image,sinks,cls,register,newline,text,answer."),
           out: Path = typer.Option(..., "--out", "-o", help="Store directory (resumed if it exists)."),
-          dtype: str = typer.Option("float16", "--dtype", help="float16 | bfloat16 | float32"),
-          batch_size: int = typer.Option(8, "--batch-size"), rule: Optional[str] = RuleOpt,
+          store_dtype: str = typer.Option("float16", "--store-dtype", help="Storage dtype: float16 | bfloat16 | float32."),
+          batch_size: int = BatchOpt, rule: Optional[str] = RuleOpt,
           param: Optional[list[str]] = ParamOpt, site: Optional[str] = DetectSiteOpt,
-          limit: Optional[int] = LimitOpt, device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
-    """Write activations at sites x token roles to a sharded, resumable store."""
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="Question for every image (default: the dataset's)."),
+          limit: Optional[int] = LimitOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+          device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
+    """Write activations at sites x token selections to a sharded, resumable store."""
     def body():
-        from .cache.extract import cache_command
-        return cache_command(model, data=resolve_data(model, data, images), images_dir=images, out=out, sites=sites,
-                             tokens=tokens, dtype=dtype, batch_size=batch_size, rule=rule, params=parse_params(param),
-                             site=site, limit=limit, device=device, progress=True)
+        from .cache.extract import extract
+        from .data import ErrorLog
+        from .sites import expand
+        spec = sink_rule(rule, param, site)
+        ds = open_data(model, data, images, limit)
+        m = open_model(model, device, dtype, device_map)
+        log = ErrorLog()
+        store = extract(m, ds, sites=expand(_csv(sites) or [], m.n_vit_layers, m.n_llm_layers), tokens=_csv(tokens) or [],
+                        out=out, store_dtype=store_dtype, batch_size=batch_size, sinks=spec, prompt=prompt,
+                        errors=log, progress=not as_json)
+        return {"out": str(store.path), "id": store.id, "summary": store.summary, "errors": log.summary()}
     res = guarded(body)
     emit(res, as_json, lambda r: f"store {r['out']} ({r['id'][:12]}): {r['summary'].get('n_rows', '?')} rows, "
                                  f"{r['errors'].get('n_skipped', 0)} image(s) skipped")
@@ -281,12 +333,14 @@ def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mode
            limit: Optional[int] = LimitOpt,
            causal_limit: Optional[int] = typer.Option(None, "--causal-limit", help="Samples for ablation/patching."),
            draws: Optional[int] = typer.Option(None, "--draws"), seed: Optional[int] = typer.Option(None, "--seed"),
-           device: Optional[str] = DeviceOpt,
-           dtype: Optional[str] = typer.Option(None, "--dtype", help="Model dtype: float32 | bfloat16 | float16."),
-           out: Path = typer.Option(Path("mechsink-report"), "--out", "-o"), as_json: bool = JsonOpt):
+           device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+           device_map: Optional[str] = DeviceMapOpt,
+           out: Path = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory."),
+           as_json: bool = JsonOpt):
     """Run the report pipeline on any supported model and dataset (GPU for real models)."""
     overrides = {k: v for k, v in dict(model=model, data=data, limit=limit, causal_limit=causal_limit, draws=draws,
-                                       seed=seed, device=device, dtype=dtype).items() if v is not None}
+                                       seed=seed, device=device, dtype=dtype, device_map=device_map).items()
+                 if v is not None}
     if control is not None:
         overrides["control"] = None if control.lower() == "none" else control
     _report_run(overrides, out, as_json, from_manifest=from_manifest, config_file=config)
@@ -295,13 +349,13 @@ def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Mode
 def _report_run(overrides: dict | None, out: Path, as_json: bool, *, from_manifest: Path | None = None,
                 config_file: Path | None = None) -> None:
     def body():
-        from .pipeline import ReportConfig, compare_numbers, from_manifest as read_manifest, run_report
+        from .report.pipeline import ReportConfig, compare_numbers, from_manifest as read_manifest, run_report
         old = None
         if from_manifest is not None:
             cfg = read_manifest(from_manifest)
             old = json.loads(Path(from_manifest).read_text()).get("numbers", {})
         elif config_file is not None:
-            cfg = ReportConfig.from_dict(json.loads(Path(config_file).read_text()))
+            cfg = ReportConfig.from_json(Path(config_file).read_text())
         else:
             cfg = ReportConfig()
         if overrides:

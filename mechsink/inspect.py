@@ -19,7 +19,7 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def inspect_model(model, image: str | Path | None = None, prompt: str | None = None) -> dict:
-    from .testing import test_image
+    from .data.images import test_image
     img = open_image(image) if image is not None else test_image()
     batch = model.prepare([img], [prompt])
     names = model.site_names()

@@ -104,3 +104,28 @@ def site_names(n_vit: int, n_llm: int, *, has_projector: bool = True) -> list[st
         names += [f"llm.blocks.{l}.{h}" for l in range(n_llm) for h in BLOCK_HOOKS]
         names += ["llm.logits"]
     return names
+
+
+def blocks(part: str, hook: str, layers, n_layers: int | None = None) -> list[str]:
+    """Site names of one hook across layers: ``blocks("llm", "hook_resid_pre", range(4))``.
+    ``layers=None`` means every layer (then ``n_layers`` is needed)."""
+    if layers is None:
+        if n_layers is None:
+            raise SiteError("blocks(..., layers=None) needs n_layers (the depth of that part)")
+        layers = range(n_layers)
+    return [str(Site.parse(f"{part}.blocks.{int(l)}.{hook}")) for l in layers]
+
+
+def expand(names, n_vit: int, n_llm: int) -> list[str]:
+    """Site names with ``*`` for the layer (``llm.blocks.*.hook_resid_pre``) -> one per layer."""
+    out: list[str] = []
+    for name in names:
+        name = name.strip()
+        m = re.fullmatch(r"(vit|llm)\.blocks\.\*\.(.+)", name)
+        if m:
+            out += blocks(m.group(1), m.group(2), None, n_vit if m.group(1) == "vit" else n_llm)
+        elif "*" in name:
+            raise SiteError(f"cannot expand {name!r}: only the layer may be *, as in llm.blocks.*.hook_resid_pre")
+        else:
+            out.append(str(Site.parse(name)))
+    return out

@@ -12,6 +12,7 @@ from typing import Callable
 
 from PIL import Image
 
+from .data.images import test_image  # noqa: F401  (kept here for the tests)
 from .models import wrap
 
 TOY_DIR = Path(__file__).parent / "zoo" / "toy_llava"
@@ -57,13 +58,3 @@ def build(name: str, seed: int = 0, **kw):
         return m
     hf, proc = _builders()[name](seed=seed, **kw)
     return wrap(hf, proc, name=name, source=f"zoo:{name}")
-
-
-def test_image(size: int = 64, seed: int = 0) -> Image.Image:
-    """A deterministic RGB test image: a bright square on a dark, mildly textured background."""
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    a = (rng.random((size, size, 3)) * 40).astype("uint8")
-    q = size // 4
-    a[q:2 * q + q // 2, q:2 * q + q // 2] = [220, 180, 40]
-    return Image.fromarray(a)

@@ -208,7 +208,7 @@ def test_one_report_and_one_recipe_per_model():
 
 @pytest.mark.parametrize("path", REPORTS, ids=[p.stem for p in REPORTS])
 def test_report_config_loads(path):
-    from mechsink.pipeline import ReportConfig
+    from mechsink.report.pipeline import ReportConfig
     from mechsink.sinks import SinkSpec
     d = json.loads(path.read_text())
     cfg = ReportConfig.from_dict(d)               # what `mechsink report --config FILE` does

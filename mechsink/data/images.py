@@ -195,3 +195,12 @@ def iter_images(
                 errors.add(sample.id, sample.image_path, e)
             continue
         yield sample, image
+
+
+def test_image(size: int = 64, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test image: a bright square on a dark, mildly textured background."""
+    rng = np.random.default_rng(seed)
+    a = (rng.random((size, size, 3)) * 40).astype("uint8")
+    q = size // 4
+    a[q:2 * q + q // 2, q:2 * q + q // 2] = [220, 180, 40]
+    return Image.fromarray(a)
