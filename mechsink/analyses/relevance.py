@@ -1,8 +1,13 @@
 """Relevance maps: where a visual token looks inside the ViT, drawn over the patch grid.
 
-    rm = relevance_maps(model, batch, sinks, layer=10)           # every patch's attention row
+    rm = relevance_maps(model, batch, sinks, layer=10)           # every image token's attention row
     rm.frame                                                     # one row per token, with its spread
-    rm.figure(batch.images)                                      # sinks next to non-sinks, over the image
+    rm.table()                                                   # mean spread of sinks and non-sinks
+    report.figures.relevance_figure(rm, batch.images)            # sinks next to non-sinks, over the image
+
+Settings: :class:`RelevanceConfig` (``layer``, ``direction``, ``tokens``: a token set ``image``,
+``sinks`` or ``nonsinks``, ``head``); the result is a :class:`RelevanceMaps` (a
+:class:`mechsink.results.Result` whose maps are saved beside the frame as safetensors).
 
 A token's map at ViT layer ``l`` is, by default, its own attention **row** (``direction="row"``): the
 attention probabilities it gives to every patch of its tile, averaged over heads (or one ``head``).
@@ -17,86 +22,88 @@ Sinks are expected broad, ordinary patches local.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import MechsinkError
+from ..config import Config, coerce
+from ..results import Result, ResultError
+from .errors import AnalysisError
+from .tokens import pick, token_set
 
 DIRECTIONS = ("row", "column")
+MAPS = "maps.safetensors"
 
 
-class AnalysisError(MechsinkError, ValueError):
-    """An analysis asked for something the model or batch does not have."""
+@dataclass(frozen=True)
+class RelevanceConfig(Config):
+    """layer: ViT layer (negative counts from the end). direction: "row" (what the token attends
+    to) or "column" (what it receives). tokens: token set ``image``, ``sinks`` or ``nonsinks``
+    (None: explicit rows were given). head: one head, or None for the mean over heads."""
+    layer: int = 0
+    direction: str = "row"
+    tokens: str | None = "image"
+    head: int | None = None
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise AnalysisError(f"direction must be 'row' (what the token attends to) or 'column' (what it "
+                                f"receives), got {self.direction!r}")
+        if self.tokens is not None:
+            object.__setattr__(self, "tokens", token_set(self.tokens))
+        object.__setattr__(self, "layer", int(self.layer))
 
 
 @dataclass
-class RelevanceMaps:
+class RelevanceMaps(Result):
     """``frame``: one row per token (sample, image, tile, row, col, patch, norm, is_sink, layer,
     direction, head, entropy, spread, frac_above_uniform, peak_patch, peak_weight, special_mass);
     ``maps``: [n, grid_rows, grid_cols] float, row i of ``frame`` is ``maps[i]`` (sums to 1)."""
-    frame: pd.DataFrame
-    maps: np.ndarray
+    maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.float32))
+    config_class = RelevanceConfig
 
-    def summary(self) -> pd.DataFrame:
+    def table(self, alpha: float = 0.05) -> pd.DataFrame:
         """Mean spread numbers of sinks and non-sinks with bootstrap CIs."""
         from ..stats import bootstrap_ci
         rows = []
         for is_sink, g in self.frame.groupby("is_sink", sort=False):
             for col in ("spread", "frac_above_uniform", "peak_weight"):
                 x = g[col].to_numpy(dtype=float)
-                est, lo, hi = (bootstrap_ci(x, method="percentile") if len(x) >= 2
+                est, lo, hi = (bootstrap_ci(x, method="percentile", alpha=alpha) if len(x) >= 2
                                else (float(x.mean()), np.nan, np.nan))
                 rows.append({"token_set": "sinks" if is_sink else "nonsinks", "measure": col, "n": len(x),
                              "mean": est, "ci_low": lo, "ci_high": hi})
         return pd.DataFrame(rows)
 
-    def figure(self, images: Sequence, per_set: int = 3, alpha: float = 0.6):
-        """Up to ``per_set`` sink maps (top row) and non-sink maps (bottom row), each over its image.
-        images: per sample, an image or a list of images (``batch.images``)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    def summary(self) -> dict:
+        """Number of maps and the mean spread numbers of sinks and non-sinks (no CIs: ``table``)."""
         f = self.frame
-        picks = [f.index[f["is_sink"]][:per_set], f.index[~f["is_sink"]][:per_set]]
-        ncols = max(1, max(len(p) for p in picks))
-        fig = Figure(figsize=(2.6 * ncols, 5.4), layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(2, ncols, squeeze=False)
-        for r, (label, idx) in enumerate(zip(("sink", "non-sink"), picks)):
-            for c in range(ncols):
-                ax = axes[r][c]
-                if c >= len(idx):
-                    ax.axis("off")
-                    continue
-                i = int(idx[c])
-                row = f.loc[i]
-                im = images[int(row["sample"])]
-                im = im[int(row["image"])] if isinstance(im, (list, tuple)) else im
-                draw_map(ax, self.maps[f.index.get_loc(i)], im, marker=(int(row["row"]), int(row["col"])), alpha=alpha)
-                ax.set_title(f"{label} ({int(row['row'])},{int(row['col'])}) spread {row['spread']:.2f}", fontsize=8)
-        return fig
+        means = {("sinks" if k else "nonsinks"): {c: float(g[c].mean()) for c in ("spread", "frac_above_uniform",
+                                                                                  "peak_weight")}
+                 for k, g in f.groupby("is_sink", sort=False)}
+        return {"n_rows": int(len(f)), **means}
 
+    def save(self, path: str | os.PathLike, *, summary: bool = True) -> Path:
+        from safetensors.numpy import save_file
+        out = super().save(path, summary=summary)
+        tmp = out / f".{MAPS}.tmp"
+        save_file({"maps": np.ascontiguousarray(self.maps)}, str(tmp))
+        os.replace(tmp, out / MAPS)
+        return out
 
-def draw_map(ax, rmap: np.ndarray, image=None, *, marker: tuple[int, int] | None = None, alpha: float = 0.6,
-             cmap: str = "magma") -> None:
-    """Draw a [rows, cols] map over ``image`` (stretched to the image; exact for square images
-    the processor does not crop) on a matplotlib axes; ``marker`` = (row, col) of the token."""
-    rows, cols = rmap.shape
-    if image is not None:
-        w, h = image.size
-        ax.imshow(np.asarray(image.convert("RGB")), extent=(0, w, h, 0))
-    else:
-        w, h = cols, rows
-    ax.imshow(rmap, extent=(0, w, h, 0), alpha=alpha if image is not None else 1.0, cmap=cmap,
-              interpolation="nearest")
-    if marker is not None:
-        r, c = marker
-        ax.scatter([(c + 0.5) * w / cols], [(r + 0.5) * h / rows], s=30, marker="x", color="cyan")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RelevanceMaps":
+        from safetensors.numpy import load_file
+        res = super().load(path)
+        try:
+            res.maps = load_file(str(Path(path) / MAPS))["maps"]
+        except FileNotFoundError:
+            raise ResultError(f"{path} holds no relevance maps ({MAPS} is missing)") from None
+        return res
 
 
 def spread_stats(maps: np.ndarray) -> pd.DataFrame:
@@ -110,33 +117,40 @@ def spread_stats(maps: np.ndarray) -> pd.DataFrame:
                          "peak_weight": p.max(1)})
 
 
-def _select(sinks, tokens) -> pd.DataFrame:
-    p = sinks.patches
+def _select(sinks, tokens) -> tuple[pd.DataFrame, str | None]:
+    """(rows of sinks.patches, token set name or None for explicit rows)."""
     if isinstance(tokens, pd.DataFrame):
-        return tokens
-    if tokens == "all":
-        return p
-    if tokens == "sinks":
-        return p[p["is_sink"]]
-    if tokens == "nonsinks":
-        return p[~p["is_sink"]]
-    raise AnalysisError(f"tokens must be 'all', 'sinks', 'nonsinks' or rows of sinks.patches, got {tokens!r}")
+        return tokens, None
+    name = token_set(tokens)
+    return pick(sinks.patches, name), name
 
 
-def relevance_acts(pattern: torch.Tensor, sinks, layer: int, *, direction: str = "row", tokens="all",
-                   head: int | None = None) -> RelevanceMaps:
+def _config(config, settings: dict, tokens) -> RelevanceConfig:
+    if isinstance(tokens, pd.DataFrame):
+        settings = {**settings, "tokens": None}
+    elif tokens is not None:
+        settings = {**settings, "tokens": tokens}
+    config = coerce(RelevanceConfig, config)
+    return config.replace(**settings) if settings else config
+
+
+def relevance_acts(pattern: torch.Tensor, sinks, layer: int | None = None, *, config: RelevanceConfig | None = None,
+                   tokens=None, **settings) -> RelevanceMaps:
     """Maps from one ViT attention pattern already read: [items, heads, seq, seq] (or
-    [heads, seq, seq] for a flat ViT), indexed by the patch table's ``vit_item``/``vit_pos``."""
-    if direction not in DIRECTIONS:
-        raise AnalysisError(f"direction must be 'row' (what the token attends to) or 'column' (what it "
-                            f"receives), got {direction!r}")
+    [heads, seq, seq] for a flat ViT), indexed by the patch table's ``vit_item``/``vit_pos``.
+    Settings: ``config`` and/or keywords (direction, head) of :class:`RelevanceConfig`; ``tokens``
+    a token set name or rows of ``sinks.patches``."""
+    if layer is not None:
+        settings["layer"] = layer
+    config = _config(config, settings, tokens)
+    rows, _ = _select(sinks, tokens if isinstance(tokens, pd.DataFrame) else config.tokens)
+    direction, head = config.direction, config.head
     p = pattern.detach().float()
     if p.dim() == 3:
         p = p[None]
     if head is not None and not 0 <= head < p.shape[1]:
         raise AnalysisError(f"head {head} out of range: the pattern has {p.shape[1]} heads")
     p = p.mean(1) if head is None else p[:, head]                                 # [items, seq, seq]
-    rows = _select(sinks, tokens)
     allp = sinks.patches
     special = sinks.special
     grids = sinks.token_map.grids if sinks.token_map is not None else {}
@@ -167,21 +181,25 @@ def relevance_acts(pattern: torch.Tensor, sinks, layer: int, *, direction: str =
     keep = [c for c in ("sample", "image", "tile", "row", "col", "patch", "vit_pos", "llm_pos", "norm", "is_sink")
             if c in frame.columns]
     frame = frame[keep].copy()
-    frame["layer"], frame["direction"], frame["head"] = layer, direction, -1 if head is None else head
+    frame["layer"], frame["direction"], frame["head"] = config.layer, direction, -1 if head is None else head
     arr = np.stack(maps)
     frame = pd.concat([frame, spread_stats(arr)], axis=1)
     frame["special_mass"] = special_mass
-    return RelevanceMaps(frame, arr)
+    return RelevanceMaps(frame, config, {"n_tokens": int(len(frame))}, maps=arr)
 
 
-def relevance_maps(model, batch, sinks, layer: int, *, direction: str = "row", tokens="all",
-                   head: int | None = None) -> RelevanceMaps:
-    """Relevance maps of the selected tokens (``"all"``, ``"sinks"``, ``"nonsinks"`` or rows of
-    ``sinks.patches``) at ViT ``layer`` (one forward reading the attention pattern)."""
+def relevance_maps(model, batch, sinks, layer: int | None = None, *, config: RelevanceConfig | None = None,
+                   tokens=None, **settings) -> RelevanceMaps:
+    """Relevance maps of the selected tokens (token set ``"image"``, ``"sinks"``, ``"nonsinks"`` or
+    rows of ``sinks.patches``) at ViT ``layer`` (one forward reading the attention pattern).
+    Settings: ``config`` (a RelevanceConfig) and/or its fields as keywords."""
+    if layer is not None:
+        settings["layer"] = layer
+    config = _config(config, settings, tokens)
     n = model.n_vit_layers
-    if not -n <= layer < n:
-        raise AnalysisError(f"ViT layer {layer} out of range: {model.name} has {n} (0..{n - 1})")
-    layer = layer % n
-    site = f"vit.blocks.{layer}.attn.hook_pattern"
+    if not -n <= config.layer < n:
+        raise AnalysisError(f"ViT layer {config.layer} out of range: {model.name} has {n} (0..{n - 1})")
+    config = config.replace(layer=config.layer % n)
+    site = f"vit.blocks.{config.layer}.attn.hook_pattern"
     pattern = model.run(batch, read=[site])[site]
-    return relevance_acts(pattern, sinks, layer, direction=direction, tokens=tokens, head=head)
+    return relevance_acts(pattern, sinks, config=config, tokens=tokens if isinstance(tokens, pd.DataFrame) else None)

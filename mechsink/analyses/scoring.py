@@ -1,5 +1,6 @@
-"""Scoring a model's answers on a dataset: batches with gold answers, per-sample correctness,
-accuracy tables with Wilson intervals. Shared by the analyses and the interventions.
+"""Scoring a model's answers: per-sample correctness and accuracy tables with Wilson intervals.
+Shared by the analyses and the interventions (batches with gold answers come from
+``mechsink.batching.batches(..., answers=True)``).
 
 A sample is **correct** when the first token of its gold answer is the arg-max over the whole
 vocabulary at the last prompt position (one-word VQA answers, POPE yes/no); **logprob** is the
@@ -7,34 +8,15 @@ teacher-forced log-probability of the whole answer.
 """
 from __future__ import annotations
 
-import random
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..metrics import Metric, gather_logits
-from .relevance import AnalysisError
 
 ANSWER_METRIC = Metric("logprob", teacher_forced=True)
-
-
-def answer_batches(model, samples: Sequence, batch_size: int, *,
-                   shuffle: random.Random | None = None) -> Iterator[tuple[list, object]]:
-    """(samples, Batch prepared with the gold answers) in chunks of ``batch_size``, built one at
-    a time so that a large model's pixels are never all in memory; ``shuffle`` draws the chunks
-    at random. Every sample needs a prompt and an answer."""
-    samples = list(samples)
-    bad = [s.id for s in samples if not s.prompt or s.answer is None]
-    if bad:
-        raise AnalysisError(f"scoring answers needs a prompt and an answer per sample; missing in {bad[:3]}")
-    if shuffle is not None:
-        shuffle.shuffle(samples)
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        yield chunk, model.prepare([s.load_image() for s in chunk], [s.prompt for s in chunk],
-                                   answers=[s.answer for s in chunk])
 
 
 def answer_scores(model, batch, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
