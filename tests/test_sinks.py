@@ -11,7 +11,7 @@ import mechsink
 from mechsink import testing
 from mechsink.data import ErrorLog
 from mechsink.sinks import (RULES, QuantileSketch, SinkError, SinkSet, SinkSpec, calibrate, detect, detect_acts,
-                            massive_dims, scan_massive, sinks_command, top_dims)
+                            detect_dataset, massive_dims, scan_massive, top_dims)
 from mechsink.sinks import rules
 from mechsink.tokens import TokenMap
 from mechsink.trace import scale_tokens
@@ -365,21 +365,33 @@ def test_scan_massive_finds_the_planted_dim_per_layer(planted_model, planted_bat
 
 
 # -- the CLI entry point -------------------------------------------------------------------------------------
-def test_sinks_command_on_a_folder_and_a_dataset(planted_model, planted_images, tmp_path):
+def test_detect_dataset_on_a_folder_and_a_dataset(planted_model, planted_images, tmp_path):
+    from mechsink.data import open_dataset
+    from mechsink.sinks.norms import NormConfig
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, im in enumerate(planted_images[:3]):
         im.save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     errors = ErrorLog()
-    recs = sinks_command("planted-llava", images_dir=folder, errors=errors, batch_size=2)
+    found = detect_dataset(planted_model, open_dataset(folder, format="folder"), errors=errors, batch_size=2)
+    recs = found.to_records()
     assert [r["image"].rsplit("/", 1)[-1] for r in recs] == ["0.png", "1.png", "2.png"]
     assert all([s["patch"] for s in r["sinks"]] == sorted(PLANTED) for r in recs)
     assert len(errors) == 1 and "broken.png" in errors.records[0].image_path
-    recs = sinks_command(planted_model, data=str(planted.EVAL_DIR / "samples.jsonl"), rule="fixed", params={"tau": 100},
-                         limit=2)
+    data = open_dataset(str(planted.EVAL_DIR / "samples.jsonl"), limit=2)
+    recs = detect_dataset(planted_model, data, SinkSpec(rule="fixed", params={"tau": 100})).to_records()
     assert all({s["patch"] for s in r["sinks"]} == PLANTED for r in recs)
-    recs = sinks_command(planted_model, images_dir=folder, rule="quantile", params={"q": 0.95})
+    recs = detect_dataset(planted_model, open_dataset(folder, format="folder"),
+                          SinkSpec(rule="quantile", params={"q": 0.95})).to_records()
     assert all({s["patch"] for s in r["sinks"]} == PLANTED for r in recs)
-    with pytest.raises(SinkError, match="exactly one"):
-        sinks_command(planted_model)
+    with pytest.raises(SinkError, match="no readable images"):
+        detect_dataset(planted_model, [])
+    # batching never changes the answer, and the same forwards profile every ViT layer's norms
+    one = detect_dataset(planted_model, data, batch_size=1, norms=NormConfig())
+    two = detect_dataset(planted_model, data, batch_size=2, norms=NormConfig())
+    cols = ["sample", "image", "tile", "patch", "norm", "is_sink"]       # the rest indexes each batch's tensors
+    pd.testing.assert_frame_equal(one.patches[cols], two.patches[cols])
+    pd.testing.assert_frame_equal(one.norms.frame, two.norms.frame)
+    last = one.norms.table().iloc[-1]
+    assert last["layer"] == planted_model.n_vit_layers - 1 and last["frac_images_with_outlier"] == 1.0

@@ -76,8 +76,10 @@ class NormProfiler:
                                                         "has_outlier"]))
 
     def result(self) -> NormProfile:
-        frame = pd.concat(self.rows, ignore_index=True) if self.rows else \
-            pd.DataFrame(columns=["sample", "image", "tile", "layer", "max_over_median", "has_outlier"])
+        cols = ["sample", "image", "tile", "layer", "max_over_median", "has_outlier"]
+        if not self.rows:
+            return NormProfile(pd.DataFrame(columns=cols), self.config)
+        frame = pd.concat(self.rows, ignore_index=True).sort_values(cols[:4], ignore_index=True)
         return NormProfile(frame, self.config)
 
 
