@@ -1,17 +1,19 @@
 """Sinks vs matched random tokens: how much does removing them move the model's answer?
 
     cfg = AblationConfig(site="proj.out", mode="zero", n_draws=32, match=("border",))
-    res = ablate(model, dataset, sinks=SinkSpec(), config=cfg)
-    res.summary()          # Comparison: sink / random / diff means with bootstrap CIs, p-value
+    res = ablate(model, dataset, cfg, sinks=SinkSpec())
+    res.comparison()       # stats.Comparison: sink / random / diff means with bootstrap CIs, p-value
+    res.summary()          # the same as JSON (sink_effect, random_effect, diff, p_value, n, ...)
     res.frame              # one row per sample x condition x draw
-    res.figure()           # sink vs random effect with CIs
+    plot(res)              # mechsink.report.figures: sink vs random effect with CIs
 
 Modes remove a token set at a site: ``zero``; ``mean`` (the dataset mean at that site and patch
 cell); ``resample`` (the same cells of another image of the batch); ``drop`` (the tokens are deleted
 from the LLM sequence and positions re-indexed); ``knockout`` (LLM attention from every other token
 to them is masked at ``layers``). For every sample the sinks are compared with ``n_draws`` random
 sets of non-sink patches *matched* on count and, optionally, on spatial distribution (``border``,
-``row``), foreground/background (``foreground``) and a norm-quantile band among non-sinks.
+``row``), foreground/background (``foreground``) and a norm-quantile band among non-sinks -- the
+``random(match=..., norm_band=...)`` selection of ``mechsink.selection``.
 
 The effect of a set is ``metric.effect(ablated, clean)`` (positive = the answer got worse). The
 statistics pair each sample's sink effect with the mean of its random effects: bootstrap CIs over
@@ -22,47 +24,40 @@ the LLM, the ViT and projector run once per batch and the copies run the LLM alo
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
-from PIL import Image
 import pandas as pd
 import torch
 
-from .atomic import write_parquet, write_text
+from .batching import batches
+from .config import Config, coerce
+from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
 from .metrics import Metric
-from .engine import Plan, Write, clean, execute
-from .patching import PatchError
-from .trace import llm_inputs
+from .results import Result
+from .selection import Selection, SinkSource, contrast_foreground, draw_random, sink_table
 from .sites import Site
-from .tokens import _AXIS_COLUMNS
-
-log = logging.getLogger("mechsink")
+from .tokens import axis_columns
+from .trace import capture, llm_inputs
 
 MODES = ("zero", "mean", "resample", "drop", "knockout")
-MATCH = ("border", "row", "foreground")
 
 
-class AblationError(PatchError):
-    """Bad ablation input (unknown mode or matching key, too few candidates, missing columns)."""
+class AblationError(MechsinkError, ValueError):
+    """Bad ablation input (unknown mode, no valid samples, missing dataset means)."""
 
 
 @dataclass(frozen=True)
-class AblationConfig:
+class AblationConfig(Config):
     """One ablation experiment (serialisable; ``fingerprint`` hashes it for manifests).
 
     site: where tokens are removed (``zero``/``mean``/``resample``): a ViT site, ``vit.out``,
     ``proj.out`` or an LLM site; ``drop`` works at ``proj.out``/``llm.embed``; ``knockout`` ignores it.
-    layers: LLM layers for ``knockout`` (None = all). match: extra matching keys for the random
-    controls (see MATCH). norm_band: (lo, hi) quantiles -- draw controls only among non-sinks whose
-    norm lies in that band of the image's non-sink norms.
+    layers: LLM layers for ``knockout`` (None = all). match, norm_band: how the random controls
+    are matched (``controls``: the ``random(match, norm_band)`` selection).
     """
     site: str = "proj.out"
     mode: str = "zero"
@@ -90,15 +85,9 @@ class AblationConfig:
         if self.mode == "drop" and str(site) not in ("proj.out", "llm.embed"):
             raise AblationError(f"drop deletes tokens from the LLM sequence: use site proj.out or llm.embed, not {site}")
         set_("site", str(site))
-        bad = set(self.match) - set(MATCH)
-        if bad:
-            raise AblationError(f"unknown matching key(s) {sorted(bad)}; use {', '.join(MATCH)}")
-        set_("match", tuple(dict.fromkeys(self.match)))
-        if self.norm_band is not None:
-            lo, hi = (float(v) for v in self.norm_band)
-            if not 0.0 <= lo < hi <= 1.0:
-                raise AblationError(f"norm_band must be quantiles 0 <= lo < hi <= 1, got {self.norm_band}")
-            set_("norm_band", (lo, hi))
+        controls = Selection("random", match=self.match, norm_band=self.norm_band)     # validates both
+        set_("match", controls.match)
+        set_("norm_band", controls.norm_band)
         if self.layers is not None:
             set_("layers", tuple(int(l) for l in self.layers))
         if self.n_draws < 1:
@@ -113,185 +102,42 @@ class AblationConfig:
         """The token axis the token sets live on."""
         return "llm" if self.mode in ("drop", "knockout") else Site.parse(self.site).axis
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["metric"] = self.metric.to_dict()
-        d["match"] = list(self.match)
-        d["norm_band"] = list(self.norm_band) if self.norm_band else None
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AblationConfig":
-        d = dict(d)
-        for k in ("match", "norm_band", "layers"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        d["metric"] = Metric.coerce(d.get("metric"))
-        return cls(**d)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-# -- token sets ------------------------------------------------------------------------------------
-SinkSource = Any   # SinkSpec | SinkSet | Callable[[model, batch], SinkSet | DataFrame] | Sequence[int] | None
-
-
-def token_table(model, batch, sinks: SinkSource = None, foreground: Callable | None = None) -> pd.DataFrame:
-    """The batch's patch table with ``patch`` (row-major index in its grid), ``is_sink`` and, when
-    known, ``norm`` and ``foreground``; rows in ``batch.token_map.patches`` order.
-
-    sinks: a SinkSpec (detected here, one forward), a SinkSet of this batch, a function
-    (model, batch) -> SinkSet or DataFrame, fixed patch indices (e.g. planted sinks), or None
-    (detection with the default SinkSpec). foreground: (model, batch) -> bool per patch row.
-    """
-    tm = batch.token_map
-    if sinks is None or type(sinks).__name__ == "SinkSpec":
-        from .sinks.detect import detect
-        table = detect(model, batch, sinks).patches
-    elif hasattr(sinks, "patches"):
-        table = sinks.patches
-    elif callable(sinks):
-        got = sinks(model, batch)
-        table = got.patches if hasattr(got, "patches") else got
-    else:
-        fixed = {int(p) for p in sinks}
-        table = tm.patches.copy()
-        table["patch"] = _patch_index(tm)
-        table["is_sink"] = table["patch"].isin(fixed)
-    if not isinstance(table, pd.DataFrame) or "is_sink" not in table.columns:
-        raise AblationError("the sink source must give a patch table with an is_sink column")
-    if len(table) != len(tm.patches) or not np.array_equal(table["llm_pos"].to_numpy(), tm.patches["llm_pos"].to_numpy()):
-        raise AblationError("the sink table does not match this batch's patches; detect sinks on the same batch")
-    table = table.reset_index(drop=True).copy()
-    if "patch" not in table.columns:
-        table["patch"] = _patch_index(tm)
-    table["is_sink"] = table["is_sink"].astype(bool)
-    if foreground is not None:
-        fg = np.asarray(foreground(model, batch), dtype=bool)
-        if fg.shape != (len(table),):
-            raise AblationError(f"foreground gave {fg.shape} flags for {len(table)} patches")
-        table["foreground"] = fg
-    return table
-
-
-def contrast_foreground(threshold: float = 0.1) -> Callable:
-    """A foreground flag per patch from pixels: the patch's mean luminance differs from the image's
-    median patch luminance by more than ``threshold`` (fraction of the 0-255 range). Fits images of
-    objects on a plain background; for any-res tiles the whole image is gridded (approximate).
-    Returns (model, batch) -> bool per row of ``batch.token_map.patches``."""
-    def flags(model, batch) -> np.ndarray:
-        tm = batch.token_map
-        out = np.zeros(len(tm.patches), dtype=bool)
-        for (s, i, t), idx in tm.patches.groupby(["sample", "image", "tile"]).indices.items():
-            rows, cols = tm.grids[(s, i, t)]
-            lum = np.asarray(batch.images[s][i].convert("L").resize((cols, rows), Image.BOX), dtype=float)
-            fg = np.abs(lum - np.median(lum)) > threshold * 255
-            p = tm.patches.iloc[idx]
-            out[idx] = fg[p["row"].to_numpy(), p["col"].to_numpy()]
-        return out
-    return flags
-
-
-def _patch_index(tm) -> np.ndarray:
-    """Row-major index of each patch in its tile's grid (as SinkSet's ``patch`` column)."""
-    from .sinks.detect import _patch_index as index
-    return index(tm.patches, tm.grids)
-
-
-def _strata(table: pd.DataFrame, tm, match: Sequence[str]) -> np.ndarray:
-    """One integer key per patch row: patches may only stand in for sinks with the same key."""
-    keys = [np.zeros(len(table), dtype=np.int64)]
-    for m in match:
-        if m == "border":
-            grid = np.array([tm.grids.get((s, i, t), (0, 0)) for s, i, t in
-                             zip(table["sample"], table["image"], table["tile"])]).reshape(-1, 2)
-            r, c = table["row"].to_numpy(), table["col"].to_numpy()
-            keys.append(((r == 0) | (c == 0) | (r == grid[:, 0] - 1) | (c == grid[:, 1] - 1)).astype(np.int64))
-        elif m == "row":
-            keys.append(table["row"].to_numpy().astype(np.int64))
-        elif m == "foreground":
-            if "foreground" not in table.columns:
-                raise AblationError("matching on foreground needs a foreground flag per patch (pass foreground=...)")
-            keys.append(table["foreground"].to_numpy().astype(np.int64))
-    return np.unique(np.stack(keys, 1), axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def draw_controls(table: pd.DataFrame, tm, n_draws: int, *, axis: str, match: Sequence[str] = (),
-                  norm_band: tuple[float, float] | None = None, seed: int = 0,
-                  sample_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Sinks and matched random controls as patch-row selections.
-
-    Returns (select [1 + n_draws, n_rows] bool: row 0 the sinks, row 1 + k draw k; valid [B] bool;
-    reason [B]: why a sample is invalid, "" otherwise). Every draw picks, per stratum, as many
-    non-sinks as there are sinks in that stratum, without replacement. Draws for a sample depend
-    only on (seed, its global index in ``sample_ids``), not on batching.
-    """
-    pos = table[_AXIS_COLUMNS[axis][1]].to_numpy()
-    on_axis = pos >= 0
-    strata = _strata(table, tm, match)
-    is_sink = table["is_sink"].to_numpy() & on_axis
-    samples = table["sample"].to_numpy()
-    n_samples = int(tm.roles.shape[0])
-    ids = list(range(n_samples)) if sample_ids is None else list(sample_ids)
-    select = np.zeros((1 + n_draws, len(table)), dtype=bool)
-    select[0] = is_sink
-    valid = np.ones(n_samples, dtype=bool)
-    reason = [""] * n_samples
-    for s in range(n_samples):
-        rows = np.nonzero(samples == s)[0]
-        sinks = rows[is_sink[rows]]
-        cands = rows[on_axis[rows] & ~is_sink[rows]]
-        if len(sinks) == 0:
-            valid[s], reason[s] = False, "no sinks"
-            continue
-        if norm_band is not None:
-            if "norm" not in table.columns:
-                raise AblationError("norm_band needs a norm column: detect sinks with a SinkSpec")
-            norms = table["norm"].to_numpy()[cands]
-            q = pd.Series(norms).rank(pct=True, method="average").to_numpy()
-            cands = cands[(q >= norm_band[0]) & (q <= norm_band[1])]
-        rng = np.random.default_rng([seed, int(ids[s])])
-        for key in np.unique(strata[sinks]):
-            need = int((strata[sinks] == key).sum())
-            pool = cands[strata[cands] == key]
-            if len(pool) < need:
-                valid[s], reason[s] = False, f"too few matched controls ({len(pool)} for {need} sinks)"
-                break
-            picks = np.argsort(rng.random((n_draws, len(pool))), axis=1)[:, :need]
-            select[1 + np.repeat(np.arange(n_draws), need), pool[picks].reshape(-1)] = True
-        if not valid[s]:
-            select[1:, rows] = False
-    return select, valid, reason
+    @property
+    def controls(self) -> Selection:
+        """The random selection the sinks are compared with."""
+        return Selection("random", match=self.match, norm_band=self.norm_band)
 
 
 # -- replacement values -----------------------------------------------------------------------------
-def _site_index(tm, axis: str) -> tuple[torch.Tensor, ...]:
-    """Index of every patch row on a site tensor (rows without a token there are dropped)."""
-    item_col, pos_col = _AXIS_COLUMNS[axis]
-    p = tm.patches
-    ok = p[pos_col].to_numpy() >= 0
-    pos = torch.tensor(p[pos_col].to_numpy()[ok], dtype=torch.long)
-    if axis != "llm" and bool((p[item_col].to_numpy()[ok] < 0).all()):
-        return (pos,)
-    return torch.tensor(p[item_col].to_numpy()[ok], dtype=torch.long), pos
-
-
 _CELL = ["image", "tile", "row", "col"]
 
 
+def _site_tensor(model, batch, site: str) -> torch.Tensor:
+    """The clean tensor at ``site``: a forward stopped right after it (a full traced run for
+    sites computed from others)."""
+    if model.locate(Site.parse(site))[1] in ("input", "output"):
+        return capture(model, batch.inputs, [site])[site].detach()
+    return model.run(batch, read=[site])[site].detach()
+
+
+def _rows(tm, axis: str) -> pd.DataFrame:
+    """Patch rows with a token on ``axis``, one per token (merged patches: the first)."""
+    item, pos = axis_columns(axis)
+    p = tm.patches[tm.patches[pos] >= 0]
+    return p.drop_duplicates([item, pos]).reset_index(drop=True)
+
+
 def cell_means(model, batches: Iterable, site: str) -> dict[tuple, torch.Tensor]:
-    """Dataset mean activation at ``site`` per patch cell (image, tile, row, col): one forward per batch."""
+    """Dataset mean activation at ``site`` per patch cell (image, tile, row, col): one forward
+    (stopped at the site) per batch."""
     axis = Site.parse(site).axis
     sums: dict[tuple, torch.Tensor] = {}
     counts: dict[tuple, int] = {}
     for batch in batches:
-        x = model.run(batch, read=[site])[site]
         tm = batch.token_map
-        ok = tm.patches[_AXIS_COLUMNS[axis][1]].to_numpy() >= 0
-        vals = x[_site_index(tm, axis)].detach().float().cpu()
-        for key, v in zip(tm.patches.loc[ok, _CELL].itertuples(index=False, name=None), vals):
+        rows = tm.patches[tm.patches[axis_columns(axis)[1]] >= 0]
+        vals = tm.gather(_site_tensor(model, batch, site), axis, rows).float().cpu()
+        for key, v in zip(rows[_CELL].itertuples(index=False, name=None), vals):
             sums[key] = sums.get(key, 0) + v
             counts[key] = counts.get(key, 0) + 1
     if not sums:
@@ -302,17 +148,17 @@ def cell_means(model, batches: Iterable, site: str) -> dict[tuple, torch.Tensor]
 def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int,
             x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(site tensor of the clean batch, replacement values of the same shape or None for zeros).
-    ``x``: the clean site tensor when already at hand (else one forward reads it)."""
+    ``x``: the clean site tensor when already at hand (else a forward reads it)."""
     if x is None:
-        x = model.run(batch, read=[cfg.site])[cfg.site].detach()
-    tm = batch.token_map
-    axis = Site.parse(cfg.site).axis
+        x = _site_tensor(model, batch, cfg.site)
     if cfg.mode == "zero":
         return x, None
-    idx = _site_index(tm, axis)
-    ok = tm.patches[_AXIS_COLUMNS[axis][1]].to_numpy() >= 0
-    cells = list(tm.patches.loc[ok, _CELL].itertuples(index=False, name=None))
+    tm = batch.token_map
+    axis = Site.parse(cfg.site).axis
+    rows = _rows(tm, axis)
+    cells = list(rows[_CELL].itertuples(index=False, name=None))
     v = x.clone()
+    idx = tm.index(axis, rows)
     if cfg.mode == "mean":
         missing = [c for c in cells if c not in means]
         if missing:
@@ -327,27 +173,24 @@ def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int,
     perm = rng.permutation(b)
     while (perm == np.arange(b)).any():
         perm = rng.permutation(b)
-    p = tm.patches.loc[ok].reset_index(drop=True)
-    where = {(int(s), *c): j for j, (s, *c) in enumerate(p[["sample", *_CELL]].itertuples(index=False, name=None))}
-    donor = []
-    for s, *c in p[["sample", *_CELL]].itertuples(index=False, name=None):
-        key = (int(perm[s]), *c)
-        if key not in where:
-            raise AblationError(f"resample: image {perm[s]} has no patch cell {tuple(c)}; images need the same grid")
-        donor.append(where[key])
-    donor = torch.tensor(donor, dtype=torch.long)
-    v[idx] = x[tuple(i[donor] for i in idx)]
+    keyed = rows.set_index(["sample", *_CELL])
+    donors = rows[["sample", *_CELL]].assign(sample=perm[rows["sample"].to_numpy()])
+    missing = ~donors.set_index(["sample", *_CELL]).index.isin(keyed.index)
+    if missing.any():
+        s, *c = donors[missing].iloc[0]
+        raise AblationError(f"resample: image {s} has no patch cell {tuple(c)}; images need the same grid")
+    donor_rows = keyed.loc[pd.MultiIndex.from_frame(donors)].reset_index()
+    v[idx] = tm.gather(x, axis, donor_rows).to(v)
     return x, v
 
 
 # -- the experiment --------------------------------------------------------------------------------
 @dataclass
-class AblationResult:
+class AblationResult(Result):
     """Tidy results: ``frame`` has one row per sample x condition ("sink", "random") x draw with
-    columns batch, sample, id, condition, draw, n_tokens, patches, value, clean, effect, valid, reason."""
-    frame: pd.DataFrame
-    config: AblationConfig
-    model: str = ""
+    columns batch, sample, id, condition, draw, n_tokens, patches, value, clean, effect, valid,
+    reason. ``meta["model"]``: the model's name."""
+    config_class: ClassVar[type | None] = AblationConfig
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
         """(sink effect [n], random effects [n, n_draws], sample index) over the valid samples."""
@@ -358,7 +201,7 @@ class AblationResult:
         rand = f[f["condition"] == "random"].pivot(index="sample", columns="draw", values="effect").sort_index()
         return sink.to_numpy(), rand.loc[sink.index].to_numpy(), sink.index
 
-    def summary(self, **kw):
+    def comparison(self, **kw):
         """mechsink.stats.Comparison of sink vs random effects (bootstrap CIs, permutation p)."""
         from .stats import compare_paired
         sink, rand, _ = self.effects()
@@ -373,122 +216,62 @@ class AblationResult:
             ("llm" if c.mode == "knockout" else c.site)
         return f"{c.mode} @ {where}"
 
-    def to_dict(self) -> dict:
+    def summary(self) -> dict:
         """JSON-ready: sink_effect, random_effect, diff ({mean, ci_low, ci_high}), p_value, n, ..."""
-        s = self.summary()
-        d = s.to_dict()
+        d = self.comparison().to_dict()
         f = self.frame
-        out = {"sink_effect": d["sink"], "random_effect": d["random"], "diff": d["diff"], "p_value": d["p_value"],
-               "n": d["n"], "n_draws": d["n_draws"], "test": d["test"], "alternative": d["alternative"],
-               "alpha": d["alpha"], "metric": self.config.metric.name,
-               "clean_metric": float(f.drop_duplicates("sample")["clean"].mean()),
-               "n_skipped": int(f.loc[~f["valid"], "sample"].nunique()),
-               "mean_sinks": float(f.loc[f["valid"] & (f["condition"] == "sink"), "n_tokens"].mean()),
-               "model": self.model, "config": self.config.to_dict()}
-        return out
-
-    def figure(self):
-        """Sink vs random effect (and their difference) with CIs (seaborn / matplotlib Figure)."""
-        from .report.figures import effect_plot
-        from .stats import comparison_frame
-        return effect_plot(comparison_frame({self.label: self.summary()}), ylabel=f"effect on {self.config.metric.name}")
-
-    def save(self, path: str | os.PathLike, *, summary: bool = True) -> Path:
-        """Write results.parquet and summary.json (atomically) into a directory; with
-        ``summary=False`` (a run in progress) the JSON holds only the config."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        write_parquet(path / "results.parquet", self.frame)
-        meta = {"config": self.config.to_dict(), "model": self.model, "partial": not summary}
-        if summary:
-            try:
-                meta = self.to_dict()
-            except MechsinkError as e:      # the frame is kept even when statistics cannot be had
-                meta["error"] = str(e)
-        write_text(path / "summary.json", json.dumps(meta, indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "AblationResult":
-        path = Path(path)
-        meta = json.loads((path / "summary.json").read_text())
-        return cls(pd.read_parquet(path / "results.parquet"), AblationConfig.from_dict(meta["config"]), meta.get("model", ""))
+        return {"sink_effect": d["sink"], "random_effect": d["random"], "diff": d["diff"], "p_value": d["p_value"],
+                "n": d["n"], "n_draws": d["n_draws"], "test": d["test"], "alternative": d["alternative"],
+                "alpha": d["alpha"], "metric": self.config.metric.name,
+                "clean_metric": float(f.drop_duplicates("sample")["clean"].mean()),
+                "n_skipped": int(f.loc[~f["valid"], "sample"].nunique()),
+                "mean_sinks": float(f.loc[f["valid"] & (f["condition"] == "sink"), "n_tokens"].mean())}
 
 
-def iter_batches(model, data, batch_size: int = 8, errors=None) -> Callable[[], Iterator[tuple[Any, list]]]:
-    """A re-iterable over (Batch, sample ids) from a Batch, a list of Batches or a mechsink
-    Dataset / list of Samples (prepared with their prompts and, when all have one, answers)."""
-    from .models.base import Batch
-    if isinstance(data, Batch):
-        data = [data]
-    data = list(data) if not hasattr(data, "__getitem__") else data
-    if len(data) and all(isinstance(b, Batch) for b in data):
-        def from_batches():
-            k = 0
-            for b in data:
-                yield b, list(range(k, k + b.size))
-                k += b.size
-        return from_batches
-
-    def from_samples():
-        from .data import iter_images
-        chunk: list = []
-        for sample, image in iter_images(data, errors=errors):
-            chunk.append((sample, image))
-            if len(chunk) == batch_size:
-                yield _prepare(model, chunk)
-                chunk = []
-        if chunk:
-            yield _prepare(model, chunk)
-    return from_samples
-
-
-def _prepare(model, chunk):
-    answers = [s.answer for s, _ in chunk]
-    batch = model.prepare([im for _, im in chunk], prompts=[s.prompt for s, _ in chunk],
-                          answers=answers if all(a is not None for a in answers) else None)
-    return batch, [s.id for s, _ in chunk]
-
-
-def ablate(model, data, sinks: SinkSource = None, config: AblationConfig | None = None, *,
-           foreground: Callable | None = None, out: str | os.PathLike | None = None, progress: bool = False,
-           errors=None, **overrides) -> AblationResult:
+def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: SinkSource = None,
+           foreground: Callable | None = None, errors=None, out: str | os.PathLike | None = None,
+           progress: bool = False, **overrides) -> AblationResult:
     """Ablate sinks and matched random controls on every sample of ``data``.
 
-    data: a Batch, a list of Batches, or a Dataset / list of Samples. sinks: see ``token_table``.
+    data: a Dataset / list of Samples, a Batch or a list of Batches (``mechsink.batching``).
     config: AblationConfig (keyword overrides such as ``mode="mean"`` are applied on top).
-    out: a directory; results are saved there after every batch, so an interrupted run keeps
-    what it finished. errors: a mechsink.data.ErrorLog that records unreadable images.
-    Returns an AblationResult.
+    sinks: the sink rule -- a SinkSpec (default SinkSpec()), a SinkSet, fixed patch indices or a
+    callable (see ``selection.sink_table``). foreground: (model, batch) -> bool per patch, for
+    ``match=("foreground",)`` (e.g. ``contrast_foreground()``). errors: a mechsink.data.ErrorLog
+    that records skipped images. out: a directory; results are saved there after every batch, so an
+    interrupted run keeps what it finished.
     """
-    cfg = replace(config or AblationConfig(), **overrides) if overrides else (config or AblationConfig())
-    batches = iter_batches(model, data, cfg.batch_size, errors)
-    means = cell_means(model, (b for b, _ in batches()), cfg.site) if cfg.mode == "mean" else None
+    cfg = coerce(AblationConfig, config)
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    if sinks is None:
+        from .sinks.detect import SinkSpec
+        sinks = SinkSpec()
+    means = None
+    if cfg.mode == "mean":
+        from .data import ErrorLog
+        means = cell_means(model, (c.batch for c in batches(model, data, cfg.batch_size, errors=ErrorLog())), cfg.site)
     frames: list[pd.DataFrame] = []
-    offset = 0
-    it = batches()
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(it, desc=f"ablate {cfg.mode}")
-    for k, (batch, ids) in enumerate(it):
-        frames.append(_ablate_batch(model, batch, ids, cfg, sinks, foreground, means, k, offset))
-        offset += batch.size
+    meta = {"model": getattr(model, "name", "")}
+    for k, chunk in enumerate(batches(model, data, cfg.batch_size, errors=errors,
+                                      progress=f"ablate {cfg.mode}" if progress else False)):
+        frames.append(_ablate_batch(model, chunk, k, cfg, sinks, foreground, means))
         if out is not None:
-            AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name).save(out, summary=False)
+            AblationResult(pd.concat(frames, ignore_index=True), cfg, meta).save(out, summary=False)
     if not frames:
         raise AblationError("no data to ablate")
-    result = AblationResult(pd.concat(frames, ignore_index=True), cfg, model.name)
+    result = AblationResult(pd.concat(frames, ignore_index=True), cfg, meta)
     if out is not None:
         result.save(out)
     return result
 
 
-def _ablate_batch(model, batch, ids, cfg: AblationConfig, sinks, foreground, means, k: int, offset: int) -> pd.DataFrame:
+def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, means) -> pd.DataFrame:
+    batch = chunk.batch
     tm = batch.token_map
-    table = token_table(model, batch, sinks, foreground)
-    gidx = list(range(offset, offset + batch.size))
-    select, valid, reason = draw_controls(table, tm, cfg.n_draws, axis=cfg.axis, match=cfg.match,
-                                          norm_band=cfg.norm_band, seed=cfg.seed, sample_ids=gidx)
+    table = sink_table(model, batch, sinks, foreground)
+    gidx, ids = chunk.indices, chunk.ids
+    select, valid, reason = draw_random(table, tm, cfg.n_draws, axis=cfg.axis, match=cfg.match,
+                                        norm_band=cfg.norm_band, seed=cfg.seed, sample_ids=gidx)
     base, x = _clean_with_site(model, batch, cfg)
     plan = _plan(model, batch, cfg, select, means, base, seed=cfg.seed + k, x=x)
     res = execute(model, batch, plan, cfg.metric, base["targets"], inputs=base["inputs"], clean_next=base["next"],
@@ -509,27 +292,16 @@ def _ablate_batch(model, batch, ids, cfg: AblationConfig, sinks, foreground, mea
 
 
 def _clean_with_site(model, batch, cfg: AblationConfig) -> tuple[dict, torch.Tensor | None]:
-    """The clean run and, when it comes without another forward, the clean tensor at ``cfg.site``:
-    ``proj.out`` is caught while the ViT and projector run for the LLM inputs, an LLM site is read
-    in the clean LLM run. None otherwise (ViT sites, drop, knockout)."""
+    """The clean run and, when it comes cheaply, the clean tensor at ``cfg.site``: an LLM site is
+    read in the clean LLM run, ``proj.out`` by a forward stopped at the projector. None otherwise
+    (ViT sites, drop, knockout: ``_values`` reads what it needs)."""
     site = Site.parse(cfg.site)
     if cfg.mode in ("drop", "knockout") or site.part == "vit":
         return clean(model, batch, cfg.metric), None
     if site.part == "llm":
         base = clean(model, batch, cfg.metric, read=[cfg.site])
         return base, base[cfg.site].detach()
-    path, io, idx = model.locate(site)
-    got: dict = {}
-
-    def keep(mod, args, out):
-        value = out if io == "output" else args[0]
-        got.setdefault("x", value[idx or 0] if isinstance(value, tuple) else value)
-    hook = model.module(path).register_forward_hook(keep)
-    try:
-        inputs = llm_inputs(model, batch)
-    finally:
-        hook.remove()
-    return clean(model, batch, cfg.metric, inputs=inputs), got["x"].detach() if "x" in got else None
+    return clean(model, batch, cfg.metric, inputs=llm_inputs(model, batch)), _site_tensor(model, batch, cfg.site)
 
 
 def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: dict, seed: int,
@@ -547,33 +319,4 @@ def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: di
     return Plan(c, [Write(cfg.site, tm.mask(axis, select, tuple(x.shape[:-1])), values)])
 
 
-# -- the CLI's entry point ----------------------------------------------------------------------------
-def ablate_command(model_name, data, *, site: str = "proj.out", mode: str = "zero", draws: int = 32,
-                   metric: str = "logprob", answers: Sequence[str] | None = None, teacher_forced: bool = False,
-                   match: Sequence[str] = (), norm_band: tuple[float, float] | None = None,
-                   layers: Sequence[int] | None = None, sinks: Any = None, rule: str | None = None,
-                   limit: int | None = None, batch_size: int = 8, seed: int = 0, out: str | None = None,
-                   device: str | None = None, dtype: str | None = None, errors=None) -> dict:
-    """Run ``ablate`` from plain options; returns the JSON-ready summary (sink_effect,
-    random_effect and diff with mean/ci_low/ci_high, p_value, n, ...).
-
-    sinks: fixed patch indices, a SinkSpec, or None (detected with ``rule``, a sink rule or preset).
-    """
-    from . import load
-    from .data import open_dataset
-    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=dtype)
-    ds = data if hasattr(data, "__getitem__") and not isinstance(data, (str, os.PathLike)) else open_dataset(data, limit=limit)
-    if sinks is None and rule is not None:
-        from .sinks.detect import SinkSpec
-        sinks = SinkSpec.from_options(rule)
-    m = Metric(metric, **({"answers": tuple(answers)} if answers else {}), teacher_forced=teacher_forced)
-    cfg = AblationConfig(site=site, mode=mode, metric=m, n_draws=draws, match=tuple(match),
-                         norm_band=tuple(norm_band) if norm_band else None,
-                         layers=tuple(layers) if layers is not None else None, seed=seed, batch_size=batch_size)
-    from .data import ErrorLog
-    errors = errors if errors is not None else ErrorLog()
-    res = ablate(model, ds, sinks, cfg, out=out, errors=errors)
-    d = res.to_dict()
-    d["data"] = getattr(ds, "name", None)
-    d["n_unreadable"] = len(errors)
-    return d
+__all__ = ["MODES", "AblationConfig", "AblationError", "AblationResult", "ablate", "cell_means", "contrast_foreground"]

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import mechsink
-from mechsink.ablation import (AblationConfig, AblationError, AblationResult, ablate, ablate_command, cell_means,
-                               draw_controls, token_table)
+from mechsink.ablation import AblationConfig, AblationError, AblationResult, ablate, cell_means
+from mechsink.engine import Plan, clean, execute
 from mechsink.metrics import Metric, MetricError, gather_logits
-from mechsink.patching import Plan, clean, execute, rows_mask
+from mechsink.report.figures import ablation_figure
+from mechsink.selection import SelectionError, draw_random, sink_table
 from mechsink.stats import paired_permutation_test
 from mechsink.testing import test_image as make_image
 from mechsink.trace import zero_tokens
@@ -46,8 +47,8 @@ def tiny():
 def test_sinks_move_the_answer_far_more_than_matched_random(planted, mode):
     m, b = planted
     cfg = AblationConfig(mode=mode, n_draws=16, metric=Metric("logprob"), batch_size=16, match=("border",))
-    res = ablate(m, [b], SINKS, cfg)
-    s = res.summary()
+    res = ablate(m, [b], cfg, sinks=SINKS)
+    s = res.comparison()
     assert s.n == 16 and s.n_draws == 16
     assert s.sink.ci_low > s.random.ci_high          # the CIs separate
     assert s.p_value < 0.01
@@ -60,7 +61,7 @@ def test_sinks_move_the_answer_far_more_than_matched_random(planted, mode):
 
 def test_sink_ablation_drops_accuracy_to_chance(planted):
     m, b = planted
-    res = ablate(m, [b], SINKS, AblationConfig(n_draws=4, metric=Metric("accuracy", answers=P.COLORS), batch_size=16))
+    res = ablate(m, [b], AblationConfig(n_draws=4, metric=Metric("accuracy", answers=P.COLORS), batch_size=16), sinks=SINKS)
     f = res.frame
     assert (f["clean"] == 1.0).all()                                 # the planted model is always right
     assert f.loc[f["condition"] == "random", "value"].mean() == 1.0
@@ -76,7 +77,7 @@ def test_null_twin_false_positive_rate_is_nominal():
     images = [P.make_image(rng) for _ in range(512)]
     batches = [m.prepare(images[i:i + 64], [P.PROMPT] * 64, answers=[P.label_of(im) for im in images[i:i + 64]])
                for i in range(0, 512, 64)]
-    res = ablate(m, batches, SINKS, AblationConfig(n_draws=16, rows_per_forward=512))
+    res = ablate(m, batches, AblationConfig(n_draws=16, rows_per_forward=512), sinks=SINKS)
     sink, rand, _ = res.effects()
     assert sink.shape == (512,) and rand.shape == (512, 16)
     assert np.std(sink) > 0.05                      # the null's effects are real, just not sink-specific
@@ -101,7 +102,7 @@ def test_batched_draws_equal_one_run_per_draw(tiny):
     m, b = tiny
     cfg_sets = {"vit.blocks.1.hook_resid_post": "vit", "proj.out": "proj", "llm.blocks.1.hook_resid_pre": "llm"}
     for site, axis in cfg_sets.items():
-        res = ablate(m, [b], (0, 5, 10), AblationConfig(site=site, n_draws=3, batch_size=2))
+        res = ablate(m, [b], AblationConfig(site=site, n_draws=3, batch_size=2), sinks=(0, 5, 10))
         t = Metric("logprob").targets(m, b)
         for r in res.frame.itertuples():
             s = r.sample
@@ -133,7 +134,7 @@ def test_drop_equals_the_prompt_built_without_the_image(tiny):
     metric = Metric("logprob", teacher_forced=True)
     base = clean(m, b, metric)
     everything = np.ones((1, len(b.token_map.patches)), dtype=bool)
-    drop = rows_mask(b.token_map, "llm", everything, tuple(b.inputs["input_ids"].shape))
+    drop = b.token_map.mask("llm", everything, tuple(b.inputs["input_ids"].shape))
     out = execute(m, b, Plan(1, drop=drop), metric, base["targets"], inputs=base["inputs"], want_next=True)
     text = b.prompts[0].replace("<image>", "")
     ids = m.processor.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -153,7 +154,7 @@ def test_drop_and_knockout_against_shortened_sequences(tiny):
     m, b = tiny
     t = Metric("logprob").targets(m, b)
     for mode in ("drop", "knockout"):
-        res = ablate(m, [b], (0, 5, 10), AblationConfig(mode=mode, n_draws=2, batch_size=2))
+        res = ablate(m, [b], AblationConfig(mode=mode, n_draws=2, batch_size=2), sinks=(0, 5, 10))
         for r in res.frame.itertuples():
             tm = b.token_map
             p = tm.patches[(tm.patches["sample"] == r.sample)]
@@ -167,17 +168,17 @@ def test_drop_and_knockout_against_shortened_sequences(tiny):
 
 def test_knockout_at_chosen_layers_only(tiny):
     m, b = tiny
-    full = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
-    first = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", layers=(0,), n_draws=1, batch_size=2))
-    none = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", layers=(), n_draws=1, batch_size=2))
+    full = ablate(m, [b], AblationConfig(mode="knockout", n_draws=1, batch_size=2), sinks=(0, 5, 10))
+    first = ablate(m, [b], AblationConfig(mode="knockout", layers=(0,), n_draws=1, batch_size=2), sinks=(0, 5, 10))
+    none = ablate(m, [b], AblationConfig(mode="knockout", layers=(), n_draws=1, batch_size=2), sinks=(0, 5, 10))
     assert np.abs(none.frame["effect"]).max() < 1e-6
     assert not np.allclose(full.frame["value"], first.frame["value"])
     before = m.forward(b)
-    ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
+    ablate(m, [b], AblationConfig(mode="knockout", n_draws=1, batch_size=2), sinks=(0, 5, 10))
     assert torch.equal(before, m.forward(b))                          # no hook left behind
     for impl in ("eager", "sdpa"):
         with m.attention(impl):
-            other = ablate(m, [b], (0, 5, 10), AblationConfig(mode="knockout", n_draws=1, batch_size=2))
+            other = ablate(m, [b], AblationConfig(mode="knockout", n_draws=1, batch_size=2), sinks=(0, 5, 10))
         assert np.allclose(other.frame["value"], full.frame["value"], atol=1e-5)
 
 
@@ -187,7 +188,7 @@ def test_mean_mode_uses_the_dataset_mean_per_cell(tiny):
     means = cell_means(m, [b, b2], "proj.out")
     x1, x2 = m.run(b, read=["proj.out"])["proj.out"], m.run(b2, read=["proj.out"])["proj.out"]
     assert torch.allclose(means[(0, 0, 1, 2)], (x1[0, 6] + x1[1, 6] + x2[0, 6]) / 3, atol=1e-6)
-    res = ablate(m, [b, b2], (6,), AblationConfig(mode="mean", n_draws=1, batch_size=2))
+    res = ablate(m, [b, b2], AblationConfig(mode="mean", n_draws=1, batch_size=2), sinks=(6,))
     t = Metric("logprob").targets(m, b)
     idx = b.token_map.index("proj", b.token_map.patches.iloc[[6]])
     from mechsink.trace import set_tokens
@@ -202,7 +203,7 @@ def test_resampling_every_token_gives_the_other_image(planted):
     m, b = planted
     cfg = AblationConfig(mode="resample", n_draws=1, batch_size=16)
     sinks = tuple(range(P.N_PATCHES))                           # "sinks" = every patch
-    res = ablate(m, [b], sinks, cfg)
+    res = ablate(m, [b], cfg, sinks=sinks)
     assert not res.frame["valid"].any()                         # no non-sink patches left for controls
     # the donor permutation is seeded: recover it from the values
     from mechsink.ablation import _values
@@ -220,10 +221,10 @@ def test_resampling_every_token_gives_the_other_image(planted):
 def test_controls_are_matched_and_reproducible(planted):
     m, b = planted
     tm = b.token_map
-    table = token_table(m, b, SINKS)
+    table = sink_table(m, b, SINKS)
     table["foreground"] = table["patch"] % 2 == 0
     table["norm"] = np.arange(len(table), dtype=float) % 36
-    sel, valid, reason = draw_controls(table, tm, 50, axis="proj", match=("border", "row", "foreground"), seed=3)
+    sel, valid, reason = draw_random(table, tm, 50, axis="proj", match=("border", "row", "foreground"), seed=3)
     assert valid.all() and reason == [""] * 16
     border = lambda p: (p // 6 in (0, 5)) or (p % 6 in (0, 5))   # noqa: E731
     for k in range(1, 51):
@@ -235,18 +236,18 @@ def test_controls_are_matched_and_reproducible(planted):
             assert sorted(p % 2 == 0 for p in picked) == sorted(p % 2 == 0 for p in SINKS)
     # draws depend on (seed, global sample index) only, not on how samples are batched
     sub = m.prepare(b.images[4:6], b.prompts[4:6], answers=b.answers[4:6])
-    st = token_table(m, sub, SINKS)
-    sel2, _, _ = draw_controls(st, sub.token_map, 5, axis="proj", seed=3, sample_ids=[4, 5])
-    sel1, _, _ = draw_controls(table, tm, 5, axis="proj", seed=3)
+    st = sink_table(m, sub, SINKS)
+    sel2, _, _ = draw_random(st, sub.token_map, 5, axis="proj", seed=3, sample_ids=[4, 5])
+    sel1, _, _ = draw_random(table, tm, 5, axis="proj", seed=3)
     a = table.loc[sel1[2] & table["sample"].isin([4, 5]).to_numpy(), "patch"].to_numpy()
     assert np.array_equal(a, st.loc[sel2[2], "patch"].to_numpy())
     # norm band: only the top quarter of each image's non-sink norms
-    sel, _, _ = draw_controls(table, tm, 20, axis="proj", norm_band=(0.75, 1.0), seed=0)
+    sel, _, _ = draw_random(table, tm, 20, axis="proj", norm_band=(0.75, 1.0), seed=0)
     picked = table.loc[sel[1:].any(0)]
     assert picked["norm"].min() >= 26
     # impossible matching marks the sample invalid instead of drawing unmatched controls
-    sel, valid, reason = draw_controls(table.assign(foreground=table["patch"].isin(SINKS)), tm, 2, axis="proj",
-                                       match=("foreground",))
+    sel, valid, reason = draw_random(table.assign(foreground=table["patch"].isin(SINKS)), tm, 2, axis="proj",
+                                     match=("foreground",))
     assert not valid.any() and "too few" in reason[0] and not sel[1:].any()
 
 
@@ -254,12 +255,12 @@ def test_detected_sinks_are_used_by_default(planted):
     m, b = planted
     from mechsink.sinks.detect import SinkSpec, detect
     spec = SinkSpec(site="vit.out", rule="fixed", params={"tau": 100.0})
-    t1 = token_table(m, b, spec)
+    t1 = sink_table(m, b, spec)
     assert sorted(set(t1.loc[t1["is_sink"], "patch"])) == list(SINKS)
-    t2 = token_table(m, b, detect(m, b, spec))
+    t2 = sink_table(m, b, detect(m, b, spec))
     assert t1["is_sink"].equals(t2["is_sink"]) and "norm" in t2
-    with pytest.raises(AblationError, match="does not match"):
-        token_table(m, m.prepare(b.images[:2], b.prompts[:2]), detect(m, b, spec))
+    with pytest.raises(SelectionError, match="does not match"):
+        sink_table(m, m.prepare(b.images[:2], b.prompts[:2]), detect(m, b, spec))
 
 
 # -- config, results, command -------------------------------------------------------------------------
@@ -282,15 +283,15 @@ def test_metric_errors_are_one_line(tiny):
     m, _ = tiny
     b = m.prepare([make_image()], ["is there a cat ?"])
     with pytest.raises(MetricError, match="answers="):
-        ablate(m, [b], (0,), AblationConfig(n_draws=1))
+        ablate(m, [b], AblationConfig(n_draws=1), sinks=(0,))
     b = m.prepare([make_image()], ["is there a cat ?"], answers=["maybe"])
     with pytest.raises(MetricError, match="candidates"):
-        ablate(m, [b], (0,), AblationConfig(n_draws=1, metric=Metric("accuracy")))
+        ablate(m, [b], AblationConfig(n_draws=1, metric=Metric("accuracy")), sinks=(0,))
 
 
 def test_kl_metric_and_effects(planted):
     m, b = planted
-    res = ablate(m, [b], SINKS, AblationConfig(n_draws=2, metric="kl", batch_size=16))
+    res = ablate(m, [b], AblationConfig(n_draws=2, metric="kl", batch_size=16), sinks=SINKS)
     f = res.frame
     assert (f["clean"].abs() < 1e-6).all()                  # KL of the clean run with itself
     assert (f.loc[f["condition"] == "sink", "effect"] > 0.05).all()
@@ -298,21 +299,46 @@ def test_kl_metric_and_effects(planted):
 
 def test_results_save_load_figure_and_command(planted, tmp_path):
     m, b = planted
-    res = ablate(m, [b], SINKS, AblationConfig(n_draws=4, batch_size=16), out=tmp_path / "run")
+    res = ablate(m, [b], AblationConfig(n_draws=4, batch_size=16), sinks=SINKS, out=tmp_path / "run")
     back = AblationResult.load(tmp_path / "run")
     pd.testing.assert_frame_equal(back.frame, res.frame)
     assert back.config == res.config
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "result.json").read_text())["summary"]
     assert summary["n"] == 16 and summary["p_value"] < 0.01
-    fig = res.figure()
+    fig = ablation_figure(res)
     assert len(fig.axes[0].lines) > 0
-    d = ablate_command(m, P.EVAL_DIR / "samples.jsonl", limit=12, draws=4, sinks=SINKS, batch_size=6)
+    from mechsink.data import open_dataset
+    d = ablate(m, open_dataset(P.EVAL_DIR / "samples.jsonl", limit=12), AblationConfig(n_draws=4, batch_size=6),
+               sinks=SINKS).to_dict()
     json.dumps(d)
     for key in ("sink_effect", "random_effect"):
         assert set(d[key]) == {"mean", "ci_low", "ci_high"}
     assert d["n"] == 12 and d["p_value"] < 0.01 and d["sink_effect"]["ci_low"] > d["random_effect"]["ci_high"]
-    d2 = ablate_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=12, draws=4, rule="llava-1.5", batch_size=12)
+    from typer.testing import CliRunner
+    from mechsink.cli import app
+    out = CliRunner().invoke(app, ["ablate", "--model", "planted-llava", "--data", str(P.EVAL_DIR / "samples.jsonl"),
+                                   "--limit", "12", "--draws", "4", "--rule", "llava-1.5", "--batch-size", "12",
+                                   "--out", str(tmp_path / "cli"), "--json"])
+    assert out.exit_code == 0, out.output
+    d2 = json.loads(out.stdout)
     assert d2["mean_sinks"] == 3 and d2["p_value"] < 0.01
+    assert d2["n_unreadable"] == 0 and (tmp_path / "cli" / "errors.jsonl").exists()
+
+
+def test_config_json_roundtrip_and_result_reload(planted, tmp_path):
+    cfg = AblationConfig(site="llm.blocks.0.hook_resid_pre", mode="resample", metric=Metric("accuracy", answers=P.COLORS),
+                         match=("border", "row"), norm_band=(0.25, 1.0), layers=(1,), n_draws=3)
+    back = AblationConfig.from_json(cfg.to_json())
+    assert back == cfg and back.fingerprint() == cfg.fingerprint() and len(cfg.fingerprint()) == 64
+    assert str(cfg.controls) == "random(match=border+row, norm_band=0.25-1)"
+    with pytest.raises(mechsink.MechsinkError, match="no setting"):
+        AblationConfig.from_dict({**cfg.to_dict(), "draws": 3})
+    m, b = planted
+    res = ablate(m, [b], AblationConfig(n_draws=2, batch_size=16), sinks=SINKS)
+    res.save(tmp_path / "r")
+    again = AblationResult.load(tmp_path / "r")
+    pd.testing.assert_frame_equal(again.frame, res.frame)
+    assert again.config.fingerprint() == res.config.fingerprint() and again.to_dict() == res.to_dict()
 
 
 def test_contrast_foreground_flags_the_object_cells():

@@ -384,3 +384,28 @@ def reorder_figure(result, by: str = "question_type", title: str | None = None) 
     t = result.table((by,))
     return effect_plot(t, x=by, y="accuracy", hue="condition", low="ci_low", high="ci_high",
                        ylabel="accuracy", title=title or "visual-token order")
+
+
+# -- causal results ----------------------------------------------------------------------------------
+# Ablation, patching and attribution (mechsink.ablation, .patching, .sweep, .attribution).
+def ablation_figure(result, title: str | None = None) -> Figure:
+    """Sink vs random effect (and their difference) with CIs of an AblationResult."""
+    from mechsink.stats import comparison_frame
+    return effect_plot(comparison_frame({result.label: result.comparison()}), title=title,
+                       ylabel=f"effect on {result.config.metric.name}")
+
+
+def patch_heatmap(result, values: str = "recovery", **kw) -> Figure:
+    """site x unit heatmap of a PatchResult: normalised recovery, or ``values="effect"`` (the change
+    of the metric)."""
+    metric = getattr(getattr(result.config, "metric", None), "name", "metric")
+    label = "normalised recovery" if values == "recovery" else f"change in {metric}"
+    return layer_heatmap(result.table(values), cbar_label=label, center=0.0 if values == "effect" else None,
+                         xlabel=result.unit, ylabel="site", **kw)
+
+
+def attribution_heatmap(result, values: str = "attribution", **kw) -> Figure:
+    """site x unit heatmap of an AttributionResult (``values="exact"`` after ``agreement``)."""
+    metric = getattr(getattr(result.config, "metric", None), "name", "metric")
+    return layer_heatmap(result.table(values), center=0.0, cbar_label=f"{values} (change in {metric})",
+                         xlabel=result.unit, ylabel="site", **kw)
