@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 import mechsink
 from mechsink.data.core import Sample
-from mechsink.interventions.diysink import (DIYSinkError, DualProjector, QuestionEncoder, Reweighter, ReweightPolicy,
-                                            RuleRouter, evaluate_dual, mean_loss, route, train_dual, train_reweighter)
+from mechsink.interventions.diysink import (DIYSinkError, DualEvalConfig, DualProjector, DualResult, DualTrainConfig,
+                                            QuestionEncoder, ReweightConfig, Reweighter, ReweightPolicy, RuleRouter,
+                                            evaluate_dual, mean_loss, route, train_dual, train_reweighter)
 from mechsink.sinks.detect import SinkSpec, detect
 from mechsink.zoo.planted import EVAL_DIR, PLANTED_SINKS, PROMPT, load_eval
 
@@ -121,7 +123,7 @@ def test_reweighter_trains_on_frozen_question_embeddings(planted, encoder, tmp_p
     print("reweighter loss", before, "->", after)
 
 
-def test_rule_router_and_its_effect(planted):
+def test_rule_router_and_its_effect(planted, tmp_path):
     assert route("simple", "global") == (1.0, 0.0) and route("symbolic", "global") == (1.0, 0.0)
     assert route("complex", "local") == (0.0, 1.0)
     assert route("complex", "global") == route("simple", "local") == route("simple", "mixed") == (1.0, 1.0)
@@ -129,12 +131,17 @@ def test_rule_router_and_its_effect(planted):
         route("busy", "global")
     dual = DualProjector.from_model(planted)
     router = RuleRouter()
-    sinks_only = evaluate_dual(planted, dual, _samples(8, image_kind="simple"), weights=router)
+    res = evaluate_dual(planted, dual, _samples(8, image_kind="simple"), weights=router)
+    sinks_only = res.frame
     local = _samples(8, image_kind="complex", question_type="local")
-    nonsinks_only = evaluate_dual(planted, dual, local, weights=router)
+    nonsinks_only = evaluate_dual(planted, dual, local, weights=router).frame
     assert (sinks_only[["w_sink", "w_nonsink"]].to_numpy() == [1, 0]).all() and sinks_only["correct"].all()
     assert (nonsinks_only[["w_sink", "w_nonsink"]].to_numpy() == [0, 1]).all()
     assert nonsinks_only["correct"].mean() < 1.0
+    assert res.summary()["accuracy"] == 1.0 and res.meta["weights"] == "RuleRouter"
+    back = DualResult.load(res.save(tmp_path / "dual_eval"))
+    pd.testing.assert_frame_equal(back.frame, res.frame)
+    assert back.config == res.config == DualEvalConfig()
     # without an image_kind label the router measures the image
     flat = Sample(id="flat", image_path=None, prompt="q", question_type="global",
                   image_loader=lambda: _png(np.zeros((32, 32, 3), np.uint8)))
@@ -164,3 +171,16 @@ def test_save_load_and_bad_input(planted, batch, tmp_path):
         train_dual(planted, dual, _samples(2), stage=3)
     with pytest.raises(DIYSinkError, match="no saved dual"):
         DualProjector.load(tmp_path, planted)
+
+
+@pytest.mark.parametrize("config", [DualTrainConfig(stage=2, epochs=3, lr=0.1, batch_size=4, max_steps=7, seed=1),
+                                    ReweightConfig(epochs=2, lr=0.5, batch_size=5, seed=3),
+                                    DualEvalConfig(mode="sink", batch_size=2)])
+def test_diysink_configs_round_trip_through_json(config):
+    back = type(config).from_json(config.to_json())
+    assert back == config and back.fingerprint() == config.fingerprint() and len(config.fingerprint()) == 64
+    assert type(config)().fingerprint() != config.fingerprint()
+    with pytest.raises(ValueError, match="no setting"):
+        type(config).from_dict({**config.to_dict(), "steps": 1})
+    with pytest.raises(DIYSinkError, match="mode"):
+        DualEvalConfig(mode="neither")

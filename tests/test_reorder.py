@@ -1,13 +1,15 @@
 """Sink-to-the-front on the planted model, checked on what the language model actually receives."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
 import mechsink
 from mechsink.data.core import Sample
-from mechsink.interventions.reorder import (ReorderError, evaluate_reorder, permutation, reorder_inputs,
-                                            reordered_logits)
+from mechsink.interventions.reorder import (ReorderConfig, ReorderError, ReorderResult, evaluate_reorder, permutation,
+                                            reorder_inputs, reordered_logits)
+from mechsink.report.figures import plot, reorder_figure
 from mechsink.trace import llm_inputs
 from mechsink.sinks.detect import SinkSpec, detect
 from mechsink.zoo.planted import EVAL_DIR, PLANTED_SINKS, PROMPT, load_eval
@@ -120,18 +122,35 @@ def test_answers_are_position_invariant_in_the_planted_model(planted, batch, sin
             assert torch.allclose(out, base, atol=1e-4)
 
 
-def test_evaluate_reorder_reports_accuracy_per_question_type(planted):
+def test_evaluate_reorder_reports_accuracy_per_question_type(planted, tmp_path):
     _, rows = load_eval(8)
     data = [Sample(id=r["id"], image_path=str(EVAL_DIR / r["image"]), prompt=PROMPT, answer=r["answer"],
                    question_type="global" if i % 2 else "local") for i, r in enumerate(rows)]
     res = evaluate_reorder(planted, data, batch_size=4)
-    assert set(res.samples["condition"]) == {"original", "front/kept", "front/reassigned", "end/kept", "end/reassigned"}
-    assert len(res.samples) == 8 * 5 and res.samples["n_sinks"].eq(3).all()
-    s = res.summary()
+    assert set(res.frame["condition"]) == {"original", "front/kept", "front/reassigned", "end/kept", "end/reassigned"}
+    assert len(res.frame) == 8 * 5 and res.frame["n_sinks"].eq(3).all()
+    s = res.table()
     assert set(s["question_type"]) == {"global", "local"}
     assert (s["accuracy"] == 1.0).all() and (s["ci_low"] < 1.0).all()
     assert (s.loc[s["condition"] != "original", "delta"] == 0.0).all()
-    assert res.figure() is not None
+    assert reorder_figure(res) is not None and plot(res) is not None
+    assert res.summary()["front/kept"]["delta"] == 0.0 and res.meta["n_samples"] == 8
+    back = ReorderResult.load(res.save(tmp_path / "reorder"))
+    pd.testing.assert_frame_equal(back.frame, res.frame)
+    assert back.config == res.config == ReorderConfig(batch_size=4)
+    # the same run from a config
+    again = evaluate_reorder(planted, data, config=ReorderConfig(orders=("front",), positions=("kept",), batch_size=4))
+    pd.testing.assert_frame_equal(again.frame.reset_index(drop=True),
+                                  res.frame[res.frame["condition"].isin(["original", "front/kept"])].reset_index(drop=True))
+
+
+def test_reorder_config_round_trips_through_json():
+    cfg = ReorderConfig(orders=("end",), positions=("reassigned",), batch_size=2, limit=5)
+    back = ReorderConfig.from_json(cfg.to_json())
+    assert back == cfg and back.fingerprint() == cfg.fingerprint() and len(cfg.fingerprint()) == 64
+    assert ReorderConfig().fingerprint() != cfg.fingerprint()
+    with pytest.raises(ReorderError, match="unknown order"):
+        ReorderConfig(orders=("middle",))
 
 
 def test_bad_arguments_fail_clearly(planted, batch, sinks):

@@ -2,7 +2,8 @@
 
     perm = permutation(sinks, "front")                          # [B, S] old position at every slot
     logits = reordered_logits(model, batch, sinks, "front", "kept")
-    res = evaluate_reorder(model, dataset, spec)                # accuracy per question type and condition
+    res = evaluate_reorder(model, dataset, SinkSpec())          # res.frame: one row per sample and condition
+    res.table()                                                 # accuracy per question type and condition
 
 Within every image, the LLM positions holding its visual tokens are *slots*. ``front`` puts the
 image's sink tokens in the first slots (in their original order) and the other visual tokens after
@@ -14,21 +15,28 @@ receives the permuted position ids explicitly) or ``reassigned`` (the token take
 it lands in, as if the image had been encoded in the new order).
 
 The reorder acts on the language model's inputs: the ViT and projector run once per batch
-(:func:`mechsink.patching.llm_inputs`), the input embeddings are gathered in the new order, and the
+(:func:`mechsink.trace.llm_inputs`), the input embeddings are gathered in the new order, and the
 language model runs on them. Any adapter whose language model takes ``inputs_embeds`` works (the
-LLaVA family; Qwen2-VL's 3-D position ids are permuted along their last axis).
+LLaVA family; Qwen2-VL's 3-D position ids are permuted along their last axis). Settings:
+:class:`ReorderConfig`; the result is a :class:`ReorderResult` (a :class:`mechsink.results.Result`);
+figures: :func:`mechsink.report.figures.reorder_figure`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..analyses.scoring import accuracy_table, answer_batches, answer_scores
+from ..analyses.scoring import accuracy_table, answer_scores
+from ..analyses.subsets import sink_spec
+from ..batching import batches
+from ..config import Config, coerce
+from ..data import ErrorLog
 from ..errors import MechsinkError
+from ..results import Result
 from ..trace import LLMInputs, llm_inputs
 
 ORDERS = ("original", "front", "end")
@@ -129,36 +137,44 @@ def conditions(orders: Sequence[str], positions: Sequence[str]) -> list[tuple[st
     return out
 
 
-@dataclass
-class ReorderConfig:
-    """What :func:`evaluate_reorder` ran (serialisable, for manifests)."""
+@dataclass(frozen=True)
+class ReorderConfig(Config):
+    """orders and positions: the conditions (``original`` is always run, once, as the baseline).
+    sinks: the SinkSpec that detects sinks per batch (a dict is read as one). limit: first samples
+    only (None: all)."""
     orders: tuple[str, ...] = ("front", "end")
     positions: tuple[str, ...] = POSITIONS
-    spec: dict = field(default_factory=dict)
+    sinks: Any = None
     batch_size: int = 16
-    n_samples: int = 0
+    limit: int | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def __post_init__(self):
+        for name in ("orders", "positions"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, (v,) if isinstance(v, str) else tuple(v))
+        conditions(self.orders, self.positions)                 # validates both
+        object.__setattr__(self, "sinks", sink_spec(self.sinks))
+        if self.batch_size < 1:
+            raise ReorderError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
-class ReorderResult:
-    """Per-sample outcomes (``samples``: id, question_type, condition, order, positions, correct,
-    logprob, n_sinks) and the config that produced them."""
-    samples: pd.DataFrame
-    config: ReorderConfig
+class ReorderResult(Result):
+    """``frame``: per-sample outcomes (id, question_type, condition, order, positions, correct,
+    logprob, n_sinks); ``config``: the ReorderConfig; ``meta``: n_samples and skipped images."""
+    config_class = ReorderConfig
 
-    def summary(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
+    def table(self, by: Sequence[str] = ("question_type",), alpha: float = 0.05) -> pd.DataFrame:
         """Per group and condition: accuracy with its Wilson CI, mean answer logprob, and the
         paired change against ``original``: ``delta`` (accuracy; bootstrap CI, sign-flip
         permutation p-value) and ``logprob_delta``."""
         from ..stats import bootstrap_ci, paired_permutation_test
+        by = list(by)
         keys = [*by, "condition"]
-        table = accuracy_table(self.samples, keys, alpha)
-        table["mean_sinks"] = self.samples.groupby(keys, sort=False)["n_sinks"].mean().to_numpy()
-        wide = self.samples.pivot_table(index=[*by, "id"], columns="condition", values=["correct", "logprob"],
-                                        aggfunc="first")
+        table = accuracy_table(self.frame, keys, alpha)
+        table["mean_sinks"] = self.frame.groupby(keys, sort=False)["n_sinks"].mean().to_numpy()
+        wide = self.frame.pivot_table(index=[*by, "id"], columns="condition", values=["correct", "logprob"],
+                                      aggfunc="first")
         extra = []
         for _, row in table.iterrows():
             cond = row["condition"]
@@ -177,36 +193,42 @@ class ReorderResult:
             extra.append(rec)
         return pd.concat([table, pd.DataFrame(extra, index=table.index)], axis=1)
 
-    def figure(self, by: str = "question_type"):
-        """Accuracy per question type and condition, with Wilson CIs."""
-        from ..report.figures import effect_plot
-        s = self.summary((by,))
-        return effect_plot(s, x=by, y="accuracy", hue="condition", low="ci_low", high="ci_high",
-                           ylabel="accuracy", title="visual-token order")
+    def summary(self) -> dict:
+        """Accuracy per condition over every sample, with the paired change against ``original``."""
+        t = self.table(())
+        cols = ("n", "accuracy", "ci_low", "ci_high", "logprob", "delta", "delta_low", "delta_high", "p_value")
+        return {"n_rows": int(len(self.frame)),
+                **{r["condition"]: {k: r[k] for k in cols if k in r} for _, r in t.iterrows()}}
 
 
-def evaluate_reorder(model, data, spec=None, *, orders: Sequence[str] = ("front", "end"),
-                     positions: Sequence[str] = POSITIONS, batch_size: int = 16,
-                     limit: int | None = None) -> ReorderResult:
+def evaluate_reorder(model, data, sinks=None, *, config: ReorderConfig | Mapping | None = None,
+                     **settings) -> ReorderResult:
     """Accuracy of ``model`` on ``data`` (a Dataset or list of Samples with prompt and answer) with
     its visual tokens in the original order and reordered by every (order, position mode).
 
-    Sinks are detected per batch with ``spec`` (a SinkSpec; default rule when None)."""
-    from ..sinks.detect import SinkSpec, detect
-    spec = spec or SinkSpec()
-    samples = list(data)[:limit]
-    conds = conditions(orders, positions)
-    rows = []
-    for chunk, batch in answer_batches(model, samples, batch_size):
-        sinks = detect(model, batch, spec)
-        n_sinks = sinks.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
+    Sinks are detected per batch with ``sinks`` (a SinkSpec; default rule when None). Settings:
+    ``config`` and/or its fields as keywords (orders, positions, batch_size, limit). Images that
+    cannot be read are skipped and listed in ``meta["errors"]``."""
+    from ..sinks.detect import detect
+    if sinks is not None:
+        settings["sinks"] = sinks
+    config = coerce(ReorderConfig, config)
+    config = config.replace(**settings) if settings else config
+    samples = list(data)[:config.limit]
+    conds = conditions(config.orders, config.positions)
+    rows, errors = [], ErrorLog()
+    for chunk in batches(model, samples, config.batch_size, answers=True, errors=errors):
+        batch = chunk.batch
+        found = detect(model, batch, config.sinks)
+        n_sinks = found.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
         inputs = llm_inputs(model, batch)
         for label, order, pos in conds:
-            logits = reordered_logits(model, batch, sinks, order, pos, inputs=inputs)
+            logits = reordered_logits(model, batch, found, order, pos, inputs=inputs)
             correct, logprob = answer_scores(model, batch, logits)
-            for i, s in enumerate(chunk):
+            for i, s in enumerate(chunk.samples):
                 rows.append({"id": s.id, "question_type": s.question_type, "condition": label, "order": order,
                              "positions": pos, "correct": bool(correct[i]), "logprob": float(logprob[i]),
                              "n_sinks": int(n_sinks.iloc[i])})
-    cfg = ReorderConfig(tuple(orders), tuple(positions), spec.to_dict(), batch_size, len(samples))
-    return ReorderResult(pd.DataFrame(rows), cfg)
+    frame = pd.DataFrame(rows, columns=["id", "question_type", "condition", "order", "positions", "correct", "logprob",
+                                        "n_sinks"])
+    return ReorderResult(frame, config, {"n_samples": len(samples), "errors": errors.summary()})
