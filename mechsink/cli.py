@@ -226,9 +226,14 @@ def probe(cache_dir: Path = typer.Option(..., "--cache", help="Store directory w
           as_json: bool = JsonOpt):
     """Linear probes: what sinks vs non-sinks vs CLS vs mean-pooled tokens encode, at every cached site."""
     def body():
-        from .probing import probe_command
-        return probe_command(cache_dir, label, token_sets=[t for t in token_sets.split(",") if t],
-                             sites=sites.split(",") if sites else None, model=model, folds=folds, seed=seed, out=out)
+        from .probing import ProbeConfig, probe as run_probe
+        config = ProbeConfig(label=label, token_sets=tuple(t for t in token_sets.split(",") if t),
+                             sites=tuple(sites.split(",")) if sites else None, model=model, k=folds, seed=seed)
+        res = run_probe(cache_dir, config, out=out)
+        if out is not None and len(res.frame):
+            from .report.figures import probe_figure
+            probe_figure(res).savefig(Path(out) / "accuracy_by_layer.png", dpi=120)
+        return res.to_records()
     rows = guarded(body)
     emit(rows, as_json, lambda rs: "\n".join(
         f"{r['token_set']:9s} {r['site']:32s} acc {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]  "
