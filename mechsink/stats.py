@@ -51,6 +51,8 @@ class Comparison:
     alternative: str
     alpha: float
     n_draws: int
+    n_obs: int | None = None        # observations before averaging within units (e.g. questions)
+    unit: str = "sample"            # what n counts: the independent unit of the test
 
     def to_dict(self) -> dict:
         """Plain nested dict; NaN becomes None so the result is valid JSON."""
@@ -281,12 +283,19 @@ def compare_paired(
     alternative: Alternative = "greater",
     seed: int = 0,
     method: Literal["bca", "percentile"] = "bca",
+    units: Sequence | None = None,
+    unit: str = "image",
 ) -> Comparison:
     """Compare per-sample sink effects with matched-random effects on the same samples.
 
     sink_effect: shape [n]. random_effect: shape [n] or [n, n_draws] (averaged over draws per
     sample with :func:`summarize_draws` first). Means get bootstrap CIs; the difference gets a
     bootstrap CI and a paired sign-flip permutation p-value ("greater": sinks matter more).
+
+    units: one label per sample naming its independent unit (e.g. the image several questions
+    share). Effects are then averaged within each unit first and every CI and the test run over
+    units (a cluster bootstrap and unit-level sign flips), so correlated questions do not count
+    as independent evidence; ``n`` is the number of units, ``n_obs`` the number of samples.
     """
     sink = _as_1d(sink_effect, "sink_effect")
     rand = np.asarray(random_effect, dtype=float)
@@ -294,9 +303,15 @@ def compare_paired(
     if rand.ndim == 2:
         n_draws = rand.shape[1]
         rand = summarize_draws(rand).mean
-    rand = _as_1d(rand, "random_effect")
+    rand = _as_1d(rand, "random_effect", min_n=1 if units is not None else 2)
     if rand.shape != sink.shape:
         raise StatsError(f"sink_effect and random_effect must cover the same samples, got {sink.shape[0]} and {rand.shape[0]}")
+    n_obs = int(sink.shape[0])
+    if units is not None:
+        sink, rand = unit_means(sink, units), unit_means(rand, units)
+        sink = _as_1d(sink, f"sink_effect per {unit}")
+    else:
+        unit = "sample"
     ci = dict(n_boot=n_boot, alpha=alpha, seed=seed, method=method)
     diff = sink - rand
     p = paired_permutation_test(sink, rand, n_perm=n_perm, alternative=alternative, seed=seed)
@@ -312,7 +327,22 @@ def compare_paired(
         alternative=alternative,
         alpha=alpha,
         n_draws=int(n_draws),
+        n_obs=n_obs,
+        unit=unit,
     )
+
+
+def unit_means(values, units: Sequence) -> np.ndarray:
+    """Mean of ``values`` within each unit, units in order of first appearance."""
+    v = np.asarray(values, dtype=float)
+    u = np.asarray(units)
+    if u.shape[0] != v.shape[0]:
+        raise StatsError(f"{u.shape[0]} unit labels for {v.shape[0]} values")
+    _, first, inverse = np.unique(u, return_index=True, return_inverse=True)
+    order = np.argsort(first)                      # keep the units' order of appearance
+    sums = np.bincount(inverse.reshape(-1), weights=v, minlength=len(first))
+    counts = np.bincount(inverse.reshape(-1), minlength=len(first))
+    return (sums / counts)[order]
 
 
 def comparison_frame(comparisons: dict[str, Comparison]):

@@ -255,3 +255,30 @@ def test_holm_known_answer():
     assert holm([0.02]).tolist() == [0.02]
     with pytest.raises(StatsError):
         holm([0.1, 1.5])
+
+
+def test_image_level_test_keeps_its_size_where_question_level_does_not():
+    """Null data with 3 questions per image sharing an image effect: averaging within images keeps
+    the false-positive rate near alpha; treating questions as independent inflates it."""
+    from mechsink.stats import compare_paired
+    rng = np.random.default_rng(0)
+    n_img, per, reps = 24, 3, 1000
+    units = np.repeat(np.arange(n_img), per)
+    hits_img = hits_q = 0
+    for _ in range(reps):
+        shared = rng.normal(0, 1.0, n_img)[units]              # the image's own (null) effect, shared
+        sink = shared + rng.normal(0, 0.3, n_img * per)
+        rand = rng.normal(0, 0.3, n_img * per)
+        kw = dict(n_boot=100, n_perm=400, method="percentile", alternative="greater", seed=int(rng.integers(1 << 30)))
+        hits_img += compare_paired(sink, rand, units=units, **kw).p_value < 0.05
+        hits_q += compare_paired(sink, rand, **kw).p_value < 0.05
+    fpr_img, fpr_q = hits_img / reps, hits_q / reps
+    assert 0.03 <= fpr_img <= 0.07, fpr_img
+    assert fpr_q > 0.09, fpr_q                                 # the pseudo-replicated test is anti-conservative
+
+
+def test_unit_means_and_counts():
+    from mechsink.stats import compare_paired, unit_means
+    assert unit_means([1.0, 3.0, 10.0, 2.0], ["b", "b", "a", "c"]).tolist() == [2.0, 10.0, 2.0]
+    c = compare_paired([1.0, 3.0, 10.0, 2.0, 5.0, 6.0], [0.0] * 6, units=[1, 1, 2, 3, 4, 4], n_boot=100, n_perm=50)
+    assert (c.n, c.n_obs, c.unit) == (4, 6, "image") and c.sink.mean == pytest.approx((2 + 10 + 2 + 5.5) / 4)
