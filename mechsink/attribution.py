@@ -4,7 +4,7 @@ To first order, patching the tokens of a unit at a site from source into base ch
 by ``sum over those tokens of (x_source - x_base) . d metric / d x`` (gradient on the base run).
 One forward + backward of the base batch and one forward of the source batch give that estimate
 for every site and unit at once, however large the sweep. ``agreement`` runs the exact sweep
-(mechsink.patching.sweep) on the same cells and reports the Spearman rank correlation, so every
+(mechsink.sweep.sweep) on the same cells and reports the Spearman rank correlation, so every
 estimate comes with its measured trustworthiness.
 
 Gradients are taken with plain torch hooks on the modules that hold each site
@@ -13,37 +13,49 @@ in the LLM) is made to require grad, so frozen weights do not matter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import Metric, gather_logits
+from .config import coerce
 from .engine import _needs_full
-from .patching import PatchError, _unit_masks, block_sites, check_pair
-from .trace import llm_inputs
+from .metrics import Metric, gather_logits
+from .patching import PatchConfig, SweepConfig, _selections, block_sites, selected, unit_masks
+from .results import Result
 from .sites import Site
+from .sources import PatchError, check_pair
+from .trace import llm_inputs
+
+
+@dataclass(frozen=True)
+class AttributionConfig(SweepConfig):
+    """The sweep that ``attribute`` estimates (SweepConfig's fields); the metric needs a useful
+    gradient at the base run (logprob or logit_diff)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.metric.name in ("accuracy", "kl"):
+            raise PatchError(f"attribution needs a metric with a useful gradient at the base run (logprob or "
+                             f"logit_diff), not {self.metric.name}")
 
 
 @dataclass
-class AttributionResult:
+class AttributionResult(Result):
     """``frame``: one row per site x unit x draw with ``attribution`` (estimated mean change of the
     metric over samples) and, after ``agreement``, ``exact`` (the exact patching change)."""
-    frame: pd.DataFrame
-    unit: str
-    config: dict = field(default_factory=dict)
+    config_class: ClassVar[type | None] = AttributionConfig
+
+    @property
+    def unit(self) -> str:
+        return self.config.unit if self.config is not None else self.meta.get("unit", "tokens")
 
     def table(self, values: str = "attribution") -> pd.DataFrame:
         """site x unit table (random draws averaged)."""
         t = self.frame.groupby(["site", self.unit], sort=False)[values].mean().unstack(self.unit)
         return t.reindex(index=list(dict.fromkeys(self.frame["site"])), columns=list(dict.fromkeys(self.frame[self.unit])))
-
-    def heatmap(self, values: str = "attribution", **kw):
-        from .report.figures import layer_heatmap
-        return layer_heatmap(self.table(values), center=0.0, cbar_label=f"{values} (change in {self.config.get('metric', {}).get('name', 'metric')})",
-                             xlabel=self.unit, ylabel="site", **kw)
 
     @property
     def agreement(self) -> dict:
@@ -58,6 +70,13 @@ class AttributionResult:
         return {"spearman": float("nan") if constant else float(spearmanr(a, e).statistic),
                 "pearson": float("nan") if constant else float(pearsonr(a, e).statistic),
                 "n_cells": int(ok.sum()), "max_abs_error": float(np.abs(a - e).max()) if len(a) else float("nan")}
+
+    def summary(self) -> dict:
+        out = {"n_cells": int(len(self.frame)), "unit": self.unit, "sites": list(dict.fromkeys(self.frame["site"])),
+               "metric": self.config.metric.name if self.config is not None else None}
+        if "exact" in self.frame.columns:
+            out["agreement"] = self.agreement
+        return out
 
 
 def _capture_hooks(model, sites: list[str], store: dict):
@@ -122,39 +141,49 @@ def gradients(model, batch, sites: Sequence[str], metric: Metric, targets) -> tu
     return value.detach().cpu(), acts, {s: (torch.zeros_like(acts[s]) if g is None else g.detach()) for s, g in zip(sites, grads)}
 
 
-def attribute(model, base, source, sites: Sequence[str] | None = None, *, positions="patches", sinks=None,
-              metric: Metric | str | None = None, n_draws: int = 4, seed: int = 0, match: Sequence[str] = ()) -> AttributionResult:
-    """Attribution-patching estimate of ``mechsink.patching.sweep`` (same arguments): for every
-    site x unit, the estimated mean over samples of metric(patched) - metric(base)."""
-    metric = Metric.coerce(metric)
+def _config(config, sites, match, settings) -> AttributionConfig:
+    cfg = config if isinstance(config, AttributionConfig) else \
+        AttributionConfig.from_dict(config.to_dict()) if isinstance(config, PatchConfig) else coerce(AttributionConfig, config)
+    if sites is not None:
+        settings["sites"] = tuple(sites)
+    if settings:
+        cfg = cfg.replace(**settings)
+    if match:
+        cfg = cfg.replace(selections=_selections(cfg.selections, match))
+    return cfg
+
+
+def attribute(model, base, source, sites: Sequence[str] | None = None, *, config: AttributionConfig | dict | None = None,
+              sinks=None, match: Sequence[str] = (), **settings) -> AttributionResult:
+    """Attribution-patching estimate of ``mechsink.sweep.sweep`` (same arguments; settings are
+    AttributionConfig fields): for every site x unit, the estimated mean over samples of
+    metric(patched) - metric(base)."""
+    cfg = _config(config, sites, match, settings)
     check_pair(base, source)
-    sites = block_sites(model) if sites is None else [str(Site.parse(s)) for s in sites]
-    targets = metric.targets(model, base)
-    _, x_base, grad = gradients(model, base, sites, metric, targets)
+    sites = list(cfg.sites) if cfg.sites is not None else block_sites(model)
+    cfg = cfg.replace(sites=tuple(sites))
+    targets = cfg.metric.targets(model, base)
+    _, x_base, grad = gradients(model, base, sites, cfg.metric, targets)
     x_src = model.run(source, read=sites)
     rows = []
+    chosen = selected(model, base, source, cfg, sinks) if cfg.positions is None else None
     for s in sites:
         contrib = ((x_src[s].to(grad[s]) - x_base[s]) * grad[s]).sum(-1).float().cpu()     # [*tok]
-        unit, units, draws, masks = _unit_masks(model, base, source, s, tuple(contrib.shape), positions, sinks,
-                                                n_draws, seed, match)
+        units, draws, masks, _ = unit_masks(model, base, source, cfg, s, tuple(contrib.shape), sinks, chosen)
         est = (masks.float() * contrib[None]).flatten(1).sum(1) / base.size
         layer = Site.parse(s).layer
         for u, d, a in zip(units, draws, est.tolist()):
             rows.append({"site": s, "part": Site.parse(s).part, "layer": -1 if layer is None else layer,
-                         unit: u, "draw": d, "attribution": a})
-    return AttributionResult(pd.DataFrame(rows), unit, {"sites": sites, "metric": metric.to_dict(),
-                                                         "positions": positions if isinstance(positions, str) else list(positions)})
+                         cfg.unit: u, "draw": d, "attribution": a})
+    return AttributionResult(pd.DataFrame(rows), cfg, {"model": getattr(model, "name", "")})
 
 
-def agreement(model, base, source, sites: Sequence[str] | None = None, *, positions="patches", sinks=None,
-              metric: Metric | str | None = None, n_draws: int = 4, seed: int = 0, match: Sequence[str] = (),
-              rows_per_forward: int = 64) -> AttributionResult:
+def agreement(model, base, source, sites: Sequence[str] | None = None, *, config: AttributionConfig | dict | None = None,
+              sinks=None, match: Sequence[str] = (), **settings) -> AttributionResult:
     """``attribute`` plus the exact sweep on the same cells (column ``exact``); see ``.agreement``."""
-    from .patching import sweep
-    est = attribute(model, base, source, sites, positions=positions, sinks=sinks, metric=metric, n_draws=n_draws,
-                    seed=seed, match=match)
-    exact = sweep(model, base, source, est.config["sites"], positions=positions, sinks=sinks, metric=metric,
-                  n_draws=n_draws, seed=seed, match=match, rows_per_forward=rows_per_forward)
+    from .sweep import sweep
+    est = attribute(model, base, source, sites, config=config, sinks=sinks, match=match, **settings)
+    exact = sweep(model, base, source, config=SweepConfig.from_dict(est.config.to_dict()), sinks=sinks)
     f = exact.frame.assign(delta=exact.frame["patched"] - exact.frame["base"])
     means = f.groupby(["site", exact.unit, "draw"], sort=False)["delta"].mean().rename("exact").reset_index()
     est.frame = est.frame.merge(means, on=["site", est.unit, "draw"], how="left")

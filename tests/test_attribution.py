@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 import mechsink
-from mechsink.attribution import agreement, attribute, gradients
+from mechsink.attribution import AttributionConfig, AttributionResult, agreement, attribute, gradients
 from mechsink.metrics import Metric, gather_logits
 from mechsink.patching import PatchError, block_sites
+from mechsink.report.figures import attribution_heatmap
 from mechsink.testing import test_image as make_image
 
 PROMPTS = ["is there a cat ?", "is there a cat in this picture ?", "is there a dog ?"]
@@ -73,7 +74,7 @@ def test_attribution_ranks_cells_like_exact_patching(tiny, amp, floor):
     assert a["n_cells"] == len(res.frame) == 3 * 17 + 2 * 16 + 2 * base.inputs["input_ids"].shape[1]
     assert a["spearman"] >= floor and a["pearson"] >= floor
     assert res.table().shape == res.table("exact").shape
-    assert res.heatmap().axes
+    assert attribution_heatmap(res).axes
 
 
 def test_token_set_units_and_different_images(tiny):
@@ -111,3 +112,21 @@ def test_metrics_without_a_useful_gradient_are_refused(tiny):
             attribute(m, base, base, ["proj.out"], metric=name)
     with pytest.raises(PatchError, match="derived"):
         attribute(m, base, base, ["llm.blocks.0.hook_resid_mid"])
+
+
+def test_config_roundtrip_and_result_reload(tiny, tmp_path):
+    import pandas as pd
+    for cfg in (AttributionConfig(), AttributionConfig(sites=("proj.out",), positions=["sinks", "random(match=border)"],
+                                                       metric=Metric("logit_diff", answers=("yes", "no")), n_draws=2)):
+        back = AttributionConfig.from_json(cfg.to_json())
+        assert back == cfg and back.fingerprint() == cfg.fingerprint()
+    with pytest.raises(PatchError, match="gradient"):
+        AttributionConfig(metric="kl")
+    m, images, base = tiny
+    source = m.prepare([_noisy(im, i, 20) for i, im in enumerate(images)], PROMPTS, answers=["yes", "no", "yes"])
+    res = agreement(m, base, source, config=AttributionConfig(sites=("proj.out", "llm.blocks.0.hook_resid_pre"),
+                                                              positions=["sinks", "image"]), sinks=(0, 5))
+    res.save(tmp_path / "a")
+    back = AttributionResult.load(tmp_path / "a")
+    pd.testing.assert_frame_equal(back.frame, res.frame)
+    assert back.config == res.config and back.summary()["agreement"] == res.summary()["agreement"]

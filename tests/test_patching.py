@@ -7,13 +7,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import mechsink
 from mechsink.metrics import Metric
-from mechsink.patching import (PatchConfig, PatchError, Plan, Write, block_sites, clean, execute, patch, path_patch,
-                               rows_mask, sweep)
+from mechsink.engine import Plan, Write, clean, execute
+from mechsink.patching import PatchConfig, PatchError, PatchResult, PathPatchConfig, SweepConfig, block_sites, patch
+from mechsink.report.figures import patch_heatmap
+from mechsink.sweep import path_patch, sweep
 from mechsink.testing import test_image as make_image
 from mechsink.zoo import planted as P
 
@@ -51,8 +54,8 @@ def test_patching_base_with_itself_or_an_identical_source_changes_nothing(tiny):
     twin = m.prepare(base.images, ["is there a cat ?", "what color is the cat in this picture ?", "is there a dog ?"],
                      answers=["yes", "no", "yes"])
     for source, metric in ((base, "logprob"), (twin, "kl")):
-        res = patch(m, base, source, (0, 5), PatchConfig(sites=ALL_SITES, tokens=("sinks", "random", "image"),
-                                                         metric=metric, n_draws=2))
+        res = patch(m, base, source, PatchConfig(sites=ALL_SITES, selections=("sinks", "random", "image"),
+                                                 metric=metric, n_draws=2), sinks=(0, 5))
         f = res.frame
         assert len(f) == len(ALL_SITES) * 4 * 3
         assert np.abs(f["patched"] - f["base"]).max() < 1e-6
@@ -66,27 +69,27 @@ def test_patching_every_image_token_at_proj_out_reproduces_the_source(tiny):
     b0 = clean(m, base, metric, read=["proj.out"])
     src = m.run(source, read=["proj.out"])
     everything = np.ones((1, len(base.token_map.patches)), dtype=bool)
-    w = Write("proj.out", rows_mask(base.token_map, "proj", everything, tuple(b0["proj.out"].shape[:-1])), src["proj.out"])
+    w = Write("proj.out", base.token_map.mask("proj", everything, tuple(b0["proj.out"].shape[:-1])), src["proj.out"])
     out = execute(m, base, Plan(1, [w]), metric, b0["targets"], inputs=b0["inputs"], want_next=True)
     src_next = src["llm.logits"][torch.arange(3), base.last_pos]
     assert torch.allclose(out["next"][0], src_next, atol=1e-5)
     assert not torch.allclose(b0["next"], src_next, atol=1e-3)
-    res = patch(m, base, source, (0,), PatchConfig(sites=("proj.out", "vit.out", "llm.embed"), tokens=("image",)))
+    res = patch(m, base, source, PatchConfig(sites=("proj.out", "vit.out", "llm.embed"), selections=("image",)), sinks=(0,))
     f = res.frame
     assert np.allclose(f["patched"], f["source"], atol=1e-5)
 
 
 def test_planted_sinks_carry_the_answer(planted):
     m, base, source = planted
-    res = patch(m, base, source, SINKS, PatchConfig(sites=("vit.blocks.0.hook_resid_post", "proj.out",
-                                                           "llm.blocks.0.hook_resid_pre", "llm.blocks.1.hook_resid_pre"),
-                                                    metric=LD, n_draws=4))
+    res = patch(m, base, source, PatchConfig(sites=("vit.blocks.0.hook_resid_post", "proj.out",
+                                                    "llm.blocks.0.hook_resid_pre", "llm.blocks.1.hook_resid_pre"),
+                                             metric=LD, n_draws=4), sinks=SINKS)
     t = res.table()
     assert np.allclose(t.loc[["vit.blocks.0.hook_resid_post", "proj.out", "llm.blocks.0.hook_resid_pre"], "sinks"], 1.0, atol=1e-4)
     assert np.allclose(t["random"], 0.0, atol=1e-4)
     assert np.allclose(t.loc["llm.blocks.1.hook_resid_pre"], 0.0, atol=1e-4)   # the answer was read at layer 0
     assert set(res.frame["n_tokens"]) == {3, 36}
-    fig = res.heatmap()
+    fig = patch_heatmap(res)
     assert fig.axes
 
 
@@ -106,7 +109,7 @@ def test_sweep_tables_and_heatmaps(planted):
     assert abs(t.loc["vit.blocks.0.hook_resid_pre", P.LABEL_PATCH]) > 0.5     # the ViT copies the corner into them
     sets = sweep(m, base, source, block_sites(m, "llm"), positions=["sinks", "random"], sinks=SINKS, metric=LD)
     assert sets.table().loc["llm.blocks.0.hook_resid_pre", "sinks"] == pytest.approx(1.0, abs=1e-4)
-    assert sets.heatmap().axes
+    assert patch_heatmap(sets).axes
 
 
 def test_path_patching_reaches_only_the_chosen_layers(planted, tiny):
@@ -120,8 +123,8 @@ def test_path_patching_reaches_only_the_chosen_layers(planted, tiny):
     # image tokens see only the (shared) text before them, so their source stream at every layer is
     # what direct patching at the LLM input produces: path patching into all layers must equal it
     m2, b2, s2 = tiny
-    every = path_patch(m2, b2, s2, [[0, 1], [1]], sinks=(0,), tokens=("image",))
-    direct = patch(m2, b2, s2, (0,), PatchConfig(sites=("llm.embed",), tokens=("image",)))
+    every = path_patch(m2, b2, s2, [[0, 1], [1]], sinks=(0,), selections=("image",))
+    direct = patch(m2, b2, s2, PatchConfig(sites=("llm.embed",), selections=("image",)), sinks=(0,))
     both = every.frame[every.frame["site"] == "llm.layers.0+1"]
     assert np.allclose(both["patched"], direct.frame["patched"], atol=1e-5)
     late = every.frame[every.frame["site"] == "llm.layers.1"]
@@ -132,9 +135,11 @@ def test_mismatched_pairs_and_bad_options_fail_clearly(tiny):
     m, base, _ = tiny
     other = m.prepare([make_image(seed=4)] * 3, ["is there a cat ?"] * 3, answers=["yes"] * 3)
     with pytest.raises(PatchError, match="same prompts"):
-        patch(m, base, other, (0,))
-    with pytest.raises(PatchError, match="token set"):
-        PatchConfig(tokens=("corners",))
+        patch(m, base, other, sinks=(0,))
+    with pytest.raises(PatchError, match="token selection"):
+        PatchConfig(selections=("corners",))
+    with pytest.raises(PatchError, match="image patches"):
+        PatchConfig(selections=("sinks", "cls"))
     with pytest.raises(PatchError, match="positions must lie"):
         sweep(m, base, base, ["llm.blocks.0.hook_resid_pre"], positions=[999])
     with pytest.raises(mechsink.MechsinkError, match="unknown site"):
@@ -199,23 +204,73 @@ def test_exact_patching_equals_transformer_lens(tiny, bridge_cls):
     assert float((values[real] - values[real].mean()).abs().max()) > 1e-3                 # the sweep is not flat
 
 
-def test_patch_command_on_the_planted_eval_set(tmp_path):
+def test_patch_dataset_and_command_on_the_planted_eval_set(tmp_path):
     import json
-    from mechsink.patching import corrupt, patch_command
-    d = patch_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=8, sites=("proj.out", "llm.blocks.1.hook_resid_pre"),
-                      metric="logit_diff", answers=P.COLORS, draws=2, sinks=SINKS, batch_size=4, out=str(tmp_path / "p"))
+    from typer.testing import CliRunner
+    from mechsink.cli import app
+    from mechsink.data import open_dataset
+    from mechsink.patching import patch_dataset
+    from mechsink.sources import corrupt
+    m = mechsink.load("planted-llava")
+    data = open_dataset(P.EVAL_DIR / "samples.jsonl", limit=8)
+    cfg = PatchConfig(sites=("proj.out", "llm.blocks.1.hook_resid_pre"), metric=Metric("logit_diff", answers=P.COLORS),
+                      n_draws=2, batch_size=4)
+    res = patch_dataset(m, data, cfg, sinks=SINKS, out=tmp_path / "p")
+    d = res.to_dict()
     json.dumps(d)
     assert d["n"] == 8 and d["unit"] == "tokens" and d["source"] == "shuffle"
     assert d["recovery"]["proj.out"]["sinks"] == pytest.approx(1.0, abs=1e-4)
     assert d["recovery"]["proj.out"]["random"] == pytest.approx(0.0, abs=1e-4)
-    assert (tmp_path / "p" / "results.parquet").exists()
-    d = patch_command("planted-llava", P.EVAL_DIR / "samples.jsonl", limit=4, corruption="blank", sites=("proj.out",),
-                      metric="logprob", sweep_positions="patches", sinks=SINKS, batch_size=4)
+    assert (tmp_path / "p" / "frame.parquet").exists()
+    assert sorted(res.frame["sample"].unique()) == list(range(8)) and set(res.frame["id"]) == {s.id for s in data}
+    pd.testing.assert_frame_equal(PatchResult.load(tmp_path / "p").frame, res.frame)
+    # a source dataset paired by position: the same images give nothing to recover
+    same = patch_dataset(m, data, cfg, source=data, sinks=SINKS)
+    assert np.abs(same.frame["patched"] - same.frame["base"]).max() < 1e-6
+    out = CliRunner().invoke(app, ["patch", "--model", "planted-llava", "--data", str(P.EVAL_DIR / "samples.jsonl"),
+                                   "--limit", "4", "--corruption", "blank", "--sites", "proj.out", "--metric", "logprob",
+                                   "--sweep", "patches", "--rule", "llava-1.5", "--batch-size", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
     moved = {int(u) for u, v in d["effect"]["proj.out"].items() if abs(v) > 1e-6}
     assert d["unit"] == "patch" and moved == set(SINKS)
+    out = CliRunner().invoke(app, ["patch", "--model", "planted-llava", "--data", str(P.EVAL_DIR / "samples.jsonl"),
+                                   "--limit", "4", "--sites", "llm.blocks.*.hook_resid_pre", "--tokens", "sinks,random(match=border)",
+                                   "--metric", "logit_diff", "--answers", ",".join(P.COLORS), "--draws", "2",
+                                   "--rule", "llava-1.5", "--batch-size", "4", "--json"])
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.stdout)
+    assert list(d["recovery"]) == ["llm.blocks.0.hook_resid_pre", "llm.blocks.1.hook_resid_pre"]
+    assert d["recovery"]["llm.blocks.0.hook_resid_pre"]["sinks"] == pytest.approx(1.0, abs=1e-4)
+    assert d["recovery"]["llm.blocks.0.hook_resid_pre"]["random(match=border)"] == pytest.approx(0.0, abs=1e-4)
     images = [make_image(seed=i) for i in range(3)]
     shuffled = corrupt(images, "shuffle", seed=1)
     assert all(a is not b for a, b in zip(images, shuffled)) and {id(x) for x in shuffled} == {id(x) for x in images}
     assert corrupt(images, "noise")[0].size == images[0].size
     with pytest.raises(PatchError, match="corruption"):
         corrupt(images, "blur")
+
+
+def test_configs_roundtrip_through_json_and_results_reload(tiny, tmp_path):
+    configs = [PatchConfig(sites=("proj.out", "llm.blocks.0.hook_resid_pre"), selections=("sinks", "random(k=2, match=row)"),
+                           metric=Metric("logit_diff", answers=("yes", "no")), n_draws=3, sinks_of="base"),
+               PatchConfig(positions=(1, 4)), SweepConfig(), SweepConfig(positions=["sinks", "image"]),
+               SweepConfig(sites=("vit.out",), positions="all", metric="kl"),
+               PathPatchConfig(layers=[0, [0, 1]], selections="sinks,random", n_draws=2),
+               PathPatchConfig()]
+    for cfg in configs:
+        back = type(cfg).from_json(cfg.to_json())
+        assert back == cfg and back.fingerprint() == cfg.fingerprint(), cfg
+    assert SweepConfig(positions=["sinks", "image"]).unit == "tokens" and SweepConfig().unit == "patch"
+    assert PatchConfig(positions="all").unit == "position" and configs[5].layers == ((0,), (0, 1))
+    with pytest.raises(mechsink.MechsinkError, match="no setting"):
+        PatchConfig.from_dict({"tokens": ["sinks"]})
+    m, base, source = tiny
+    runs = [patch(m, base, source, configs[0], sinks=(0, 5)),
+            sweep(m, base, source, ["llm.blocks.1.hook_resid_pre"], positions=[2, 3]),
+            path_patch(m, base, source, [1], sinks=(0,), selections=("sinks", "image"))]
+    for k, res in enumerate(runs):
+        res.save(tmp_path / str(k))
+        back = PatchResult.load(tmp_path / str(k))
+        pd.testing.assert_frame_equal(back.frame, res.frame)
+        assert type(back.config) is type(res.config) and back.config == res.config and back.unit == res.unit
