@@ -45,6 +45,7 @@ class Sample:
     def image_bytes(self) -> bytes:
         """The encoded image bytes. Raises ImageError if they cannot be had."""
         if self.image_path is not None:
+            _regular_file(self.image_path)
             try:
                 with open(self.image_path, "rb") as f:
                     return f.read()
@@ -79,6 +80,10 @@ class Sample:
         if self.image_path is not None:
             h = hashlib.sha256()
             try:
+                _regular_file(self.image_path)
+            except ImageError as e:
+                return e.kind
+            try:
                 with open(self.image_path, "rb") as f:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
@@ -89,6 +94,20 @@ class Sample:
             return hashlib.sha256(self._loaded_bytes()).hexdigest()
         except ImageError as e:
             return e.kind
+
+
+def _regular_file(path: str) -> None:
+    """Only regular files are read: a device (/dev/zero) or a FIFO would never end."""
+    import os
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ImageError(f"cannot read image {path}: {e.strerror or e}", kind="missing", path=path) from None
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise ImageError(f"cannot read image {path}: {what}, not an image file", kind="not_a_file", path=path)
 
 
 class Dataset(Sequence[Sample]):

@@ -68,8 +68,8 @@ def decode_image(
             size = os.stat(path).st_size
         except OSError:
             raise ImageError(f"cannot read image {where}: file not found", kind="missing", path=path) from None
-        if not os.path.isfile(path):
-            raise ImageError(f"cannot read image {where}: not a file", kind="missing", path=path)
+        if not os.path.isfile(path):      # a directory, a device such as /dev/zero or a FIFO never ends
+            raise ImageError(f"cannot read image {where}: not a regular file", kind="not_a_file", path=path)
         if size == 0:
             raise ImageError(f"cannot read image {where}: empty file (0 bytes)", kind="empty", path=path)
         fp = path

@@ -28,7 +28,9 @@ from mechsink.atomic import write_text
 from mechsink.report.manifest import ReportError, build_manifest, to_jsonable, write_manifest
 
 _KEY = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
-_MARKDOWN = MarkdownIt("commonmark").enable("table")  # raw HTML passes through unchanged
+# Raw HTML is never passed through: names of datasets, models and labels reach the text, and a
+# file called "<img onerror=...>.jsonl" must stay text. Markdown links are checked by markdown-it.
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Report:
         return self
 
     def text(self, md_or_html: str) -> "Report":
-        """Add Markdown (CommonMark + tables); raw HTML inside it passes through unchanged."""
+        """Add Markdown (CommonMark + tables); any HTML inside it is shown as text."""
         self._current.parts.append(_MARKDOWN.render(md_or_html))
         return self
 
