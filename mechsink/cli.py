@@ -44,16 +44,32 @@ def _jsonable(o):
 
 
 def guarded(fn: Callable[[], Any]) -> Any:
-    """Run a command body; a MechsinkError becomes a one-line message and exit code 2."""
+    """Run a command body: every failure the user can act on becomes one line on stderr and exit
+    code 2 (a MechsinkError, a missing, unwritable or full file system location, an interrupt)."""
+    import errno
+
     from .errors import MechsinkError
+
+    def fail(msg: str, code: int = 2):
+        typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(code)
     try:
         return fn()
     except MechsinkError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     except FileNotFoundError as e:
-        typer.echo(f"error: file not found: {e.filename or e}", err=True)
-        raise typer.Exit(2)
+        fail(f"file not found: {e.filename or e}")
+    except KeyboardInterrupt:
+        fail("interrupted; finished batches are saved where --out points, and the same command resumes", 130)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            fail(f"no space left on the device{where}; free some space and run the same command to resume")
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fail(f"cannot write{where}: permission denied or read-only; choose another --out")
+        if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+            fail(f"{e.filename or 'a path'} is a file where a folder is needed (or the reverse); choose another --out")
+        fail(f"{e.strerror or e}{where}")
 
 
 # -- shared options ----------------------------------------------------------------------------------
@@ -256,16 +272,29 @@ def ablate(model: str = ModelOpt, data: Optional[str] = DataOpt,
            match: Optional[str] = typer.Option(None, "--match", help="Also match controls on: border,row,foreground."),
            layers: Optional[str] = typer.Option(None, "--layers", help="LLM layers for knockout, e.g. 0,1,2."),
            metric: str = MetricOpt, answers: Optional[str] = AnswersOpt, rule: Optional[str] = RuleOpt,
-           limit: Optional[int] = LimitOpt, batch_size: int = typer.Option(8, "--batch-size"),
-           seed: int = typer.Option(0, "--seed"), out: Optional[Path] = typer.Option(None, "--out"),
-           device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+           param: Optional[list[str]] = ParamOpt, limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt,
+           seed: int = typer.Option(0, "--seed"),
+           out: Optional[Path] = typer.Option(None, "--out", help="Save the results (and errors.jsonl) here."),
+           errors: Optional[Path] = ErrorsOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+           device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
     """Remove sinks vs matched random tokens: paired effects, bootstrap CIs, permutation test."""
     def body():
-        from .ablation import ablate_command
-        return ablate_command(model, resolve_data(model, data), site=site, mode=mode, draws=draws, metric=metric,
-                              answers=_csv(answers), match=_csv(match) or (),
-                              layers=[int(x) for x in _csv(layers)] if layers else None, rule=rule, limit=limit,
-                              batch_size=batch_size, seed=seed, out=str(out) if out else None, device=device)
+        from .ablation import AblationConfig, ablate as run
+        from .data import ErrorLog
+        from .metrics import Metric
+        cfg = AblationConfig(site=site, mode=mode, n_draws=draws, match=tuple(_csv(match) or ()),
+                             metric=Metric(metric, **({"answers": tuple(_csv(answers))} if answers else {})),
+                             layers=tuple(int(x) for x in _csv(layers)) if layers else None, seed=seed,
+                             batch_size=batch_size)
+        spec = sink_rule(rule, param)
+        ds = open_data(model, data, limit=limit)
+        m = open_model(model, device, dtype, device_map)
+        log = ErrorLog()
+        res = run(m, ds, cfg, sinks=spec, errors=log, out=out, progress=not as_json)
+        if out is not None:
+            log.write(out)
+        report_skipped(log, errors)
+        return {**res.to_dict(), "data": getattr(ds, "name", None), "n_unreadable": len(log)}
     r = guarded(body)
 
     def human(r):
@@ -281,19 +310,36 @@ def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
           source: Optional[str] = typer.Option(None, "--source", help="Dataset of source images (same order)."),
           corruption: str = typer.Option("shuffle", "--corruption", help="Without --source: shuffle | noise | blank."),
           sites: str = typer.Option("proj.out", "--sites", help="Comma-separated sites, or llm.blocks.*.hook_resid_pre."),
-          tokens: str = typer.Option("sinks,random,image", "--tokens", help="Token sets to patch."),
+          tokens: str = typer.Option("sinks,random,image", "--tokens",
+                                     help="Token selections to patch: sinks, nonsinks, image, random, random(match=border)."),
           sweep: Optional[str] = typer.Option(None, "--sweep", help="Patch every position instead: patches | all."),
           metric: str = MetricOpt, answers: Optional[str] = AnswersOpt,
-          draws: int = typer.Option(8, "--draws"), rule: Optional[str] = RuleOpt, limit: Optional[int] = LimitOpt,
-          batch_size: int = typer.Option(8, "--batch-size"), seed: int = typer.Option(0, "--seed"),
-          out: Optional[Path] = typer.Option(None, "--out"), device: Optional[str] = DeviceOpt, as_json: bool = JsonOpt):
+          draws: int = typer.Option(8, "--draws"), rule: Optional[str] = RuleOpt, param: Optional[list[str]] = ParamOpt,
+          limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt, seed: int = typer.Option(0, "--seed"),
+          out: Optional[Path] = typer.Option(None, "--out", help="Save the results (and errors.jsonl) here."),
+          errors: Optional[Path] = ErrorsOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
+          device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
     """Activation patching from source into base: normalised recovery per site x token set."""
     def body():
-        from .patching import patch_command
-        return patch_command(model, resolve_data(model, data), source=source, corruption=corruption,
-                             sites=_expand_sites(model, _csv(sites)), tokens=_csv(tokens), metric=metric,
-                             answers=_csv(answers), draws=draws, sweep_positions=sweep, rule=rule, limit=limit,
-                             batch_size=batch_size, seed=seed, out=str(out) if out else None, device=device)
+        from .data import ErrorLog, open_dataset
+        from .metrics import Metric
+        from .patching import PatchConfig, patch_dataset
+        from .sites import expand
+        spec = sink_rule(rule, param)
+        ds = open_data(model, data, limit=limit)
+        src = open_dataset(source, limit=limit) if source is not None else None
+        m = open_model(model, device, dtype, device_map)
+        cfg = PatchConfig(sites=tuple(expand(_csv(sites) or [], m.n_vit_layers, m.n_llm_layers)), selections=tokens,
+                          positions=sweep, n_draws=draws, seed=seed, batch_size=batch_size,
+                          metric=Metric(metric, **({"answers": tuple(_csv(answers))} if answers else {})))
+        log = ErrorLog()
+        res = patch_dataset(m, ds, cfg, source=src, corruption=corruption, sinks=spec, errors=log, out=out,
+                            progress=not as_json)
+        if out is not None:
+            log.write(out)
+        report_skipped(log, errors)
+        return {**res.to_dict(), "source": source or corruption, "data": getattr(ds, "name", None),
+                "n_unreadable": len(log)}
     r = guarded(body)
 
     def human(r):
