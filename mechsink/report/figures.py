@@ -71,6 +71,17 @@ def _yerr(sub: pd.DataFrame, y: str, low: str | None, high: str | None):
     return np.vstack([sub[y] - sub[low], sub[high] - sub[y]]).clip(min=0)
 
 
+def _no_negative_zero(text: str) -> str:
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]) else text
+
+
+def _integer_axis(ax, values, axis: str = "x") -> None:
+    """Integer ticks when the values are integers (layers, counts): no "1.5" layer."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    if len(v) and bool(np.all(np.mod(v, 1) == 0)):
+        (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
 def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
     if title:
         ax.set_title(title)
@@ -150,6 +161,9 @@ def layer_heatmap(
     if annot is None:
         annot = grid.shape[0] <= 16 and grid.shape[1] <= 16
     fig, ax = new_figure(min(14.0, 1.5 + 0.55 * grid.shape[1] + 1.5), min(12.0, 1.2 + 0.4 * grid.shape[0] + 0.8))
+    if annot is True:     # our own labels: no "-0.00" for values that round to zero
+        annot = grid.map(lambda v: "" if pd.isna(v) else _no_negative_zero(format(v, fmt))).to_numpy()
+        fmt = ""
     sns.heatmap(grid, ax=ax, cmap=cmap, center=center, annot=annot, fmt=fmt, linewidths=0.4,
                 cbar_kws={"label": cbar_label} if cbar_label else None)
     _label(ax, title, xlabel, ylabel)
@@ -184,6 +198,7 @@ def accuracy_by_layer(
         ax.plot(sub[x], sub[y], marker="o", color=colours[h], label=None if h is None else str(h))
         if low is not None and high is not None:
             ax.fill_between(sub[x], sub[low], sub[high], color=colours[h], alpha=0.2, lw=0)
+    _integer_axis(ax, df[x])
     if chance is not None:
         ax.axhline(chance, color="black", ls=":", lw=1, label="chance")
     if hue is not None or chance is not None:

@@ -49,7 +49,12 @@ def format_number(value: Any, digits: int = 4) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return "n/a" if math.isnan(value) else f"{float(value):.{digits}g}"
+        if math.isnan(value):
+            return "n/a"
+        if math.isinf(value):
+            return "∞" if value > 0 else "−∞"
+        text = f"{float(value):.{digits}g}"
+        return text[1:] if re.fullmatch(r"-0(\.0*)?(e[+-]?\d+)?", text) else text   # no negative zero
     return str(value)
 
 
