@@ -5,7 +5,7 @@ image into a base image, for every cell of image positions x LLM layers.
   with ``layer_pos_patch_setter`` on ``resid_pre``, i.e. ``get_act_patch_resid_pre`` restricted by
   ``index_df`` to the image positions) on a TransformerBridge of the same model: one full forward
   (ViT included) per cell.
-- ``exact``: ``mechsink.patching.sweep`` (same cells, same metric).
+- ``exact``: ``mechsink.sweep.sweep`` (same cells, same metric).
 - ``attribution``: ``mechsink.attribution.attribute`` (gradient estimate of the same cells).
 
 The metric is the logit difference " yes" - " no" at the last prompt position. Agreement: the
@@ -43,7 +43,7 @@ def grid(model, base, every: int = 1) -> tuple[list[str], list[int]]:
 
 
 def run_exact(model, base, source, sites, positions, metric):
-    from mechsink.patching import sweep
+    from mechsink.sweep import sweep
     res = sweep(model, base, source, sites, positions=positions, metric=metric)
     f = res.frame
     return f.assign(layer=f["layer"].astype(int), pos=f["position"].astype(int))[["layer", "pos", "base", "patched"]]
