@@ -269,6 +269,13 @@ def test_probe_records_and_resume(store, tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"token_set": "nonsi')
     again = _records(store.path, "planted_label", out=tmp_path / "o", **kw)
     assert [r["accuracy"] for r in again] == [0.123, rows[1]["accuracy"]]
+    # the checkpoint names its config by the full sha256; a directory written with the old 16-digit
+    # hash is judged by the config it recorded, so it still resumes
+    cfg_file = tmp_path / "o" / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    assert saved["config_hash"] == ProbeConfig(label="planted_label", **kw).fingerprint() and len(saved["config_hash"]) == 64
+    cfg_file.write_text(json.dumps({**saved, "config_hash": saved["config_hash"][:16]}))
+    assert [r["accuracy"] for r in _records(store.path, "planted_label", out=tmp_path / "o", **kw)][0] == 0.123
     with pytest.raises(ProbeError, match="another config"):
         _records(store.path, "planted_label", out=tmp_path / "o", token_sets=("sinks",), sites=("vit.out",), n_boot=200)
 
