@@ -7,8 +7,8 @@ for every site and unit at once, however large the sweep. ``agreement`` runs the
 (mechsink.sweep.sweep) on the same cells and reports the Spearman rank correlation, so every
 estimate comes with its measured trustworthiness.
 
-Gradients are taken with plain torch hooks on the modules that hold each site
-(``model.locate``); the model input (pixel values, or the LLM's inputs_embeds when every site is
+Gradients are taken in one traced run that writes every site with an alias of itself
+(``trace.run(grad=True)``); the model input (pixel values, or the LLM's inputs_embeds when every site is
 in the LLM) is made to require grad, so frozen weights do not matter.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from .config import coerce
 from .engine import _needs_full
 from .metrics import Metric, gather_logits
+from .models.base import Batch
 from .patching import PatchConfig, SweepConfig, _selections, block_sites, selected, unit_masks
 from .results import Result
 from .sites import Site
@@ -79,64 +80,45 @@ class AttributionResult(Result):
         return out
 
 
-def _capture_hooks(model, sites: list[str], store: dict):
-    """Forward (pre-)hooks that keep the tensor of every site in ``store``; returns the handles."""
-    handles = []
-    for s in sites:
-        path, io, idx = model.locate(s)
-        if io == "derived":
-            raise PatchError(f"attribution at {s} is not supported (a derived site); use hook_resid_pre or hook_attn_out")
-        mod = model.module(path)
-        if io == "input":
-            # The module gets its own alias of its input, so the gradient counts only the paths
-            # through this module -- what patching the module's input changes. (The same tensor
-            # may also feed other readers, e.g. the projector reads the input of a later ViT block.)
-            def pre(m, args, kwargs, s=s):
-                if args:
-                    store[s] = args[0].view_as(args[0])
-                    return (store[s], *args[1:]), kwargs
-                store[s] = kwargs["hidden_states"].view_as(kwargs["hidden_states"])
-                return args, {**kwargs, "hidden_states": store[s]}
-            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            def post(m, args, out, s=s, idx=idx):
-                store[s] = out[idx if idx is not None else 0] if isinstance(out, tuple) else out
-            handles.append(mod.register_forward_hook(post))
-    return handles
-
-
 def gradients(model, batch, sites: Sequence[str], metric: Metric, targets) -> tuple[torch.Tensor, dict, dict]:
     """One forward + backward of ``batch``: (metric [B], activations {site: x}, gradients {site:
     d sum(metric) / d x}). Each sample's metric depends only on its own row, so the gradient of
-    the sum is every sample's own gradient."""
+    the sum is every sample's own gradient.
+
+    Every site is written with an alias of itself inside one traced run (``trace.run``), so the
+    gradient counts only the paths through that site's reader -- what patching it changes. (The
+    same tensor may also feed other readers, e.g. the projector reads the input of a later ViT block.)
+    """
     if metric.name in ("accuracy", "kl"):
         raise PatchError(f"attribution needs a metric with a useful gradient at the base run (logprob or logit_diff), not {metric.name}")
     sites = [str(Site.parse(s)) for s in sites]
+    derived = [s for s in sites if model.locate(Site.parse(s))[1] not in ("input", "output")]
+    if derived:
+        raise PatchError(f"attribution at {derived[0]} is not supported (a derived site); use hook_resid_pre or hook_attn_out")
     if _needs_full(sites):
-        inputs = {k: v for k, v in batch.inputs.items()}
+        inputs = dict(batch.inputs)
         inputs["pixel_values"] = inputs["pixel_values"].detach().clone().requires_grad_(True)
         seq = inputs["input_ids"].shape[1]
     else:
-        li = llm_inputs(model, batch)
-        inputs = li.repeat(1)
+        inputs = llm_inputs(model, batch).repeat(1)
         inputs["inputs_embeds"] = inputs["inputs_embeds"].detach().clone().requires_grad_(True)
         seq = inputs["inputs_embeds"].shape[1]
     keep = targets.keep(seq)
     store: dict = {}
-    handles = _capture_hooks(model, sites, store)
-    try:
-        with torch.enable_grad():
-            logits = model.hf(**inputs, logits_to_keep=keep.to(model.device)).logits
-            if logits.shape[1] != keep.shape[1]:
-                logits = gather_logits(logits, keep)
-            value = metric.score(logits, targets)
-            missing = [s for s in sites if s not in store]
-            if missing:
-                raise PatchError(f"sites {missing} did not run in this forward")
-            grads = torch.autograd.grad(value.sum(), [store[s] for s in sites], allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def alias(site: str):
+        def edit(x: torch.Tensor) -> torch.Tensor:
+            store[site] = x.view_as(x)
+            return store[site]
+        return edit
+    out = model.run(Batch(inputs, None, [], []), write={s: alias(s) for s in sites}, grad=True,
+                    extra_inputs={"logits_to_keep": keep.to(model.device)})
+    logits = out["llm.logits"]
+    if logits.shape[1] != keep.shape[1]:
+        logits = gather_logits(logits, keep)
+    with torch.enable_grad():
+        value = metric.score(logits, targets)
+        grads = torch.autograd.grad(value.sum(), [store[s] for s in sites], allow_unused=True)
     acts = {s: store[s].detach() for s in sites}
     return value.detach().cpu(), acts, {s: (torch.zeros_like(acts[s]) if g is None else g.detach()) for s, g in zip(sites, grads)}
 
