@@ -336,6 +336,8 @@ def patch_dataset(model, data, config: PatchConfig | dict | None = None, *, sour
     src_images = None
     if source is not None:
         base_samples, src_samples = list(data), list(source)
+        if not all(hasattr(s, "load_image") for s in base_samples + src_samples):
+            raise PatchError("a source dataset pairs samples (a Dataset or list of Samples), not prepared Batches")
         if len(src_samples) < len(base_samples):
             raise PatchError(f"the source dataset has {len(src_samples)} samples for {len(base_samples)} base samples")
         pos = {id(s): i for i, s in enumerate(src_samples)}

@@ -2,8 +2,8 @@
 
 Words: the **base** run is the one we change; the **source** run is where values come from. A
 source batch has the base's token layout (same prompts, answers and token roles) with other
-images: ``with_images(model, base, images)``, the images of another dataset or ``corrupt``\\ ed
-copies of the base's own (``shuffle``: another image of the batch; ``noise``; ``blank``).
+images: ``with_images(model, base, images)``, with the images of another dataset or corrupted
+copies of the base's own (``corrupt``: ``shuffle``, another image of the batch; ``noise``; ``blank``).
 ``check_pair`` refuses a pair whose layouts differ.
 """
 from __future__ import annotations
