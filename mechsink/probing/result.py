@@ -59,6 +59,8 @@ class ProbeResult(Result):
     def summary(self) -> dict:
         """Label, level and per token set the best site by accuracy (with its CI and selectivity)."""
         f = self.frame
+        if not {"token_set", "accuracy", "level"} <= set(f.columns):
+            return super().summary()
         best = {}
         for ts, g in f.groupby("token_set", sort=False):
             r = g.loc[g["accuracy"].idxmax()] if g["accuracy"].notna().any() else g.iloc[0]
@@ -80,7 +82,8 @@ class ProbeResult(Result):
         path = Path(path)
         if (path / SPLITS).exists():
             res.splits = pd.read_parquet(path / SPLITS)
-        for ts, site in zip(res.frame["token_set"], res.frame["site"]):
+        keys = zip(res.frame["token_set"], res.frame["site"]) if {"token_set", "site"} <= set(res.frame.columns) else ()
+        for ts, site in keys:
             try:
                 res.probes[ts, site] = load_probe(path / PROBES / probe_name(ts, site))
             except ProbeError:
