@@ -161,8 +161,20 @@ def _overview(rep, ctx: _Ctx) -> None:
 
 # -- sections ---------------------------------------------------------------------------------------
 def _num(rep, key: str, value) -> None:
-    """Record a number under a manifest key made of dotted words (conditions like "front/kept" allowed)."""
-    rep.number(re.sub(r"[^A-Za-z0-9_.\-]", "_", key), value)
+    """Record a number under a manifest key made of dotted words."""
+    rep.number(key, value)
+
+
+def _part(label) -> str:
+    """One word of a manifest key from a label of the data (a question type, a condition): kept
+    as it is when it is a plain word, else a readable slug plus a hash of the label, so that two
+    labels never share a key ("颜色" and "形状", "x y" and "x_y"); the label itself stays in the tables."""
+    import hashlib
+    text = str(label)
+    if re.fullmatch(r"[A-Za-z0-9_\-]+", text):
+        return text
+    slug = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_") or "label"
+    return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _detection(rep, ctx: _Ctx, config: ReportConfig) -> None:
@@ -210,24 +222,18 @@ def _token_word(ctx: _Ctx) -> str:
 
 
 def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..batching import batches
+    from ..sinks.attention import AttentionConfig, attention_stats
     from .figures import binned_bar
-    from ..sinks.attention import llm_attention, norm_bins, sink_ratio
-    from ..sinks.detect import detect
     m = ctx.model
     rep.section(f"Norms and LLM attention ({m.name})")
-    frames = []
-    for _, batch in batches(m, _subset(ctx, config.attention_limit), config.batch_size, progress="attention"):
-        sinks = detect(m, batch, ctx.causal_spec)
-        frames.append(llm_attention(m, batch, sinks, per_head=False).assign(batch=len(frames)))
-    df = pd.concat(frames, ignore_index=True)
-    df["sample"] = df["batch"] * 10_000 + df["sample"]          # unique images across batches
-    bins = norm_bins(df, bins=4)
+    stats = attention_stats(m, _subset(ctx, config.attention_limit), ctx.causal_spec,
+                            AttentionConfig(batch_size=config.batch_size, seed=config.seed), progress="attention")
+    bins = stats.bins()
     rep.figure(binned_bar(bins.assign(layer=bins["layer"].astype(str)), x="bin", y="attn_mean", hue="layer",
                           title=f"{m.name}: attention received by ViT-norm bin", ylabel="mean attention received",
                           xlabel="ViT norm quartile"),
                "Attention each visual token receives from the text/answer tokens, by ViT-norm quartile and LLM layer.")
-    ratio = sink_ratio(df, seed=config.seed)
+    ratio = stats.ratio()
     rep.table(ratio, f"Mean attention to {_token_word(ctx)} / to the other visual tokens (95 % bootstrap CI over images).",
               index=False)
     for r in ratio.itertuples(index=False):
@@ -238,7 +244,8 @@ def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..cache.extract import extract
-    from ..probing import ProbeConfig, accuracy_figure, probe
+    from ..probing import ProbeConfig, probe
+    from .figures import probe_figure
     m = ctx.model
     rep.section(f"Linear probes ({m.name})")
     data = _subset(ctx, config.limit)
@@ -248,8 +255,8 @@ def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
         return
     mid = max(0, m.n_vit_layers // 2 - 1)
     sites = list(dict.fromkeys([f"vit.blocks.{mid}.hook_resid_post", "vit.out", "proj.out"]))
-    store = extract(m, data, sites=sites, tokens=("image", "cls"), out=ctx.work / "cache", dtype="float32",
-                    batch_size=config.batch_size, sink_spec=ctx.causal_spec, progress=True)
+    store = extract(m, data, sites=sites, tokens=("image", "cls"), out=ctx.work / "cache", store_dtype="float32",
+                    batch_size=config.batch_size, sinks=ctx.causal_spec, progress=True)
     rep.text(f"Cache: {len(store.index)} token rows at {', '.join(f'`{s}`' for s in sites)} "
              f"(token sets: {_token_word(ctx)}, the other patches, CLS, mean-pooled patches).")
     for label in labels:
@@ -258,29 +265,31 @@ def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
         cols = ["token_set", "site", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity", "majority"]
         rep.table(f[[c for c in cols if c in f]], f"Probe for `{label}` (balanced accuracy, images never split "
                                                   f"across folds; control = shuffled labels).", index=False)
-        rep.figure(accuracy_figure(res, title=f"{m.name}: probing {label}"))
+        rep.figure(probe_figure(res, title=f"{m.name}: probing {label}"))
         for r in f.itertuples(index=False):
-            key = f"{ctx.key}.probe.{label}.{r.token_set}.{r.site}"
+            key = f"{ctx.key}.probe.{_part(label)}.{r.token_set}.{r.site}"
             _num(rep, f"{key}.accuracy", r.accuracy)
             _num(rep, f"{key}.control", r.control_accuracy)
 
 
 def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..ablation import AblationConfig, ablate, contrast_foreground
+    from ..ablation import AblationConfig, ablate
+    from ..selection import contrast_foreground
+    from .figures import ablation_figure
     m = ctx.model
     rep.section(f"Ablation: {_token_word(ctx)} vs matched random tokens ({m.name})")
     # Controls matched on count and on foreground/background: high-norm tokens often sit on objects,
     # and object tokens matter more than background ones whether or not they are sinks.
     cfg = AblationConfig(site="proj.out", mode="zero", metric="logprob", n_draws=config.draws, seed=config.seed,
                          batch_size=config.batch_size, match=("foreground",))
-    res = ablate(m, _subset(ctx, config.causal_limit), ctx.causal_spec, cfg, foreground=contrast_foreground(),
+    res = ablate(m, _subset(ctx, config.causal_limit), cfg, sinks=ctx.causal_spec, foreground=contrast_foreground(),
                  progress=True)
     d = res.to_dict()
     rep.text(f"Zeroing the {_token_word(ctx)} at `proj.out` vs the same number of random visual tokens drawn "
              f"from the same foreground/background stratum ({config.draws} draws per image). Effect = drop in the "
              f"gold answer's log-probability; paired over {d['n']} images ({d['n_skipped']} without enough matched "
              f"controls left out); p from a sign-flip permutation test of sink > random.")
-    rep.figure(res.figure())
+    rep.figure(ablation_figure(res))
     rows = []
     for name in ("sink_effect", "random_effect", "diff"):
         e = d[name]
@@ -293,54 +302,58 @@ def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 
 def _patching(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..patching import PatchResult, block_sites, patch_command
+    from ..patching import PatchConfig, patch_dataset
+    from ..sites import blocks
+    from .figures import patch_heatmap
     m = ctx.model
     rep.section(f"Activation patching ({m.name})")
-    out = ctx.work / "patching"
-    sites = ["proj.out", *block_sites(m, "llm")]
-    r = patch_command(m, _subset(ctx, config.causal_limit // 2), corruption="shuffle", sites=sites,
-                      tokens=("sinks", "random", "image"), draws=max(2, config.draws // 4), sinks=ctx.causal_spec,
-                      batch_size=config.batch_size, seed=config.seed, out=str(out))
-    res = PatchResult.load(out)
+    cfg = PatchConfig(sites=("proj.out", *blocks("llm", "hook_resid_pre", None, m.n_llm_layers)),
+                      selections=("sinks", "random", "image"), n_draws=max(2, config.draws // 4), seed=config.seed,
+                      batch_size=config.batch_size)
+    res = patch_dataset(m, _subset(ctx, config.causal_limit // 2), cfg, corruption="shuffle", sinks=ctx.causal_spec,
+                        progress=True)
+    r = res.to_dict()
     rep.text(f"Base: each image with its question; source: the same question with another image of the batch "
              f"(shuffled). Values patched from source into base at each site for the {_token_word(ctx)}, matched "
              f"random tokens, or all image tokens; recovery = (patched - base) / (source - base) of the gold "
              f"answer's log-probability (n = {r['n']}).")
-    rep.figure(res.heatmap())
+    rep.figure(patch_heatmap(res))
     t = res.table("recovery")
     rep.table(t.reset_index(), "Normalised recovery per site and token set.", index=False)
     for site, row in r["recovery"].items():
         for unit, v in row.items():
-            _num(rep, f"{ctx.key}.patching.{site}.{unit}", v)
+            _num(rep, f"{ctx.key}.patching.{site}.{_part(unit)}", v)
 
 
 def _subsets(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..analyses.subsets import visual_subsets
+    from .figures import subset_figure
     m = ctx.model
     rep.section(f"Sink-only and non-sink-only visual input ({m.name})")
     res = visual_subsets(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
-    s = res.summary()
+    s = res.table()
     rep.text(f"Accuracy with the full visual input, the {_token_word(ctx)} only, or everything but them "
              f"(tokens dropped from the sequence), per question type, with Wilson 95 % CIs.")
-    rep.figure(res.figure())
+    rep.figure(subset_figure(res))
     rep.table(s, index=False)
     for r in s.to_dict("records"):
-        _num(rep, f"{ctx.key}.subsets.{r['question_type']}.{r['subset']}.accuracy", r["accuracy"])
+        _num(rep, f"{ctx.key}.subsets.{_part(r['question_type'])}.{r['subset']}.accuracy", r["accuracy"])
 
 
 def _reorder(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..interventions.reorder import evaluate_reorder
+    from .figures import reorder_figure
     m = ctx.model
     rep.section(f"Sink-to-the-front ({m.name})")
     res = evaluate_reorder(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
-    s = res.summary()
+    s = res.table()
     rep.text(f"The {_token_word(ctx)} moved to the front of the visual tokens (sink-to-the-end as control), with "
              f"their position ids kept or reassigned; accuracy per question type and the paired change against "
              f"the original order.")
-    rep.figure(res.figure())
+    rep.figure(reorder_figure(res))
     rep.table(s, index=False)
     for r in s.to_dict("records"):
-        key = f"{ctx.key}.reorder.{r['question_type']}.{r['condition']}"
+        key = f"{ctx.key}.reorder.{_part(r['question_type'])}.{r['condition'].replace('/', '_')}"
         _num(rep, f"{key}.accuracy", r["accuracy"])
         if r.get("delta") is not None and not pd.isna(r.get("delta")):
             _num(rep, f"{key}.delta", r["delta"])

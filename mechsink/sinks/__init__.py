@@ -4,7 +4,8 @@
     sinks = detect(model, batch)                          # default relative rule at vit.out
     sinks = detect(model, batch, SinkSpec.preset("llava-1.5"))
 """
-from .attention import llm_attention, llm_attention_acts, norm_bins, sink_ratio, vit_attention, vit_attention_acts
+from .attention import (AttentionConfig, AttentionStats, attention_stats, llm_attention, llm_attention_acts, norm_bins,
+                        sink_ratio, vit_attention, vit_attention_acts)
 from .detect import (PRESETS, SinkSet, SinkSpec, calibrate, calibrate_acts, candidate_scores, detect, detect_acts,
                      detect_dataset, score_tokens)
 from .llm import CLASSES, SinkClasses, classify_acts, kang_score, rms_normalize, sink_classes

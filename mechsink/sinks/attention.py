@@ -15,11 +15,14 @@ models pass a few ``layers`` at a time (a pattern is [batch, heads, seq, seq]).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..config import Config
+from ..results import Result
 from ..tokens import ROLE
 from .detect import SinkSet, SinkSpec, detect_acts
 from .rules import SinkError
@@ -239,3 +242,69 @@ def sink_ratio(df: pd.DataFrame, by: Sequence[str] = ("part", "layer"), *, n_boo
         rows.append({**dict(zip(by, key)), "n_images": len(s), "sink_mean": float(s.mean()),
                      "nonsink_mean": float(n.mean()), "ratio": est, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows, columns=[*by, "n_images", "sink_mean", "nonsink_mean", "ratio", "ci_low", "ci_high"])
+
+
+# -- over a dataset ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionConfig(Config):
+    """part: "llm" or "vit"; layers: None = all; queries: LLM roles or ViT kinds; bins: ViT-norm
+    quantile bins; n_boot/alpha/seed: the bootstrap of the sink / non-sink ratio over images."""
+    part: str = "llm"
+    layers: tuple[int, ...] | None = None
+    queries: tuple[str, ...] | None = None          # default: ("text", "answer") / ("patch", "special")
+    per_head: bool = False
+    bins: int = 4
+    batch_size: int = 8
+    n_boot: int = 2000
+    alpha: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.part not in ("llm", "vit"):
+            raise SinkError(f"part must be 'llm' or 'vit', got {self.part!r}")
+        q = self.queries if self.queries is not None else (("text", "answer") if self.part == "llm" else VIT_QUERY_KINDS)
+        q = (q,) if isinstance(q, str) else tuple(q)
+        allowed = LLM_QUERY_ROLES if self.part == "llm" else VIT_QUERY_KINDS
+        if set(q) - set(allowed):
+            raise SinkError(f"queries for the {self.part} are {', '.join(allowed)}, got {list(q)}")
+        object.__setattr__(self, "queries", q)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+
+
+@dataclass
+class AttentionStats(Result):
+    """frame: one row per layer (x head) x visual token, with ``sample`` the global image index."""
+    config_class = AttentionConfig
+
+    def bins(self) -> pd.DataFrame:
+        return norm_bins(self.frame, bins=self.config.bins)
+
+    def ratio(self) -> pd.DataFrame:
+        c = self.config
+        return sink_ratio(self.frame, n_boot=c.n_boot, alpha=c.alpha, seed=c.seed)
+
+    def summary(self) -> dict:
+        return {"n_images": int(self.frame[["sample", "image"]].drop_duplicates().shape[0]) if len(self.frame) else 0,
+                "ratio": self.ratio().to_dict("records")}
+
+
+def attention_stats(model, data, sinks: SinkSpec | None = None, config: AttentionConfig | None = None, *,
+                    errors=None, progress: bool | str = False) -> AttentionStats:
+    """Attention received by visual tokens over a dataset, by sink status and ViT norm: one forward
+    per batch reads the patterns (and detects sinks with ``sinks``, default SinkSpec())."""
+    from ..batching import batches
+    cfg = config or AttentionConfig()
+    spec = sinks if sinks is not None else SinkSpec()
+    frames = []
+    for chunk in batches(model, data, cfg.batch_size, answers="auto", errors=errors, progress=progress):
+        if cfg.part == "llm":
+            f = llm_attention(model, chunk.batch, None, queries=cfg.queries, layers=cfg.layers,
+                              per_head=cfg.per_head, spec=spec)
+        else:
+            f = vit_attention(model, chunk.batch, None, queries=cfg.queries, layers=cfg.layers,
+                              per_head=cfg.per_head, spec=spec)
+        frames.append(f.assign(sample=f["sample"] + chunk.start))
+    if not frames:
+        raise SinkError("no readable images to measure attention on")
+    return AttentionStats(pd.concat(frames, ignore_index=True), cfg, {"model": model.name, "sinks": spec.to_dict()})
