@@ -389,6 +389,7 @@ class _Lock:
 
     def __init__(self, root: Path, rank: int) -> None:
         self.path = root / f"writer-r{rank:02d}.lock"
+        self.fd: int | None = None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -407,7 +408,7 @@ class _Lock:
         self.taken_over = None if previous == "?" else previous
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self.fd: int | None = fd
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -888,7 +889,10 @@ def _shard_dims(path: Path, sites: tuple[str, ...], dtype: str) -> dict[str, int
 
 def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
     """(sample, code, shard_row, length) of the runs of one shard's rows in (sample, writing) order."""
-    s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True)["sample_idx"]
+    try:
+        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True)["sample_idx"]
+    except (pa.ArrowException, OSError) as e:
+        raise StoreCorrupt(f"{table_path} is corrupt ({_first_line(e)}); {_repair_shard(table_path)}") from None
     s = s.to_numpy()
     if not len(s):
         z = np.zeros(0, dtype=np.int64)
