@@ -105,7 +105,8 @@ def table(result: dict) -> str:
         if "run_peak_mb" in e:
             notes.append(f"rss+{e['run_peak_mb']:.0f}MB")
         for k, v in e.items():
-            if k.startswith(("run_peak_mb_", "merge_peak_mb_", "loop_peak_mb_")):
+            if k.startswith(("run_peak_mb_", "merge_peak_mb_", "loop_peak_mb_", "read_peak_mb_")) or \
+                    k in ("read_peak_ratio", "checksum_read_ratio", "verify_mb_per_s"):
                 notes.append(f"{k}={v:.1f}")
         if r["variant"] == "tl" and r["section"] == "sweep":
             notes.append(f"timed {e['tl_cells_timed']}/{e['cells']} cells")

@@ -28,7 +28,8 @@ from . import lens
 from .data import batches, image_set, image_size
 
 VARIANTS = ("bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "tl_all", "mechsink")
-TARGET = 1.05
+TARGET = 1.03          # mechsink / bare at real widths (vitb-llava), and below nnsight and TL
+TARGET_TINY = 1.5      # on tiny-llava (fixed per-batch costs dominate); reported in the row's extra
 
 
 def cache_sites(model) -> list[str]:
@@ -190,6 +191,10 @@ def section(models: dict, args, workdir: Path) -> list:
                 r.extra["max_rel_diff_vs_hooks"] = agree
                 if name == TARGET_MODEL:
                     r.goal, r.peers = f"<= {TARGET}", ("nnsight", "tl")
+                elif name == "tiny-llava":
+                    r.extra["target"] = f"<= {TARGET_TINY}"
+                    r.extra["within_target_wall"] = bool(r.ratio_wall <= TARGET_TINY)
+                    r.extra["within_target_cpu"] = bool(r.ratio_cpu <= TARGET_TINY)
         if not args.no_rss:
             for r in new:
                 if args.quick and r.variant not in ("bare", "mechsink"):

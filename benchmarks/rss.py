@@ -3,6 +3,7 @@
     python -m benchmarks.rss cache VARIANT MODEL IMAGES_DIR N BATCH WORKDIR
     python -m benchmarks.rss stream MODEL IMAGES_DIR N BATCH WORKDIR
     python -m benchmarks.rss merge STORE_DIR
+    python -m benchmarks.rss read STORE_DIR
 
 The variant is set up (a TL bridge, an nnsight wrapper) and runs once on one image (lazy imports
 and set-up), then the peak-RSS mark is reset and it runs on the whole set; ``run_peak_mb`` is
@@ -10,7 +11,11 @@ that run's peak minus the RSS it started from. (A full-size warm-up would leave 
 with the allocator, and the measured run would seem to need nothing.)
 ``stream`` caches N images with ``mechsink.cache.extract`` after a warm-up on a few of them and
 leaves the store for ``merge``, which measures rebuilding its index alone (from a fresh process,
-so memory a previous step freed but kept does not hide it).
+so memory a previous step freed but kept does not hide it), and for ``read``, which measures
+reading the whole store back the way a probe over a large cache does (every site in blocks, the
+index in blocks; ``read_peak_mb``), and what the checksums cost: the first read (which checks the
+crc32 of every file it touches) against a second read of the same files (checked already), and
+``verify`` of the whole store in MB/s.
 """
 from __future__ import annotations
 
@@ -32,12 +37,14 @@ def main(argv: list[str]) -> dict:
     kind = argv[0]
     if kind == "merge":
         return merge_only(argv[1])
+    if kind == "read":
+        return read_only(argv[1])
     if kind == "cache":
         variant, name, folder, n, bs, work = argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), Path(argv[6])
     elif kind == "stream":
         variant, (name, folder, n, bs, work) = "mechsink", (argv[1], argv[2], int(argv[3]), int(argv[4]), Path(argv[5]))
     else:
-        raise SystemExit(f"unknown memory run {kind!r}; use cache or stream")
+        raise SystemExit(f"unknown memory run {kind!r}; use cache, stream, merge or read")
     device = os.environ.get("MECHSINK_BENCH_DEVICE", "cpu")
     model = build(name)
     model.hf.to(device)
@@ -93,6 +100,40 @@ def merge_only(store: str) -> dict:
     start = reset_peak()
     rows = len(merge(root))
     return {"merge_peak_mb": (peak_rss_kb() - start) / 1024, "rows": rows}
+
+
+def read_only(store: str) -> dict:
+    """Peak memory and time of reading a whole store (every site in 64k-row blocks, then the index
+    in blocks) from a fresh process; then the same read again (crc32 already checked) and verify()."""
+    from mechsink.cache import Store, verify
+    from mechsink.cache import store as store_mod
+
+    from .harness import peak_rss_kb, reset_peak
+
+    def read_all() -> float:
+        s = Store.open(store)
+        t = time.perf_counter()
+        total = 0.0
+        for site in s.sites:
+            for block in s.iter_batches(site, batch_rows=65536):
+                total += float(block[:, 0].astype("float64").sum())
+        for part in s.iter_index(columns=["row", "sample_idx", "is_sink"]):
+            total += float(part["is_sink"].sum())
+        return time.perf_counter() - t
+
+    s = Store.open(store)                          # warm-up: imports, one block of the first shard
+    next(s.iter_batches(s.sites[0], batch_rows=16))
+    store_mod._VERIFIED.clear()
+    start = reset_peak()
+    first = read_all()
+    peak = peak_rss_kb()
+    second = read_all()
+    t = time.perf_counter()
+    rep = verify(store)
+    verify_s = time.perf_counter() - t
+    return {"read_peak_mb": (peak - start) / 1024, "read_first_s": first, "read_again_s": second,
+            "checksum_read_ratio": first / second, "verify_mb_per_s": rep["bytes_checked"] / 2**20 / verify_s,
+            "store_mb": rep["bytes_checked"] / 2**20, "read_rows": len(s)}
 
 
 if __name__ == "__main__":

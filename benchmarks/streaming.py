@@ -4,7 +4,10 @@ Every ViT and LLM block is cached at the image tokens, as in the cache section. 
 fresh process (see benchmarks.rss); the figure is ``run_peak_mb`` at 10 N over that at N, which
 must stay about 1 (shards go to disk as they fill, so memory must not grow with the dataset).
 The last step of an extract rebuilds the store's index (one row of metadata per cached token), so
-its peak is also measured alone (``merge_peak_mb``): that part grows with the number of rows.
+its peak is also measured alone (``merge_peak_mb``); it streams the index in row groups, so it
+must not grow with the rows either. Reading the store back (every site and the index, in blocks)
+is measured the same way (``read_peak_mb_*``, ``read_peak_ratio``), with the cost of the crc32
+checks of a first read (``checksum_read_ratio``: first read / a second read of the same files).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def _measure(folder, n: int, bs: int, workdir) -> dict:
     got = measure_rss(["stream", "tiny-llava", str(folder), str(n), str(bs), str(workdir)])
     try:
         got.update(measure_rss(["merge", got["store"]]))
+        got.update(measure_rss(["read", got["store"]]))
     finally:
         shutil.rmtree(Path(got["store"]).parent, ignore_errors=True)
     return got
@@ -39,9 +43,13 @@ def section(models: dict, args, workdir) -> list:
              f"peak_mb_{n_small}": small["peak_mb"], f"peak_mb_{n_large}": large["peak_mb"],
              f"merge_peak_mb_{n_small}": small["merge_peak_mb"], f"merge_peak_mb_{n_large}": large["merge_peak_mb"],
              f"rows_{n_large}": large["rows"],
-             f"images_per_s_{n_large}": n_large / large["rss_wall_s"]}
-    # the index merge grows with the rows by design; what the extraction loop itself adds is about
-    # the whole run's peak less the merge's (an estimate: two peaks, not one trace)
+             f"images_per_s_{n_large}": n_large / large["rss_wall_s"],
+             f"read_peak_mb_{n_small}": small["read_peak_mb"], f"read_peak_mb_{n_large}": large["read_peak_mb"],
+             "read_peak_ratio": large["read_peak_mb"] / max(small["read_peak_mb"], 1e-9),
+             "checksum_read_ratio": large["checksum_read_ratio"], "verify_mb_per_s": large["verify_mb_per_s"],
+             f"store_mb_{n_large}": large["store_mb"]}
+    # what the extraction loop itself adds is about the whole run's peak less the merge's (an
+    # estimate: two peaks, not one trace)
     loop = [max(x["run_peak_mb"] - x["merge_peak_mb"], 1e-9) for x in (small, large)]
     extra.update({f"loop_peak_mb_{n_small}": loop[0], f"loop_peak_mb_{n_large}": loop[1]})
     return [Row("streaming", "tiny-llava", f"peak RSS {n_large} / {n_small} images", None, None, grow, grow,

@@ -435,3 +435,27 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@app.command()
+def verify(cache_dir: Path = typer.Option(..., "--cache", help="Store directory written by `mechsink cache`."),
+           repair: bool = typer.Option(False, "--repair", help="Delete damaged shards (a rerun of `cache` recomputes "
+                                       "them) and rebuild a damaged index."),
+           as_json: bool = JsonOpt):
+    """Check every file of a store against its recorded size and crc32; exit 2 if any is damaged."""
+    def body():
+        from .cache import verify as verify_store
+        return verify_store(cache_dir, repair=repair)
+    res = guarded(body)
+
+    def human(r):
+        lines = [f"store {r['store']}: {r['shards']} shard(s), {r['samples']} sample(s), {r['rows']} row(s), "
+                 f"{r['bytes_checked'] / 2**20:.1f} MiB checked" + ("" if r["merged"] else ", not merged")]
+        lines += [f"  damaged: {p['problem']}" for p in r["problems"]]
+        lines += [f"  repaired: {a}" for a in r["repaired"]] + ([f"  next: {r['next']}"] if r["next"] else [])
+        return "\n".join(lines + ([] if r["problems"] else ["ok"]))
+    emit(res, as_json, human)
+    if res["problems"] and not res["repaired"]:
+        first = res["problems"][0]["problem"]
+        typer.echo(f"error: {len(res['problems'])} damaged file(s) in {res['store']}; first: {first}", err=True)
+        raise typer.Exit(2)

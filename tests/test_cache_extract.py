@@ -216,3 +216,41 @@ def test_cache_command_with_an_unreadable_image(tmp_path):
     assert json.loads(json.dumps(res))["id"] == store.id
     with pytest.raises(StoreError, match="exactly one"):
         cache_command(model("planted-llava"), out=out, sites="vit.out")
+
+
+def test_resume_retries_a_fixed_image_and_refuses_a_changed_one(tmp_path):
+    """The resume key is the configuration (and ids, prompts), not the image bytes: fixing an image
+    that was skipped is accepted and computes exactly that sample; changing a cached one is refused."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for k in range(4):
+        shutil.copy(EVAL_DIR / "images" / f"{k:04d}.png", src / f"{k:04d}.png")
+    good = (src / "0002.png").read_bytes()
+    (src / "0002.png").write_bytes(b"not a png")
+    out = tmp_path / "store"
+    kw = dict(images_dir=src, out=out, sites="vit.out", tokens="image", rule="llava-1.5", batch_size=2)
+    m = model("planted-llava")
+    res = cache_command(m, **kw)
+    assert res["summary"]["n_samples"] == 3 and res["errors"]["n_skipped"] == 1
+    assert "0002.png" in (out / "errors.jsonl").read_text()
+    (src / "0002.png").write_bytes(good)                       # fixed
+    calls = []
+    hook = m.hf.register_forward_pre_hook(lambda mod, a, k: calls.append(k["pixel_values"].shape[0]), with_kwargs=True)
+    try:
+        res = cache_command(m, **kw)
+    finally:
+        hook.remove()
+    assert calls == [1]                                        # only the fixed image ran
+    assert res["summary"]["n_samples"] == 4 and res["errors"]["n_skipped"] == 0
+    assert not (out / "errors.jsonl").exists()                 # no stale list of a skipped image
+    fresh = cache_command(m, **{**kw, "out": tmp_path / "fresh"})
+    a, b = Store.open(out), Store.open(tmp_path / "fresh")
+    assert a.id == b.id
+    pd.testing.assert_frame_equal(a.index.drop(columns=["shard", "shard_row"]),
+                                  b.index.drop(columns=["shard", "shard_row"]))
+    np.testing.assert_array_equal(a.get("vit.out"), b.get("vit.out"))
+    assert fresh["summary"]["n_rows"] == res["summary"]["n_rows"]
+    shutil.copy(src / "0000.png", src / "0001.png")             # a cached image changes
+    with pytest.raises(StoreError, match="1 image\\(s\\) changed") as e:
+        cache_command(m, **kw)
+    assert "0001.png" in str(e.value) and "\n" not in str(e.value)

@@ -1,15 +1,19 @@
-"""Activation caches: a sharded, resumable, memory-mapped store of per-token activations, and the
-extractor that fills one from a model and a dataset."""
+"""Activation caches: a sharded, resumable, checksummed, memory-mapped store of per-token
+activations, and the extractor that fills one from a model and a dataset."""
 
 from mechsink.cache.extract import TOKENS, cache_command, extract, model_fingerprint
 from mechsink.cache.store import (
     ROW_COLUMNS,
     Store,
     StoreConfig,
+    StoreCorrupt,
     StoreError,
+    StoreLocked,
+    StoreWriteError,
     StoreWriter,
     merge,
     store_id,
+    verify,
 )
 
 __all__ = [
@@ -17,11 +21,15 @@ __all__ = [
     "TOKENS",
     "Store",
     "StoreConfig",
+    "StoreCorrupt",
     "StoreError",
+    "StoreLocked",
+    "StoreWriteError",
     "StoreWriter",
     "cache_command",
     "extract",
     "merge",
     "model_fingerprint",
     "store_id",
+    "verify",
 ]

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,41 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}\n".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
+
+
+def data_key(dataset) -> str:
+    """The dataset part of a store's resume key: sha256 over every sample's id, text fields and
+    labels, in order - not the image bytes, so that a resume after fixing an unreadable image is
+    accepted (and retries it). Changed images are caught per sample by ``image_key``."""
+    h = hashlib.sha256(b"mechsink.data-key/1\n")
+    h.update(f"{len(dataset)}\n".encode())
+    for s in dataset:
+        meta = [s.id, s.prompt, s.answer, s.question_type, s.labels]
+        h.update(json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return h.hexdigest()
+
+
+def image_key(sample) -> str | None:
+    """sha256 of a sample's image bytes (kept with each cached sample; a resume compares them),
+    None when they cannot be read (not a regular file, unreadable)."""
+    if sample.image_path is None:
+        digest = sample.image_digest()
+        return digest if len(digest) == 64 else None
+    try:
+        if not stat.S_ISREG(os.stat(sample.image_path).st_mode):
+            return None
+        h = hashlib.sha256()
+        with open(sample.image_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _changed_images(dataset, keys: dict[int, str], done: set[int]) -> list[int]:
+    """Cached samples whose image no longer has the bytes it had when it was cached."""
+    return [i for i in sorted(done) if i in keys and i < len(dataset) and image_key(dataset[i]) != keys[i]]
 
 
 def _check_args(model, sites: Sequence[str], tokens: Sequence[str]) -> tuple[list[str], tuple[str, ...]]:
@@ -296,7 +332,7 @@ def _batches(todo: list[int], size: int):
 # -- the extractor ---------------------------------------------------------------------------------
 def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("image",), out: str | os.PathLike,
             dtype: str = "float16", batch_size: int = 8, sink_spec=None, prompt: str | None = None,
-            shard_rows: int = 8192, llm_sink_layer: int | None = None, llm_sink_dims: Sequence[int] | None = None,
+            shard_rows: int = 8192, shard_bytes: int | None = None, llm_sink_layer: int | None = None, llm_sink_dims: Sequence[int] | None = None,
             llm_sink_tau: float = 20.0, errors=None, progress: bool = False) -> Store:
     """Run ``model`` over ``dataset`` and cache ``sites`` for the selected ``tokens`` into ``out``.
 
@@ -306,8 +342,11 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         sites: site names, e.g. ["vit.out", "llm.blocks.2.hook_resid_post"] (not attention patterns).
         tokens: any of TOKENS: "image" (every ViT patch), "sinks" (sink patches only), "cls",
             "register", "newline", "text", "answer".
-        out: store directory; an existing store made with the same settings resumes.
+        out: store directory; an existing store made with the same settings resumes (the
+            settings, sample ids and prompts, not the image bytes: images skipped as unreadable
+            are retried, and an image changed since it was cached is refused in one line).
         dtype: storage dtype: "float16", "bfloat16" or "float32".
+        shard_rows, shard_bytes: a shard is cut at this many rows or tensor bytes (default 256 MiB).
         sink_spec: how ViT sinks are detected (default SinkSpec()); fills norm / is_sink.
         prompt: question for every image (default: each sample's own, else the model's default).
         llm_sink_layer, llm_sink_dims, llm_sink_tau: also flag LLM-emerged sinks (Kang et al.:
@@ -370,14 +409,22 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
 
     config = StoreConfig(
         sites=tuple(sites), tokens=tokens, model=str(model.source), model_hash=model_fingerprint(model),
-        data=dataset.fingerprint(),
+        data=data_key(dataset),
         params={"sink_spec": spec.to_dict(), "prompt": prompt, "llm_pos": "from first non-padding token",
                 "llm_sinks": None if llm_site is None else
                 {"site": llm_site, "dims": llm_sink_dims, "tau": float(llm_sink_tau)}},
     )
-    writer = StoreWriter(out, config, shard_rows=shard_rows, dtype=dtype)
+    writer = StoreWriter(out, config, shard_rows=shard_rows, dtype=dtype,
+                         **({} if shard_bytes is None else {"shard_bytes": shard_bytes}))
     labels = _label_columns(dataset)
     done = writer.done_samples()
+    changed = _changed_images(dataset, writer.sample_keys(), done)
+    if changed:
+        writer.close()
+        first = dataset[changed[0]]
+        raise StoreError(
+            f"{len(changed)} image(s) changed since they were cached in {out} (first: sample {first.id!r}, "
+            f"{first.image_path or 'in-memory image'}); restore them, or cache into a new directory")
     todo = [i for i in range(writer.rank, len(dataset), writer.world_size) if i not in done]
     whole = [spec.site, *([llm_site] if llm_site else [])]     # read in full: detection needs every token
     store_dtype = DTYPES[dtype]
@@ -400,18 +447,22 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                 frame = _sample_frame(rows, batch.token_map, [s for _, s, _ in loaded], [i for i, _, _ in loaded],
                                       labels, llm_flags)
                 if taken is None:
-                    tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype).cpu() for s in sites}
+                    tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype) for s in sites}
                 else:
                     cand, got = taken
                     at = torch.as_tensor(_positions(cand, rows))
-                    tensors = {s: got[s][at.to(got[s].device)].cpu() for s in sites}
-                writer.add(frame, tensors, samples=[i for i, _, _ in loaded])
+                    tensors = {s: got[s][at.to(got[s].device)] for s in sites}   # the writer copies to host
+                writer.add(frame, tensors, samples=[i for i, _, _ in loaded],
+                           keys={i: k for i, s, _ in loaded if (k := image_key(s)) is not None})
             if bar is not None:
                 bar.update(len(chunk))
     if bar is not None:
         bar.close()
+    errors_file = Path(out) / ("errors.jsonl" if writer.world_size == 1 else f"errors.r{writer.rank:02d}.jsonl")
     if len(errors):
-        errors.write(Path(out) / ("errors.jsonl" if writer.world_size == 1 else f"errors.r{writer.rank:02d}.jsonl"))
+        errors.write(errors_file)
+    else:    # a resume that read every image: the list of an earlier run is out of date
+        errors_file.unlink(missing_ok=True)
     return writer.finalize()
 
 
@@ -420,7 +471,8 @@ def cache_command(model_name, data=None, images_dir=None, *, out, sites, tokens:
                   params: dict[str, float] | None = None, site: str | None = None, score: str | None = None,
                   dims: Sequence[int] | None = None, include_special: bool | None = None, per: str | None = None,
                   prompt: str | None = None, limit: int | None = None, device: str | None = None,
-                  model_dtype: str | None = None, shard_rows: int = 8192, llm_sink_layer: int | None = None,
+                  model_dtype: str | None = None, shard_rows: int = 8192, shard_bytes: int | None = None,
+                  llm_sink_layer: int | None = None,
                   llm_sink_dims: Sequence[int] | None = None, llm_sink_tau: float = 20.0,
                   progress: bool = False) -> dict:
     """The CLI's ``mechsink cache``: extract a store from a dataset (``data``) or a folder of images
@@ -443,6 +495,7 @@ def cache_command(model_name, data=None, images_dir=None, *, out, sites, tokens:
     model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=model_dtype)
     errors = ErrorLog()
     store = extract(model, ds, sites=sites, tokens=tokens, out=out, dtype=dtype, batch_size=batch_size,
-                    sink_spec=spec, prompt=prompt, shard_rows=shard_rows, llm_sink_layer=llm_sink_layer,
+                    sink_spec=spec, prompt=prompt, shard_rows=shard_rows, shard_bytes=shard_bytes,
+                    llm_sink_layer=llm_sink_layer,
                     llm_sink_dims=llm_sink_dims, llm_sink_tau=llm_sink_tau, errors=errors, progress=progress)
     return {"out": str(store.path), "id": store.id, "summary": store.summary, "errors": errors.summary()}
