@@ -121,7 +121,7 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
         sites = cache_sites(model)
 
         def run(data=dataset, bs=batch_size):
-            return extract(model, data, sites=sites, tokens=("image",), out=out, dtype="float16", batch_size=bs)
+            return extract(model, data, sites=sites, tokens=("image",), out=out, store_dtype="float16", batch_size=bs)
         return run, lambda: shutil.rmtree(out, ignore_errors=True)
     raise ValueError(f"unknown cache variant {variant!r}; choose from {', '.join(VARIANTS)}")
 

@@ -127,14 +127,6 @@ def open_data(model: str, data: str | None, images: Path | None = None, limit: i
     return open_dataset(data, limit=limit)
 
 
-def resolve_data(model: str, data: str | None, images: Path | None = None) -> str | None:
-    """Deprecated inside the CLI: use open_data."""
-    if data is not None or images is not None:
-        return data
-    from .data import default_data
-    return default_data(Path(model).name if Path(model).is_dir() else model)
-
-
 def report_skipped(log, path: Path | None) -> None:
     """Say how many images were skipped (and where they are listed) on stderr."""
     if len(log):
@@ -348,23 +340,6 @@ def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
             lines.append(f"  {site:32s} " + "  ".join(f"{u}={v:.3f}" for u, v in list(row.items())[:8]))
         return "\n".join(lines)
     emit(r, as_json, human)
-
-
-def _expand_sites(model: str, sites: list[str]) -> list[str]:
-    """`llm.blocks.*.hook_resid_pre` -> one site per layer (needs the model's depth)."""
-    if not any("*" in s for s in sites):
-        return sites
-    from . import load
-    m = load(model)
-    out = []
-    for s in sites:
-        if "*" in s:
-            part = s.split(".")[0]
-            n = m.n_vit_layers if part == "vit" else m.n_llm_layers
-            out += [s.replace("*", str(l)) for l in range(n)]
-        else:
-            out.append(s)
-    return out
 
 
 @app.command()

@@ -55,6 +55,28 @@ def patch_index(patches: pd.DataFrame, grids: dict) -> np.ndarray:
     return patches["row"].to_numpy() * cols + patches["col"].to_numpy()
 
 
+def gather(x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> Shaped[torch.Tensor, "n d"]:
+    """Vectors [n, d] of ``rows`` (any frame with the axis columns) from a site tensor on ``axis``,
+    NaN where a row has no token there. x: [items, seq, d], or [seq, d] / [1, seq, d] for a flat
+    axis (item column -1)."""
+    item_col, pos_col = axis_columns(axis)
+    d = x.shape[-1]
+    out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
+    pos = rows[pos_col].to_numpy()
+    items = rows[item_col].to_numpy()
+    ok = pos >= 0
+    if not ok.any():
+        return out
+    dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
+    flat = ok & (items < 0)
+    if flat.any():
+        out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
+    nested = ok & (items >= 0)
+    if nested.any():
+        out[dev(np.flatnonzero(nested))] = x[dev(items[nested]), dev(pos[nested])]
+    return out
+
+
 def _frame(rows: list[dict] | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if "patch" in columns and "patch" not in df.columns:
@@ -116,24 +138,8 @@ class TokenMap:
         return out
 
     def gather(self, x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> Shaped[torch.Tensor, "n d"]:
-        """Vectors [n, d] of ``rows`` (any frame with the axis columns) from a site tensor on
-        ``axis``, NaN where a row has no token there. x: [items, seq, d], or [seq, d] for a flat axis."""
-        item_col, pos_col = axis_columns(axis)
-        d = x.shape[-1]
-        out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
-        pos = rows[pos_col].to_numpy()
-        items = rows[item_col].to_numpy()
-        ok = pos >= 0
-        if not ok.any():
-            return out
-        dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
-        flat = ok & (items < 0)
-        if flat.any():
-            out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
-        nested = ok & (items >= 0)
-        if nested.any():
-            out[dev(np.flatnonzero(nested))] = x[dev(items[nested]), dev(pos[nested])]
-        return out
+        """Vectors [n, d] of ``rows`` from a site tensor on ``axis`` (see ``gather``)."""
+        return gather(x, axis, rows)
 
     def llm_positions(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Distinct (sample, llm_pos) pairs that `rows` reach in the LLM."""

@@ -294,3 +294,15 @@ def knockout(model, key_mask: Bool[torch.Tensor, "rows seq"], layers: Sequence[i
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def replace_output(model, path: str, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Within the block, the module at ``path`` returns ``fn(its first input)`` instead of its own
+    output, gradients included (e.g. a trained replacement projector). Not a read or an edit of a
+    site: a swap of a submodule's computation without rebuilding the HF model."""
+    handle = model.module(path).register_forward_hook(lambda mod, args, out: fn(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()

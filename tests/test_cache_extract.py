@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mechsink  # noqa: E402
 from mechsink.cache import Store, StoreError  # noqa: E402
-from mechsink.cache.extract import cache_command, extract  # noqa: E402
+from mechsink.cache.extract import extract  # noqa: E402
 from mechsink.data import Dataset, Sample, open_dataset  # noqa: E402
 from mechsink.sinks import SinkSpec  # noqa: E402
 from mechsink.sites import Site  # noqa: E402
@@ -81,7 +81,7 @@ def test_every_vector_equals_a_single_sample_pass(tmp_path, name, sites):
     m = model(name)
     ds = planted_data(5) if name == "planted-llava" else image_data(tmp_path, 5)
     tokens = ["image", "cls", "text", "newline"]
-    store = extract(m, ds, sites=sites, tokens=tokens, out=tmp_path / "store", dtype="float32", batch_size=3,
+    store = extract(m, ds, sites=sites, tokens=tokens, out=tmp_path / "store", store_dtype="float32", batch_size=3,
                     shard_rows=60)
     assert len(store.summary["shards"]) > 1
     idx = store.index
@@ -122,7 +122,7 @@ def test_planted_sinks_and_llm_classes(tmp_path):
     ds = planted_data(6, prompts=False)
     store = extract(m, ds, sites=["vit.out", "llm.blocks.1.hook_resid_post"], tokens=["image", "text"],
                     out=tmp_path / "s", batch_size=4,
-                    sink_spec=SinkSpec.preset("llava-1.5"), llm_sink_layer=0, llm_sink_dims=[MASSIVE],
+                    sinks=SinkSpec.preset("llava-1.5"), llm_sink_layer=0, llm_sink_dims=[MASSIVE],
                     llm_sink_tau=5.0)
     idx = store.index
     img = idx[idx.token_role == "image"]
@@ -143,7 +143,7 @@ def test_planted_sinks_and_llm_classes(tmp_path):
 def test_resume_redoes_only_lost_samples(tmp_path):
     m = model("planted-llava")
     ds = planted_data(7)
-    kw = dict(sites=["vit.out", "llm.blocks.0.hook_resid_post"], tokens=["image", "text"], dtype="float32",
+    kw = dict(sites=["vit.out", "llm.blocks.0.hook_resid_post"], tokens=["image", "text"], store_dtype="float32",
               batch_size=2, shard_rows=80)
     full = extract(m, ds, out=tmp_path / "full", **kw)
     part = tmp_path / "part"
@@ -175,7 +175,7 @@ def test_changed_settings_are_refused(tmp_path):
     ds = planted_data(2)
     extract(m, ds, sites=["vit.out"], out=tmp_path / "s", batch_size=2)
     for change in [dict(sites=["proj.out"]), dict(sites=["vit.out"], tokens=["image", "cls"]),
-                   dict(sites=["vit.out"], sink_spec=SinkSpec.preset("neo")), dict(sites=["vit.out"], dtype="float32")]:
+                   dict(sites=["vit.out"], sinks=SinkSpec.preset("neo")), dict(sites=["vit.out"], store_dtype="float32")]:
         with pytest.raises(StoreError, match="another config"):
             extract(m, ds, out=tmp_path / "s", batch_size=2, **change)
     with pytest.raises(StoreError, match="another config"):
@@ -199,6 +199,15 @@ def test_token_selection_and_bad_arguments(tmp_path):
         assert "\n" not in str(e.value)
 
 
+def cache_command(m, *, images_dir, out, sites, tokens, rule, batch_size, dtype="float16"):
+    """What `mechsink cache --images DIR` runs (the CLI body, with a model already open)."""
+    from mechsink.data import ErrorLog, open_dataset
+    log = ErrorLog()
+    store = extract(m, open_dataset(images_dir, format="folder"), sites=sites.split(","), tokens=tokens.split(","),
+                    out=out, store_dtype=dtype, sinks=SinkSpec.preset(rule), batch_size=batch_size, errors=log)
+    return {"out": str(store.path), "id": store.id, "summary": store.summary, "errors": log.summary()}
+
+
 def test_cache_command_with_an_unreadable_image(tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()
@@ -214,8 +223,12 @@ def test_cache_command_with_an_unreadable_image(tmp_path):
     store = Store.open(out)
     assert store.dtype == "bfloat16" and store.get("proj.out", as_="torch").dtype == torch.bfloat16
     assert json.loads(json.dumps(res))["id"] == store.id
-    with pytest.raises(StoreError, match="exactly one"):
-        cache_command(model("planted-llava"), out=out, sites="vit.out")
+    from typer.testing import CliRunner
+
+    from mechsink.cli import app
+    r = CliRunner().invoke(app, ["cache", "-m", "planted-llava", "--data", str(src), "--images", str(src),
+                                 "--out", str(out)])
+    assert r.exit_code == 2 and "not both" in r.output
 
 
 def test_resume_retries_a_fixed_image_and_refuses_a_changed_one(tmp_path):

@@ -1,7 +1,7 @@
 """Activation caches: a sharded, resumable, checksummed, memory-mapped store of per-token
 activations, and the extractor that fills one from a model and a dataset."""
 
-from mechsink.cache.extract import TOKENS, cache_command, extract, model_fingerprint
+from mechsink.cache.extract import TOKENS, extract, model_fingerprint
 from mechsink.cache.store import (
     ROW_COLUMNS,
     Store,
@@ -26,7 +26,6 @@ __all__ = [
     "StoreLocked",
     "StoreWriteError",
     "StoreWriter",
-    "cache_command",
     "extract",
     "merge",
     "model_fingerprint",

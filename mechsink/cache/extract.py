@@ -2,7 +2,7 @@
 
     store = extract(mechsink.load("planted-llava"), open_dataset("data.jsonl"),
                     sites=["vit.out", "llm.blocks.1.hook_resid_post"], tokens=["image", "text"],
-                    out="cache/planted", dtype="float16", batch_size=16)
+                    out="cache/planted", store_dtype="float16", batch_size=16)
     store.index.query("is_sink")                          # one row per cached token
     store.get("vit.out", rows=store.index.row[store.index.is_sink])
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import stat
 from collections.abc import Sequence
@@ -41,7 +40,8 @@ from mechsink.cache.store import (
 )
 from mechsink.errors import SiteError
 from mechsink.sites import Site
-from mechsink.tokens import _AXIS_COLUMNS, ROLE
+from mechsink.tokens import _AXIS_COLUMNS, ROLE, gather
+from mechsink.trace import capture
 
 log = logging.getLogger("mechsink")
 
@@ -171,27 +171,6 @@ def token_rows(token_map, sinks, tokens: Sequence[str]) -> pd.DataFrame:
     return out.sort_values("sample", kind="stable", ignore_index=True)
 
 
-def gather(x: torch.Tensor, axis: str, rows: pd.DataFrame) -> torch.Tensor:
-    """Vectors [n, d] of ``rows`` from a site tensor on the given axis (NaN where a row has none).
-    x: [items, seq, d], or [seq, d] / [1, seq, d] for a flat axis (item column -1)."""
-    item_col, pos_col = _AXIS_COLUMNS[axis]
-    d = x.shape[-1]
-    out = torch.full((len(rows), d), math.nan, dtype=x.dtype, device=x.device)
-    pos = rows[pos_col].to_numpy()
-    items = rows[item_col].to_numpy()
-    ok = pos >= 0
-    if not ok.any():
-        return out
-    dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
-    flat = ok & (items < 0)
-    if flat.any():
-        out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
-    nested = ok & (items >= 0)
-    if nested.any():
-        out[dev(np.flatnonzero(nested))] = x[dev(items[nested]), dev(pos[nested])]
-    return out
-
-
 def _label_value(v: Any) -> Any:
     """Scalars as they are; lists and dicts as JSON text (one type per parquet column)."""
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -240,69 +219,26 @@ def _sample_frame(rows: pd.DataFrame, token_map, samples: list, idxs: list[int],
 
 
 # -- reading a batch ---------------------------------------------------------------------------------
-class _Done(Exception):
-    """Ends a forward once every site a batch needs has been read (later layers need not run)."""
-
-
 def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: Sequence[str], dtype: torch.dtype):
     """One forward of ``batch`` for the extractor: ({site: tensor} for ``whole``, (candidate rows,
     {site: [n_candidates, d] in ``dtype``}) for ``sites``).
 
-    Plain torch hooks on the modules from ``model.locate`` gather every row ``token_rows`` could
-    select (sink flags are not known until the detection site has run) and cast it as soon as a
-    site's tensor exists, so no full layer output outlives its layer, and the forward stops after
-    the last site. Values are bit-identical to gathering from ``model.run``. Sites computed from
-    others (``hook_resid_mid``) take ``model.run`` instead; then the second item is None.
+    ``trace.capture`` gathers every row ``token_rows`` could select (sink flags are not known
+    until the detection site has run) and casts it as soon as a site's tensor exists, so no full
+    layer output outlives its layer, and the forward stops after the last site. Values are
+    bit-identical to gathering from ``model.run``. Sites computed from others
+    (``hook_resid_mid``) take ``model.run`` instead; then the second item is None.
     """
     need = list(dict.fromkeys([*sites, *whole]))
-    where = {s: model.locate(s) for s in need}
-    if any(io not in ("input", "output") for _, io, _ in where.values()):
+    if any(model.locate(s)[1] not in ("input", "output") for s in need):
         return model.run(batch, read=need), None
     cand = _candidate_rows(batch.token_map, tokens)
-    take = {s: Site.parse(s).axis for s in sites}
-    got: dict[str, torch.Tensor] = {}
-    kept: dict[str, torch.Tensor] = {}
+    axis = {s: Site.parse(s).axis for s in sites}
 
-    def record(site: str, x: torch.Tensor) -> None:
-        if site in got or site in kept:     # a module run twice: the first call counts, as in model.run
-            return
-        if site in take:
-            got[site] = gather(x, take[site], cand).to(dtype)
-        if site in whole:
-            kept[site] = x
-        if len(set(got) | set(kept)) == len(need):
-            raise _Done
-
-    by_module: dict[tuple[str, str], list[tuple[str, int | None]]] = {}
-    for s, (path, io, idx) in where.items():
-        by_module.setdefault((path, io), []).append((s, idx))
-    handles = []
-    for (path, io), entries in by_module.items():
-        def pick(value, entries=entries):
-            for s, idx in entries:
-                record(s, value[idx or 0] if isinstance(value, tuple) else value)
-        mod = model.module(path)
-        if io == "input":
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, kwargs, pick=pick: pick(args[0] if args else next(iter(kwargs.values()))),
-                with_kwargs=True))
-        else:
-            handles.append(mod.register_forward_hook(lambda m, args, out, pick=pick: pick(out)))
-    inputs = dict(batch.inputs)
-    if not model.adapter.vision_only:
-        inputs.setdefault("use_cache", False)   # as in model.run: a KV cache is never reused here
-    try:
-        with torch.no_grad():
-            model.hf(**inputs)
-    except _Done:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [s for s in need if s not in got and s not in kept]
-    if missing:
-        raise SiteError(f"{model.name}: sites {missing} did not run in the forward pass")
-    return kept, (cand, got)
+    def take(site: str, x: torch.Tensor):
+        return (gather(x, axis[site], cand).to(dtype) if site in axis else None, x if site in whole else None)
+    got = capture(model, batch.inputs, need, take)
+    return ({s: got[s][1] for s in whole}, (cand, {s: got[s][0] for s in sites}))
 
 
 def _candidate_rows(token_map, tokens: Sequence[str]) -> pd.DataFrame:
@@ -331,8 +267,9 @@ def _batches(todo: list[int], size: int):
 
 # -- the extractor ---------------------------------------------------------------------------------
 def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("image",), out: str | os.PathLike,
-            dtype: str = "float16", batch_size: int = 8, sink_spec=None, prompt: str | None = None,
-            shard_rows: int = 8192, shard_bytes: int | None = None, llm_sink_layer: int | None = None, llm_sink_dims: Sequence[int] | None = None,
+            store_dtype: str = "float16", batch_size: int = 8, sinks=None, prompt: str | None = None,
+            shard_rows: int = 8192, shard_bytes: int | None = None, llm_sink_layer: int | None = None,
+            llm_sink_dims: Sequence[int] | None = None,
             llm_sink_tau: float = 20.0, errors=None, progress: bool = False) -> Store:
     """Run ``model`` over ``dataset`` and cache ``sites`` for the selected ``tokens`` into ``out``.
 
@@ -345,9 +282,9 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         out: store directory; an existing store made with the same settings resumes (the
             settings, sample ids and prompts, not the image bytes: images skipped as unreadable
             are retried, and an image changed since it was cached is refused in one line).
-        dtype: storage dtype: "float16", "bfloat16" or "float32".
+        store_dtype: storage dtype: "float16", "bfloat16" or "float32".
         shard_rows, shard_bytes: a shard is cut at this many rows or tensor bytes (default 256 MiB).
-        sink_spec: how ViT sinks are detected (default SinkSpec()); fills norm / is_sink.
+        sinks: how ViT sinks are detected (a SinkSpec; default SinkSpec()); fills norm / is_sink.
         prompt: question for every image (default: each sample's own, else the model's default).
         llm_sink_layer, llm_sink_dims, llm_sink_tau: also flag LLM-emerged sinks (Kang et al.:
             max over dims of |RMS-normalised hidden state| >= tau at llm.blocks.{layer}) so that
@@ -364,12 +301,12 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         model = load(model)
     if not hasattr(dataset, "fingerprint"):
         dataset = open_dataset(dataset)
-    if dtype not in DTYPES:
-        raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if store_dtype not in DTYPES:
+        raise StoreError(f"store_dtype must be one of {sorted(DTYPES)}, got {store_dtype!r}")
     if batch_size < 1:
         raise StoreError(f"batch_size must be >= 1, got {batch_size}")
     sites, tokens = _check_args(model, sites, tokens)
-    spec = sink_spec if sink_spec is not None else SinkSpec()
+    spec = sinks if sinks is not None else SinkSpec()
     if isinstance(spec, str):
         spec = SinkSpec.preset(spec)
     llm_site = None
@@ -414,7 +351,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                 "llm_sinks": None if llm_site is None else
                 {"site": llm_site, "dims": llm_sink_dims, "tau": float(llm_sink_tau)}},
     )
-    writer = StoreWriter(out, config, shard_rows=shard_rows, dtype=dtype,
+    writer = StoreWriter(out, config, shard_rows=shard_rows, dtype=store_dtype,
                          **({} if shard_bytes is None else {"shard_bytes": shard_bytes}))
     labels = _label_columns(dataset)
     done = writer.done_samples()
@@ -427,7 +364,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
             f"{first.image_path or 'in-memory image'}); restore them, or cache into a new directory")
     todo = [i for i in range(writer.rank, len(dataset), writer.world_size) if i not in done]
     whole = [spec.site, *([llm_site] if llm_site else [])]     # read in full: detection needs every token
-    store_dtype = DTYPES[dtype]
+    cast = DTYPES[store_dtype]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -437,7 +374,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
             loaded = load_images(chunk)
             if loaded:
                 batch = prepared(loaded)
-                acts, taken = read_rows(model, batch, sites, tokens, whole, store_dtype)
+                acts, taken = read_rows(model, batch, sites, tokens, whole, cast)
                 sinks = detect_acts(acts, batch.token_map, spec)
                 rows = token_rows(batch.token_map, sinks, tokens)
                 llm_flags = None
@@ -447,7 +384,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                 frame = _sample_frame(rows, batch.token_map, [s for _, s, _ in loaded], [i for i, _, _ in loaded],
                                       labels, llm_flags)
                 if taken is None:
-                    tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(store_dtype) for s in sites}
+                    tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(cast) for s in sites}
                 else:
                     cand, got = taken
                     at = torch.as_tensor(_positions(cand, rows))
@@ -464,38 +401,3 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
     else:    # a resume that read every image: the list of an earlier run is out of date
         errors_file.unlink(missing_ok=True)
     return writer.finalize()
-
-
-def cache_command(model_name, data=None, images_dir=None, *, out, sites, tokens: Sequence[str] | str = ("image",),
-                  dtype: str = "float16", batch_size: int = 8, rule: str | None = None,
-                  params: dict[str, float] | None = None, site: str | None = None, score: str | None = None,
-                  dims: Sequence[int] | None = None, include_special: bool | None = None, per: str | None = None,
-                  prompt: str | None = None, limit: int | None = None, device: str | None = None,
-                  model_dtype: str | None = None, shard_rows: int = 8192, shard_bytes: int | None = None,
-                  llm_sink_layer: int | None = None,
-                  llm_sink_dims: Sequence[int] | None = None, llm_sink_tau: float = 20.0,
-                  progress: bool = False) -> dict:
-    """The CLI's ``mechsink cache``: extract a store from a dataset (``data``) or a folder of images
-    (``images_dir``). ``sites``/``tokens`` may be comma-separated strings; ``rule`` is a sink rule
-    or preset name with ``params``, ``site`` (the detection site), ``score``, ``dims``,
-    ``include_special``, ``per`` as in ``mechsink sinks``. Returns a JSON-ready dict: out, id,
-    summary (summary.json), errors (counts of unreadable images)."""
-    from mechsink import load
-    from mechsink.data import ErrorLog, open_dataset
-    from mechsink.sinks import SinkSpec
-
-    if (images_dir is None) == (data is None):
-        raise StoreError("give exactly one of data (a dataset) or images_dir (a folder of images)")
-    spec = SinkSpec.from_options(rule, site=site, score=score, dims=dims, include_special=include_special, per=per,
-                                 **dict(params or {}))
-    if images_dir is not None:
-        ds = open_dataset(images_dir, format="folder", limit=limit)
-    else:
-        ds = open_dataset(data, limit=limit)
-    model = model_name if hasattr(model_name, "prepare") else load(model_name, device=device, dtype=model_dtype)
-    errors = ErrorLog()
-    store = extract(model, ds, sites=sites, tokens=tokens, out=out, dtype=dtype, batch_size=batch_size,
-                    sink_spec=spec, prompt=prompt, shard_rows=shard_rows, shard_bytes=shard_bytes,
-                    llm_sink_layer=llm_sink_layer,
-                    llm_sink_dims=llm_sink_dims, llm_sink_tau=llm_sink_tau, errors=errors, progress=progress)
-    return {"out": str(store.path), "id": store.id, "summary": store.summary, "errors": errors.summary()}

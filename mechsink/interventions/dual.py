@@ -21,6 +21,7 @@ from ..config import Config, coerce
 from ..errors import MechsinkError
 from ..results import Result
 from ..tokens import ROLE
+from ..trace import replace_output
 
 MODES = ("both", "sink", "nonsink")
 IMAGE_KINDS = ("simple", "symbolic", "complex")
@@ -103,18 +104,13 @@ class DualProjector(nn.Module):
         if self._attached == id(model.hf):
             yield self
             return
-        proj = model.module(model.adapter.projector)
         self.to(device=model.device)
-        # A model edit, not plumbing (so not in mechsink.trace): for the whole block, and with
-        # gradients flowing into this module during training, the projector's output is replaced
-        # by the dual projector's. A forward hook returning the new output is the least invasive
-        # way to swap a submodule's computation without rebuilding the HF model.
-        handle = proj.register_forward_hook(lambda mod, args, out: self(args[0]))
+        # For the whole block, with gradients flowing into this module during training.
         self._attached = id(model.hf)
         try:
-            yield self
+            with replace_output(model, model.adapter.projector, self):
+                yield self
         finally:
-            handle.remove()
             self._attached = None
 
     @contextlib.contextmanager
