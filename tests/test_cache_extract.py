@@ -135,7 +135,7 @@ def test_planted_sinks_and_llm_classes(tmp_path):
     assert (idx.planted_label == [ds[i].labels["planted_label"] for i in idx.sample_idx]).all()
     assert json.loads(idx.planted_sinks.iloc[0]) == list(PLANTED_SINKS)
     assert store.summary["rows_by_sink_class"]["both"] == 18
-    assert store.config["params"]["sink_spec"]["params"] == {"tau": 100.0}
+    assert store.config["params"]["sinks"]["params"] == {"tau": 100.0}
     # storage is float16 by default; the massive dim survives the rounding
     assert store.get("vit.out").dtype == np.float16
 

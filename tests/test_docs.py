@@ -213,7 +213,7 @@ def test_report_config_loads(path):
     d = json.loads(path.read_text())
     cfg = ReportConfig.from_dict(d)               # what `mechsink report --config FILE` does
     assert cfg.to_dict() == d
-    assert SinkSpec.from_dict(cfg.sink_spec).to_dict() == cfg.sink_spec
+    assert SinkSpec.from_dict(cfg.sinks).to_dict() == cfg.sinks
     assert cfg.device == "cuda" and cfg.model.count("/") == 1
 
 
@@ -235,9 +235,9 @@ def test_recipe_loads_into_the_real_configs(path):
 
     r = json.loads(path.read_text())
     assert "estimate" in r["estimates_note"].lower()
-    assert SinkSpec.from_dict(r["sink_spec"]).to_dict() == r["sink_spec"]
+    assert SinkSpec.from_dict(r["sinks"]).to_dict() == r["sinks"]
     report = json.loads((PAPER / r["report"]["config"]).read_text())
-    assert report["sink_spec"] == r["sink_spec"] and report["model"] == r["model"]["id"]
+    assert report["sinks"] == r["sinks"] and report["model"] == r["model"]["id"]
     _estimate_ok(r["report"]["estimate"], f"{path.name}: report")
     for site in [*r["sites"]["vit"], *r["sites"]["llm"]]:
         Site.parse(site)

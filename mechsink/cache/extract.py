@@ -347,7 +347,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
     config = StoreConfig(
         sites=tuple(sites), tokens=tokens, model=str(model.source), model_hash=model_fingerprint(model),
         data=data_key(dataset),
-        params={"sink_spec": spec.to_dict(), "prompt": prompt, "llm_pos": "from first non-padding token",
+        params={"sinks": spec.to_dict(), "prompt": prompt, "llm_pos": "from first non-padding token",
                 "llm_sinks": None if llm_site is None else
                 {"site": llm_site, "dims": llm_sink_dims, "tau": float(llm_sink_tau)}},
     )

@@ -46,7 +46,7 @@ class ReportConfig(Config):
     attention_limit: int = 64
     draws: int = 16                            # random control draws per sample
     seed: int = 0
-    sink_spec: dict | None = None              # mechsink.sinks.SinkSpec.to_dict(); None = the default rule
+    sinks: dict | None = None                  # mechsink.sinks.SinkSpec.to_dict(); None = the default rule
     fallback_topk: int = 3                     # when the rule finds no sinks: top-k norm tokens, labelled as such
     probe_labels: tuple[str, ...] | None = None
     batch_size: int = 16
@@ -126,7 +126,7 @@ def _context(name: str, data: str | None, config: ReportConfig, work: Path, key:
     model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
                  device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
-    spec = SinkSpec.from_dict(config.sink_spec) if config.sink_spec else SinkSpec()
+    spec = SinkSpec.from_dict(config.sinks) if config.sinks else SinkSpec()
     return _Ctx(key=key, model=model, data=ds, spec=spec, causal_spec=spec, work=work / key)
 
 

@@ -41,9 +41,11 @@ def _layers(model, part: str, layers) -> list[int]:
     return out
 
 
-def _read(model, batch, part: str, layers: list[int], sinks: SinkSet | None, spec: SinkSpec | None):
+def _read(model, batch, part: str, layers: list[int], sinks: SinkSet | SinkSpec | None):
+    """Patterns at ``layers`` and the batch's SinkSet (detected in the same pass unless given)."""
     sites = [f"{part}.blocks.{l}.attn.hook_pattern" for l in layers]
-    spec = spec or SinkSpec()
+    spec = sinks if isinstance(sinks, SinkSpec) else SinkSpec()
+    sinks = None if isinstance(sinks, SinkSpec) else sinks
     acts = model.run(batch, read=sites + ([spec.site] if sinks is None else []))
     if sinks is None:
         sinks = detect_acts(acts, batch.token_map, spec)
@@ -111,14 +113,15 @@ def llm_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, rol
     return _tidy(out, keys[cols], "llm", per_head)
 
 
-def llm_attention(model, batch, sinks: SinkSet | None = None, *, queries: Sequence[str] = ("text", "answer"),
-                  layers: Sequence[int] | None = None, per_head: bool = True, spec: SinkSpec | None = None) -> pd.DataFrame:
+def llm_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, queries: Sequence[str] = ("text", "answer"),
+                  layers: Sequence[int] | None = None, per_head: bool = True) -> pd.DataFrame:
     """Attention each LLM image token receives from ``queries`` at every layer (or ``layers``) and
-    head, with one forward pass (sinks detected in the same pass when not given)."""
+    head, with one forward pass (sinks detected in the same pass under a SinkSpec, default
+    SinkSpec(), unless a SinkSet of this batch is given)."""
     if isinstance(queries, str):
         queries = (queries,)
     layers = _layers(model, "llm", layers)
-    patterns, sinks = _read(model, batch, "llm", layers, sinks, spec)
+    patterns, sinks = _read(model, batch, "llm", layers, sinks)
     return llm_attention_acts(patterns, sinks, batch.token_map.roles, batch.last_pos.tolist(), queries, per_head)
 
 
@@ -157,14 +160,14 @@ def vit_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, que
     return _tidy(out, keys[KEY_COLUMNS[:5] + ["patch"] + KEY_COLUMNS[5:]], "vit", per_head)
 
 
-def vit_attention(model, batch, sinks: SinkSet | None = None, *, queries: Sequence[str] = ("patch", "special"),
-                  layers: Sequence[int] | None = None, per_head: bool = True, spec: SinkSpec | None = None) -> pd.DataFrame:
+def vit_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, queries: Sequence[str] = ("patch", "special"),
+                  layers: Sequence[int] | None = None, per_head: bool = True) -> pd.DataFrame:
     """Attention each ViT patch receives from the patch and/or CLS/register queries of its tile, at
     every ViT layer (or ``layers``) and head."""
     if isinstance(queries, str):
         queries = (queries,)
     layers = _layers(model, "vit", layers)
-    patterns, sinks = _read(model, batch, "vit", layers, sinks, spec)
+    patterns, sinks = _read(model, batch, "vit", layers, sinks)
     return vit_attention_acts(patterns, sinks, queries, per_head)
 
 
@@ -299,11 +302,9 @@ def attention_stats(model, data, sinks: SinkSpec | None = None, config: Attentio
     frames = []
     for chunk in batches(model, data, cfg.batch_size, answers="auto", errors=errors, progress=progress):
         if cfg.part == "llm":
-            f = llm_attention(model, chunk.batch, None, queries=cfg.queries, layers=cfg.layers,
-                              per_head=cfg.per_head, spec=spec)
+            f = llm_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
         else:
-            f = vit_attention(model, chunk.batch, None, queries=cfg.queries, layers=cfg.layers,
-                              per_head=cfg.per_head, spec=spec)
+            f = vit_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
         frames.append(f.assign(sample=f["sample"] + chunk.start))
     if not frames:
         raise SinkError("no readable images to measure attention on")

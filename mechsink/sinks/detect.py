@@ -364,10 +364,10 @@ def _candidates(patches: pd.DataFrame, special: pd.DataFrame, spec: SinkSpec) ->
     return c.reset_index(drop=True)
 
 
-def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: TokenMap, spec: SinkSpec | None = None,
+def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: TokenMap, sinks: SinkSpec | None = None,
                 *, ids: Sequence | None = None) -> SinkSet:
-    """Sinks from activations already read at ``spec.site`` (a tensor, or a dict holding that site)."""
-    spec = spec or SinkSpec()
+    """Sinks from activations already read at ``sinks.site`` (a tensor, or a dict holding that site)."""
+    spec = sinks or SinkSpec()
     patches, special = _scored(acts, token_map, spec)
     cands = _candidates(patches, special, spec)
     flags = _flag(cands, spec)
@@ -381,9 +381,9 @@ def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: Toke
     return SinkSet(spec, patches, special, list(ids) if ids is not None else None, token_map)
 
 
-def detect(model, batch, spec: SinkSpec | None = None, *, ids: Sequence | None = None) -> SinkSet:
-    """Detect sinks in a batch with one forward pass that reads ``spec.site``."""
-    spec = spec or SinkSpec()
+def detect(model, batch, sinks: SinkSpec | None = None, *, ids: Sequence | None = None) -> SinkSet:
+    """Detect sinks in a batch with one forward pass that reads ``sinks.site`` (default SinkSpec())."""
+    spec = sinks or SinkSpec()
     acts = model.run(batch, read=[spec.site])
     return detect_acts(acts, batch.token_map, spec, ids=ids)
 
@@ -394,22 +394,22 @@ def candidate_scores(acts, token_map: TokenMap, spec: SinkSpec) -> np.ndarray:
     return _candidates(patches, special, spec)["norm"].to_numpy()
 
 
-def calibrate_acts(pairs: Iterable[tuple[Any, TokenMap]], spec: SinkSpec | None = None, q: float = 0.99,
+def calibrate_acts(pairs: Iterable[tuple[Any, TokenMap]], sinks: SinkSpec | None = None, q: float = 0.99,
                    sketch: QuantileSketch | None = None) -> SinkSpec:
     """Calibrate the quantile rule from (activations, token_map) pairs; streams, holding only a
-    fixed-size sketch. Returns ``spec`` with rule 'quantile' and its threshold ``tau`` set."""
-    spec = spec or SinkSpec()
+    fixed-size sketch. Returns ``sinks`` with rule 'quantile' and its threshold ``tau`` set."""
+    spec = sinks or SinkSpec()
     sketch = sketch if sketch is not None else QuantileSketch()
     for acts, tm in pairs:
         sketch.update(candidate_scores(acts, tm, spec))
     return spec.replace(rule="quantile", params={"q": q, "tau": sketch.quantile(q), "n_calib": sketch.n})
 
 
-def calibrate(model, batches: Iterable, spec: SinkSpec | None = None, q: float = 0.99,
+def calibrate(model, batches: Iterable, sinks: SinkSpec | None = None, q: float = 0.99,
               sketch: QuantileSketch | None = None) -> SinkSpec:
     """Calibrate the quantile rule on a dataset: ``tau`` = the ``q`` quantile of candidate scores
     over all batches (one forward each). Pass a ``sketch`` to keep (and later merge) the histogram."""
-    spec = spec or SinkSpec()
+    spec = sinks or SinkSpec()
     return calibrate_acts(((model.run(b, read=[spec.site]), b.token_map) for b in batches), spec, q, sketch)
 
 

@@ -135,19 +135,21 @@ def classify_acts(hidden: Mapping[int, torch.Tensor], sinks: SinkSet, *, dims: S
     return SinkClasses(pd.concat(frames, ignore_index=True), dims, float(tau), int(from_layer), norm_rule)
 
 
-def sink_classes(model, batch, sinks: SinkSet | None = None, *, dims: Sequence[int] | None = None, tau: float = 20.0,
-                 from_layer: int = 2, layers: Sequence[int] | None = None, spec: SinkSpec | None = None,
+def sink_classes(model, batch, sinks: SinkSet | SinkSpec | None = None, *, dims: Sequence[int] | None = None,
+                 tau: float = 20.0, from_layer: int = 2, layers: Sequence[int] | None = None,
                  norm_rule: SinkSpec | None = None, write: dict | None = None,
                  abs_threshold: float = 100.0, ratio: float = 1000.0) -> SinkClasses:
     """Label the image tokens of a batch at every LLM layer (or ``layers``) with one forward pass.
 
-    ``sinks`` are the ViT sinks (detected here with ``spec`` when None). ``write`` passes edits to
+    ``sinks`` are the ViT sinks: a SinkSet of this batch, or a SinkSpec (default SinkSpec()) to
+    detect them in the same forward. ``write`` passes edits to
     the run (e.g. to make a token an LLM-emerged sink). See ``classify_acts`` for the rest."""
     layers = list(range(model.n_llm_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layers if not 0 <= l < model.n_llm_layers]
     if bad:
         raise SinkError(f"LLM layers {bad} out of range: {model.name} has {model.n_llm_layers} (0..{model.n_llm_layers - 1})")
-    spec = spec or (sinks.spec if sinks is not None else SinkSpec())
+    spec = sinks if isinstance(sinks, SinkSpec) else (sinks.spec if sinks is not None else SinkSpec())
+    sinks = None if isinstance(sinks, SinkSpec) else sinks
     sites = [f"llm.blocks.{l}.hook_resid_post" for l in layers]
     acts = model.run(batch, read=sites + ([spec.site] if sinks is None else []), write=write)
     if sinks is None:
