@@ -357,12 +357,13 @@ def plan(model: str = ModelOpt,
 @app.command()
 def selfcheck(device: Optional[str] = DeviceOpt,
               dtype: str = typer.Option("float32", "--dtype", help="dtype of the twin checks: float32 | bfloat16 | float16."),
+              only: Optional[str] = typer.Option(None, "--only", help="Comma-separated check names (default: all)."),
               as_json: bool = JsonOpt):
     """Known-answer checks on this device (planted sinks, null twin, self-patching, TransformerLens, a twin
     end to end): a pass/fail table; exit code 1 when any check fails."""
     def body():
         from .selfcheck import as_dicts, selfcheck as run_checks
-        return as_dicts(run_checks(device, dtype))
+        return as_dicts(run_checks(device, dtype, _csv(only)))
     rows = guarded(body)
 
     def human(rs):

@@ -193,6 +193,14 @@ def selfcheck(device: str | None = None, dtype: str = "float32", only: list[str]
     """Run the checks; one Check per row (a check that raises fails with its error as the value)."""
     from mechsink.models import check_device
     check_device(device)
+    names = [n for n, _, _ in CHECKS]
+    bad = [n for n in only or [] if n not in names]
+    if bad:
+        from mechsink.errors import MechsinkError
+        raise MechsinkError(f"unknown check(s) {bad}; checks: {', '.join(names)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        from mechsink.errors import MechsinkError
+        raise MechsinkError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     device = device or "cpu"
     ctx = {"device": device, "dtype": dtype}
     rows = []
