@@ -46,7 +46,7 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
     if not model.adapter.vision_only:
         inputs.setdefault("use_cache", False)   # a KV cache is never reused here and costs memory
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with grad_ctx, model.attention("eager" if eager else None):
+    with grad_ctx, model.attention("eager" if eager else None, sites=[s for s in sites if s.kind == "pattern"]):
         with nn.trace(**inputs, remote=remote):
             values: dict[Site, object] = {}
             envoys: dict[tuple[str, str], object] = {}

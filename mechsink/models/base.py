@@ -238,8 +238,16 @@ class Model:
         return self._nn
 
     @contextlib.contextmanager
-    def attention(self, implementation: str | None):
-        """Temporarily switch every attention layer (e.g. to "eager" to read patterns)."""
+    def attention(self, implementation: str | None, sites: Sequence[Site | str] | None = None):
+        """Temporarily switch every attention layer (e.g. to "eager" to read patterns). With
+        ``implementation="eager"`` and ``sites`` (attention-pattern sites), only the blocks of those
+        sites run eagerly and the rest keep the model's implementation (`mechsink.models.attention`)."""
+        if implementation == "eager" and sites is not None:
+            from .attention import eager_blocks
+            paths = [self.locate(s) for s in sites if Site.parse(s).kind == "pattern"]
+            with eager_blocks(self.module(path) for path, io, _ in paths if io != "derived"):
+                yield
+            return
         current = self.hf.config._attn_implementation
         if implementation is None or implementation == current:
             yield
