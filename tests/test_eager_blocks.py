@@ -20,8 +20,7 @@ def test_only_read_blocks_turn_eager_and_patterns_equal_full_eager(name):
     read = ["llm.blocks.1.attn.hook_pattern", "vit.blocks.0.attn.hook_pattern"]
     with m.attention("eager", sites=read):
         during = _impls(m)
-    derived = m.locate("vit.blocks.0.attn.hook_pattern")[1] == "derived"   # Qwen's ViT: recomputed, no switch
-    assert during.count(KEY) == (1 if derived else 2) and during.count("sdpa") == len(during) - during.count(KEY)
+    assert during.count(KEY) == 2 and during.count("sdpa") == len(during) - 2
     assert KEY not in _impls(m)
     part = m.run(b, read=read)
     with m.attention("eager"):

@@ -244,8 +244,8 @@ class Model:
         sites run eagerly and the rest keep the model's implementation (`mechsink.models.attention`)."""
         if implementation == "eager" and sites is not None:
             from .attention import eager_blocks
-            paths = [self.locate(s) for s in sites if Site.parse(s).kind == "pattern"]
-            with eager_blocks(self.module(path) for path, io, _ in paths if io != "derived"):
+            paths = [self.locate(s)[0] for s in sites if Site.parse(s).kind == "pattern"]
+            with eager_blocks(self.module(path) for path in paths):   # derived patterns too: same numerics as reading
                 yield
             return
         current = self.hf.config._attn_implementation
