@@ -172,12 +172,8 @@ def check_twin(ctx) -> tuple[bool, str, str]:
 
 def attention_parity(model, batch) -> float:
     """max |Δ logit| between eager attention and the model's own implementation on one batch."""
-    with torch.no_grad():
-        a = model.hf(**batch.inputs).logits.float()
-        with model.attention("eager"):
-            b = model.hf(**batch.inputs).logits.float()
-    mask = batch.inputs["attention_mask"].bool()
-    return float((a - b).abs()[mask].max())
+    from mechsink.models.attention import parity
+    return parity(model, batch)
 
 
 CHECKS: list[tuple[str, Callable, bool]] = [   # name, function, runs in the requested dtype

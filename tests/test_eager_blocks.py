@@ -1,4 +1,7 @@
 """Reading a block's attention pattern makes only that block eager; the rest keeps SDPA."""
+import weakref
+
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +46,36 @@ def test_causal_mask_is_rebuilt_when_sdpa_has_none():
     with m.attention("eager"):
         q = m.run(b, read=["llm.blocks.0.attn.hook_pattern"])["llm.blocks.0.attn.hook_pattern"][0]
     assert torch.allclose(p, q, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_attention_statistics_stream_one_layer_at_a_time(name):
+    """llm_attention / vit_attention equal the statistics of fully read patterns, reduce each layer
+    as soon as it has run (never two patterns alive), and vit_attention stops before the LLM."""
+    from mechsink.sinks import SinkSpec, detect, llm_attention, llm_attention_acts, vit_attention, vit_attention_acts
+    from mechsink.sinks import attention as A
+    m = mechsink.load(name)
+    b = m.prepare([make_image(48), make_image(40, seed=1)], ["what is this ?", "is there a cat in this picture ?"])
+    sinks = detect(m, b, SinkSpec(rule="topk", params={"k": 2}))
+    nl, nv = m.n_llm_layers, m.n_vit_layers
+    full = m.run(b, read=[f"llm.blocks.{l}.attn.hook_pattern" for l in range(nl)]
+                 + [f"vit.blocks.{l}.attn.hook_pattern" for l in range(nv)])
+    ref = llm_attention_acts({l: full[f"llm.blocks.{l}.attn.hook_pattern"] for l in range(nl)}, sinks,
+                             b.token_map.roles, b.last_pos.tolist())
+    got = llm_attention(m, b, sinks)
+    assert len(got) == len(ref) and np.allclose(got["attn"], ref["attn"], atol=1e-6)
+    vref = vit_attention_acts({l: full[f"vit.blocks.{l}.attn.hook_pattern"] for l in range(nv)}, sinks)
+    refs, overlaps, llm_ran = [], [], []
+
+    def reduce(p):
+        overlaps.append(sum(r() is not None for r in refs))     # earlier layers' patterns still alive
+        refs.append(weakref.ref(p))
+        return tuple(p.shape)
+    h = m.module(f"{m.adapter.llm_blocks}.0").register_forward_hook(lambda *a: llm_ran.append(1))
+    try:
+        per = A.stream_patterns(m, b, "vit", range(nv), reduce)
+    finally:
+        h.remove()
+    assert sorted(per) == list(range(nv)) and overlaps == [0] * nv and not llm_ran
+    vgot = vit_attention(m, b, sinks)
+    assert np.allclose(vgot["attn"], vref["attn"], atol=1e-6)

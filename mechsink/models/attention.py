@@ -77,3 +77,18 @@ def eager_blocks(modules: Iterable[torch.nn.Module]):
     finally:
         for m, cfg in saved:
             m.config = cfg
+
+
+def parity(model, batch) -> float:
+    """max |Δ logit| (over real, non-padding positions) between eager attention everywhere and the
+    model's own implementation, on one batch: the number a report records next to any result
+    that read attention patterns (eager and SDPA/flash diverge in bf16 on Qwen2-VL)."""
+    inputs = dict(batch.inputs)
+    inputs.setdefault("use_cache", False)
+    with torch.no_grad():
+        own = model.hf(**inputs).logits.float()
+        with model.attention("eager"):
+            eager = model.hf(**inputs).logits.float()
+    mask = batch.inputs.get("attention_mask")
+    d = (own - eager).abs()
+    return float((d[mask.bool()] if mask is not None else d).max())
