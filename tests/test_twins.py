@@ -317,5 +317,9 @@ def test_qwen_twin_end_to_end(tmp_path):
     res = ablate_command(m, data, metric="logit_diff", answers=["yes", "no"], draws=2, rule="topk", batch_size=4)
     assert res["n"] == 4 and "Yes" in res["config"]["metric"]["tokens_read"]["yes"]
     pr = patch_command(m, data, corruption="shuffle", sites=["proj.out"], tokens=["sinks", "image"],
-                       metric="logit_diff", answers=["yes", "no"], draws=1, rule="topk", batch_size=4)
+                       metric="logit_diff", answers=["yes", "no"], draws=1, rule="topk", batch_size=4,
+                       out=str(tmp_path / "patch"))
     assert "proj.out" in pr["recovery"]
+    from mechsink.patching import PatchResult
+    saved = PatchResult.load(tmp_path / "patch").config["metric"]["tokens_read"]
+    assert "Yes" in saved["yes"] and "No" in saved["no"]                 # what Qwen says after "assistant\n"
