@@ -5,6 +5,7 @@
 - ``logit_diff``  logit of the gold answer minus the best other candidate (two candidates such as
                   "yes"/"no": the usual logit difference); without labels, candidate 0 minus candidate 1.
 - ``accuracy``    1 when the gold answer has the highest logit among the candidates (POPE-style yes/no).
+- ``kl``          KL(clean || run) of the next-token distribution at the last prompt position.
 
 A candidate answer is the set of its single-token forms in the model's vocabulary, in every case
 and with or without a word-start marker (``yes``, ``Yes``, ``YES``, ``▁yes``, ``▁Yes``, ``Ġyes``,
@@ -12,7 +13,6 @@ and with or without a word-start marker (``yes``, ``Yes``, ``YES``, ``▁yes``, 
 spells it after its own prompt (``▁Yes`` after LLaVA's ``ASSISTANT:``, ``Yes`` after Qwen's
 ``assistant\n``). The tokens read are recorded in ``metric.to_dict()["tokens_read"]`` (and so in
 every result and report config) once the metric has been resolved against a model.
-- ``kl``          KL(clean || run) of the next-token distribution at the last prompt position.
 
 A :class:`Metric` is a serialisable value. ``metric.targets(model, batch)`` collects what it reads
 per sample (positions, answer token ids, labels) into :class:`Targets`, which can be repeated for
