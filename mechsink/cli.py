@@ -404,6 +404,56 @@ def _report_run(overrides: dict | None, out: Path, as_json: bool, *, from_manife
         raise typer.Exit(1)
 
 
+# -- planning and self-checks (twins, real models) ---------------------------------------------------
+@app.command()
+def plan(model: str = ModelOpt,
+         n: int = typer.Option(1000, "--n", help="Samples in the dataset."),
+         sites: str = typer.Option("vit.out,proj.out", "--sites", help="Comma-separated sites to cache."),
+         tokens: str = typer.Option("image", "--tokens", help="Token selections, as for `mechsink cache`."),
+         image_size: str = typer.Option("640x480", "--image-size", help="WIDTHxHEIGHT of the planned images."),
+         prompt: Optional[str] = typer.Option(None, "--prompt"),
+         batch_size: int = typer.Option(8, "--batch-size"),
+         dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype on the device."),
+         store_dtype: str = typer.Option("float16", "--store-dtype", help="Cache dtype."),
+         patterns: Optional[str] = typer.Option(None, "--patterns", help="Attention-pattern sites that will be read."),
+         draws: int = typer.Option(16, "--draws", help="Random draws per sample in the report's causal sections."),
+         as_json: bool = JsonOpt):
+    """Tokens, bytes, disk, GPU memory and forwards of a run, from the model's structure (meta device)."""
+    def body():
+        from .errors import MechsinkError
+        from .plan import PlanConfig, plan as make_plan
+        try:
+            w, h = (int(v) for v in image_size.lower().split("x"))
+        except ValueError:
+            raise MechsinkError(f"--image-size expects WIDTHxHEIGHT, got {image_size!r}") from None
+        return make_plan(PlanConfig(model, n=n, sites=tuple(_csv(sites) or ()), tokens=tuple(_csv(tokens) or ()),
+                                    image_size=(w, h), prompt=prompt, batch_size=batch_size, dtype=dtype,
+                                    store_dtype=store_dtype, patterns=tuple(_csv(patterns) or ()), draws=draws))
+    p = guarded(body)
+    from .plan import human as plan_text
+    emit(p, as_json, plan_text)
+
+
+@app.command()
+def selfcheck(device: Optional[str] = DeviceOpt,
+              dtype: str = typer.Option("float32", "--dtype", help="dtype of the twin checks: float32 | bfloat16 | float16."),
+              only: Optional[str] = typer.Option(None, "--only", help="Comma-separated check names (default: all)."),
+              as_json: bool = JsonOpt):
+    """Known-answer checks on this device (planted sinks, null twin, self-patching, TransformerLens, a twin
+    end to end): a pass/fail table; exit code 1 when any check fails."""
+    def body():
+        from .selfcheck import as_dicts, selfcheck as run_checks
+        return as_dicts(run_checks(device, dtype, _csv(only)))
+    rows = guarded(body)
+
+    def human(rs):
+        from .selfcheck import Check, table
+        return table([Check(**r) for r in rs], device)
+    emit(rows, as_json, human)
+    if not all(r["passed"] for r in rows):
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -7,6 +7,13 @@
 - ``accuracy``    1 when the gold answer has the highest logit among the candidates (POPE-style yes/no).
 - ``kl``          KL(clean || run) of the next-token distribution at the last prompt position.
 
+A candidate answer is the set of its single-token forms in the model's vocabulary, in every case
+and with or without a word-start marker (``yes``, ``Yes``, ``YES``, ``▁yes``, ``▁Yes``, ``Ġyes``,
+...): its logit is the log-sum-exp over that set, so the metric reads the answer however the model
+spells it after its own prompt (``▁Yes`` after LLaVA's ``ASSISTANT:``, ``Yes`` after Qwen's
+``assistant\n``). The tokens read are recorded in ``metric.to_dict()["tokens_read"]`` (and so in
+every result and report config) once the metric has been resolved against a model.
+
 A :class:`Metric` is a serialisable value. ``metric.targets(model, batch)`` collects what it reads
 per sample (positions, answer token ids, labels) into :class:`Targets`, which can be repeated for
 batched copies and shifted when tokens are dropped. ``metric.score`` maps logits gathered at
@@ -37,7 +44,7 @@ class Targets:
     pos: [R] position whose logits predict the first answer token (the last prompt token).
     ids: [R, T] answer token ids, -1 where a row has fewer answer tokens (T = 1 unless teacher-forced).
     label: [R] index of the gold answer among ``candidates`` (-1 when unknown).
-    candidates: [K] first token id of each candidate answer (may be empty).
+    candidates: [K, M] the single-token forms of each candidate answer, -1 padded (may be empty).
     """
     pos: torch.Tensor
     ids: torch.Tensor
@@ -93,11 +100,34 @@ class Metric:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["answers"] = list(self.answers)
+        read = getattr(self, "_read", None)
+        if read is not None:
+            d["tokens_read"] = read
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Metric":
-        return cls(**{**d, "answers": tuple(d.get("answers", ("yes", "no")))})
+        d = dict(d)
+        read = d.pop("tokens_read", None)
+        m = cls(**{**d, "answers": tuple(d.get("answers", ("yes", "no")))})
+        if read is not None:
+            object.__setattr__(m, "_read", read)
+        return m
+
+    def candidate_ids(self, tokenizer) -> list[list[int]]:
+        """The single-token forms of every candidate answer (see the module docstring); records
+        them as ``tokens_read``. A candidate without one fails with a MetricError."""
+        sets = [single_token_forms(tokenizer, a) for a in self.answers]
+        bad = [a for a, ids in zip(self.answers, sets) if not ids]
+        if bad:
+            raise MetricError(f"candidate answer(s) {bad} have no single-token form in the model's vocabulary; "
+                              f"the {self.name} metric reads one token per candidate (use logprob for longer answers)")
+        for i in range(len(sets)):
+            for j in range(i + 1, len(sets)):
+                if set(sets[i]) & set(sets[j]):
+                    raise MetricError(f"candidate answers {self.answers[i]!r} and {self.answers[j]!r} share a token")
+        object.__setattr__(self, "_read", {a: tokenizer.convert_ids_to_tokens(ids) for a, ids in zip(self.answers, sets)})
+        return sets
 
     @classmethod
     def coerce(cls, m: "Metric | str | dict | None") -> "Metric":
@@ -130,16 +160,12 @@ class Metric:
                     raise MetricError(f"sample {i}: answer tokens do not directly follow the prompt")
                 k = len(where) if self.teacher_forced else 1
                 ids[i, :k] = input_ids[i, torch.as_tensor(where[:k])].cpu()
-        cands = [tok(f" {a}", add_special_tokens=False)["input_ids"] for a in self.answers]
         if self.name in ("logit_diff", "accuracy"):
-            unk = getattr(tok, "unk_token_id", None)
-            bad = [a for a, c in zip(self.answers, cands) if not c or (unk is not None and c[0] == unk)]
-            if bad:
-                raise MetricError(f"candidate answers {bad} are not in the model's vocabulary")
-            firsts = [c[0] for c in cands]
-            if len(set(firsts)) < len(firsts):
-                raise MetricError(f"candidate answers {list(self.answers)} share a first token; the metric reads first tokens")
-        candidates = torch.as_tensor([c[0] if c else -1 for c in cands], dtype=torch.long)
+            sets = self.candidate_ids(tok)
+            width = max(len(c) for c in sets)
+            candidates = torch.as_tensor([c + [-1] * (width - len(c)) for c in sets], dtype=torch.long)
+        else:
+            candidates = torch.empty((0, 1), dtype=torch.long)
         norm = [a.strip().lower() for a in self.answers]
         answers = batch.answers or [None] * batch.size
         label = torch.as_tensor([norm.index(a.strip().lower()) if a is not None and a.strip().lower() in norm else -1
@@ -187,10 +213,36 @@ def answer_logprob(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (picked * valid).sum(dim=1)
 
 
+def single_token_forms(tokenizer, answer: str) -> list[int]:
+    """Ids of the vocabulary tokens that spell ``answer`` alone, in any of its cases, with or without
+    a word-start marker (SentencePiece ``▁``, byte-level ``Ġ``), checked by decoding each one."""
+    a = answer.strip()
+    if not a:
+        return []
+    vocab = tokenizer.get_vocab()
+    ids: list[int] = []
+    for form in dict.fromkeys([a, a.lower(), a.capitalize(), a.upper()]):
+        for t in (form, "\u2581" + form, "\u0120" + form):
+            i = vocab.get(t)
+            if i is not None and i not in ids and tokenizer.decode([i]).strip().lower() == a.lower():
+                ids.append(i)
+    return ids
+
+
+def candidate_logits(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp of each candidate's single-token forms. logits [R, V], candidates [K] or [K, M]
+    (-1 padded) -> [R, K]."""
+    if candidates.dim() == 1:
+        return logits[:, candidates]
+    picked = logits[:, candidates.clamp(min=0)]                      # [R, K, M]
+    picked = picked.masked_fill(candidates[None] < 0, float("-inf"))
+    return torch.logsumexp(picked, dim=-1)
+
+
 def logit_diff(logits: torch.Tensor, candidates: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Gold candidate's logit minus the best other candidate's; candidate 0 minus 1 where label < 0.
-    logits [R, V], candidates [K], label [R] -> [R]."""
-    c = logits[:, candidates]                                        # [R, K]
+    logits [R, V], candidates [K] or [K, M] (log-sum-exp over each row's forms), label [R] -> [R]."""
+    c = candidate_logits(logits, candidates)                         # [R, K]
     gold = label.clamp(min=0)
     g = c.gather(1, gold[:, None])[:, 0]
     others = c.scatter(1, gold[:, None], float("-inf")).amax(dim=1)
@@ -200,7 +252,7 @@ def logit_diff(logits: torch.Tensor, candidates: torch.Tensor, label: torch.Tens
 
 def accuracy(logits: torch.Tensor, candidates: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """1.0 where the gold candidate has the highest logit among the candidates. -> [R]"""
-    return (logits[:, candidates].argmax(dim=1) == label).float()
+    return (candidate_logits(logits, candidates).argmax(dim=1) == label).float()
 
 
 def next_token_kl(logits: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@
 - ``tiny-*``: seeded random, architecture-faithful models built offline from configs.
 - ``planted-llava`` / ``planted-llava-null``: sinks created by the weights at known patches.
 - ``toy-llava``: the bundled trained toy LVLM.
+- ``twin-*``: real configs, processors and tokenizers at full width, random weights, cut depth
+  (``twin-llava-1.5-7b:vit=4,llm=2``; ``:full`` on the meta device). See `mechsink.zoo.twins`.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ TOY_DIR = Path(__file__).parent / "zoo" / "toy_llava"
 
 def _builders() -> dict[str, Callable]:
     table: dict[str, Callable] = {}
-    for mod in ("tiny", "planted"):
+    for mod in ("tiny", "planted", "twins"):
         try:
             table.update(importlib.import_module(f"mechsink.zoo.{mod}").BUILDERS)
         except ModuleNotFoundError as e:
@@ -37,7 +39,9 @@ class _Zoo(dict):
         return t
 
     def __contains__(self, name) -> bool:
-        return name in self._table()
+        name = str(name)
+        table = self._table()
+        return name in table or (":" in name and name.startswith("twin-") and name.partition(":")[0] in table)
 
     def __iter__(self):
         return iter(self._table())
@@ -56,5 +60,9 @@ def build(name: str, seed: int = 0, **kw):
         m = load(TOY_DIR)
         m.name = "toy-llava"
         return m
+    if name.startswith("twin-"):
+        from .zoo import twins
+        hf, proc = twins.build(name, seed=seed, **kw)
+        return wrap(hf, proc, name=name, source=f"zoo:{name}")
     hf, proc = _builders()[name](seed=seed, **kw)
     return wrap(hf, proc, name=name, source=f"zoo:{name}")

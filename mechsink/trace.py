@@ -53,7 +53,7 @@ def run(model, batch, read: Sequence[str | Site] = (), write: dict | None = None
     if not model.adapter.vision_only:
         inputs.setdefault("use_cache", False)   # a KV cache is never reused here and costs memory
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with grad_ctx, model.attention("eager" if eager else None):
+    with grad_ctx, model.attention("eager" if eager else None, sites=[s for s in sites if s.kind == "pattern"]):
         with nn.trace(**inputs, remote=remote):
             values: dict[Site, object] = {}
             envoys: dict[tuple[str, str], object] = {}
@@ -306,3 +306,44 @@ def replace_output(model, path: str, fn: Callable[[torch.Tensor], torch.Tensor])
         yield
     finally:
         handle.remove()
+
+
+def stream_patterns(model, batch, part: str, layers: Sequence[int], reduce) -> dict:
+    """{layer: reduce(pattern)} from one forward in which each block's attention pattern is reduced
+    as soon as that block has run and then dropped: at most one layer's pattern exists at a time.
+    Only the blocks read run eagerly; the forward stops after the last of them."""
+    sites = {l: f"{part}.blocks.{l}.attn.hook_pattern" for l in layers}
+    out: dict = {}
+    handles = []
+
+    def done(l, value):
+        if l in out:            # a module run twice: the first call counts, as in model.run
+            return
+        out[l] = reduce(value)
+        if len(out) == len(sites):
+            raise Stop
+
+    for l, site in sites.items():
+        path, io, idx = model.locate(site)
+        mod = model.module(path)
+        if io == "derived":
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, kwargs, l=l, site=site: done(l, model.derive_pattern(site, (args, kwargs))),
+                with_kwargs=True))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, o, l=l, idx=idx: done(l, o[idx or 0])))
+    inputs = dict(batch.inputs)
+    if not model.adapter.vision_only:
+        inputs.setdefault("use_cache", False)
+    try:
+        with torch.no_grad(), model.attention("eager", sites=list(sites.values())):
+            model.hf(**inputs)
+    except Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(sites) - set(out))
+    if missing:
+        raise SiteError(f"{model.name}: the attention of {part} layers {missing} did not run")
+    return out

@@ -52,6 +52,7 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
 
     ``device_map="auto"`` spreads a large model over the available GPUs (accelerate)."""
     testing = importlib.import_module(ZOO)
+    check_device(device)
     name = str(model)
     if name in testing.ZOO:
         m = testing.build(name, **kw)
@@ -86,6 +87,27 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
     return m if device_map is not None else _place(m, device, None)
 
 
+def check_device(device) -> None:
+    """Fail in one line, before anything is built, when ``device`` cannot be used by this torch."""
+    if device is None:
+        return
+    import torch
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MechsinkError(f"unknown device {device!r}: use cpu, cuda, cuda:1, mps ...") from e
+    if d.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise MechsinkError(f"device {device!r} asked for, but this torch {torch.__version__} is a CPU-only build; "
+                                f"install a CUDA build of torch (https://pytorch.org/get-started/locally/)")
+        if not torch.cuda.is_available():
+            raise MechsinkError(f"device {device!r} asked for, but torch sees no CUDA device (driver or CUDA_VISIBLE_DEVICES?)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MechsinkError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise MechsinkError(f"device {device!r} asked for, but MPS is not available on this machine")
+
+
 def _dtype(dtype):
     import torch
     if isinstance(dtype, str):
@@ -102,4 +124,4 @@ def _place(m: Model, device, dtype) -> Model:
     return m
 
 
-__all__ = ["Adapter", "Batch", "BlockParts", "Model", "adapter_for", "adapters", "load", "wrap"]
+__all__ = ["Adapter", "Batch", "BlockParts", "Model", "adapter_for", "adapters", "check_device", "load", "wrap"]

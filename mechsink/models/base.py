@@ -208,14 +208,15 @@ class Model:
         prompts = list(prompts) if prompts is not None else [None] * len(imgs)
         if len(prompts) != len(imgs):
             raise PromptError(f"{len(prompts)} prompts for {len(imgs)} images")
-        texts = []
+        texts, bare = [], []
         ph = self.adapter.image_placeholder
         for i, (p, group) in enumerate(zip(prompts, imgs)):
             text = p if p is not None and ph in p else self.format_prompt(p)
             if text.count(ph) != len(group):
                 raise PromptError(f"prompt {i} has {text.count(ph)} {ph} placeholder(s) for {len(group)} image(s): {text!r}")
+            bare.append(text)
             if answers is not None:
-                text = f"{text} {answers[i]}"
+                text = text + answer_text(text, answers[i])
             texts.append(text)
         flat = [im for group in imgs for im in group]
         inputs = self.processor(images=imgs if self.adapter.nested_images else flat, text=texts, return_tensors="pt",
@@ -223,8 +224,9 @@ class Model:
         batch = Batch(dict(inputs), None, texts, imgs, list(answers) if answers is not None else None)
         batch.token_map = self.adapter.layout(self, inputs, imgs)
         if answers is not None:
-            _mark_answers(self, batch, answers)
-        return batch.to(self.device)
+            _mark_answers(self, batch, bare, answers)
+        # a model on the meta device (planning) computes nothing: its inputs stay readable on the CPU
+        return batch if self.device.type == "meta" else batch.to(self.device)
 
     # -- running --------------------------------------------------------------------------------
     @property
@@ -236,8 +238,16 @@ class Model:
         return self._nn
 
     @contextlib.contextmanager
-    def attention(self, implementation: str | None):
-        """Temporarily switch every attention layer (e.g. to "eager" to read patterns)."""
+    def attention(self, implementation: str | None, sites: Sequence[Site | str] | None = None):
+        """Temporarily switch every attention layer (e.g. to "eager" to read patterns). With
+        ``implementation="eager"`` and ``sites`` (attention-pattern sites), only the blocks of those
+        sites run eagerly and the rest keep the model's implementation (`mechsink.models.attention`)."""
+        if implementation == "eager" and sites is not None:
+            from .attention import eager_blocks
+            paths = [self.locate(s)[0] for s in sites if Site.parse(s).kind == "pattern"]
+            with eager_blocks(self.module(path) for path in paths):   # derived patterns too: same numerics as reading
+                yield
+            return
         current = self.hf.config._attn_implementation
         if implementation is None or implementation == current:
             yield
@@ -260,10 +270,42 @@ class Model:
             return self.hf(**batch.inputs).logits
 
 
-def _mark_answers(model: Model, batch: Batch, answers: Sequence[str]) -> None:
-    """Give the appended answer tokens the role "answer" (they are the last tokens of each row)."""
+def answer_text(prompt: str, answer: str) -> str:
+    """The answer as the model would say it after ``prompt``: after whitespace (Qwen's
+    ``assistant\n``) it follows directly; otherwise (LLaVA's ``ASSISTANT:``) after one space,
+    which a SentencePiece tokenizer turns into the word-start ``▁`` of the answer's first token."""
+    answer = answer.strip()
+    return answer if not prompt or prompt[-1].isspace() else f" {answer}"
+
+
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Token ids of ``answer`` as they stand after ``prompt``: the tail by which the tokenization of
+    prompt + answer differs from that of the prompt alone (not the answer tokenized on its own)."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + answer_text(prompt, answer), add_special_tokens=False)["input_ids"]
+    if full[:len(p)] != p:
+        raise PromptError(f"the answer {answer!r} changes the tokenization of the end of its prompt; "
+                          f"end the prompt with a space or newline")
+    ids = full[len(p):]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if ids and unk is not None and unk in ids:   # a word the vocabulary lacks: marked; metrics say what they make of it
+        log.warning("answer %r is partly unknown to the tokenizer (%s)", answer, tokenizer.convert_ids_to_tokens(ids))
+        return ids
+    if not ids or tokenizer.decode(ids).strip() != answer.strip():
+        raise PromptError(f"answer {answer!r} does not decode back from its tokens {tokenizer.convert_ids_to_tokens(ids)}")
+    return ids
+
+
+def _mark_answers(model: Model, batch: Batch, prompts: Sequence[str], answers: Sequence[str]) -> None:
+    """Give the appended answer tokens the role "answer": the last tokens of each row, found by
+    comparing the tokenizations of the prompt with and without its answer."""
     tok = getattr(model.processor, "tokenizer", model.processor)
-    for i, ans in enumerate(answers):
-        n = len(tok(f" {ans}", add_special_tokens=False)["input_ids"])
+    input_ids = batch.inputs["input_ids"]
+    for i, (prompt, ans) in enumerate(zip(prompts, answers)):
+        ids = answer_ids(tok, prompt, ans)
         nz = np.nonzero(batch.token_map.roles[i] == ROLE["text"])[0]
-        batch.token_map.roles[i, nz[-n:]] = ROLE["answer"]
+        where = nz[-len(ids):]
+        if input_ids[i, torch.as_tensor(where)].tolist() != ids:
+            raise PromptError(f"sample {i}: the answer tokens {tok.convert_ids_to_tokens(ids)} are not the last "
+                              f"tokens of the prompt as the processor tokenized it")
+        batch.token_map.roles[i, where] = ROLE["answer"]

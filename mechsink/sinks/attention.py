@@ -8,9 +8,11 @@
 Received attention of a key token is the attention probability it gets, averaged over the chosen
 query tokens. In the LLM the queries are tokens by role (``text``, ``answer``, or ``last``: the
 last prompt token), taken only after the image so that causal zeros do not dilute the mean; in
-the ViT they are the patch and/or CLS/register tokens of the same tile. Patterns are read at
-``{part}.blocks.{l}.attn.hook_pattern``, which switches the run to eager attention; for large
-models pass a few ``layers`` at a time (a pattern is [batch, heads, seq, seq]).
+the ViT they are the patch and/or CLS/register tokens of the same tile. ``llm_attention`` and
+``vit_attention`` stream: in one forward each read block runs eagerly (the others keep the
+model's attention implementation), its pattern ([batch, heads, seq, seq]) is reduced to the
+attention each token receives as soon as the block has run and is then dropped, so no more than one
+layer's pattern exists at a time, and the forward stops after the last block read.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 from ..config import Config
 from ..results import Result
 from ..tokens import ROLE
-from .detect import SinkSet, SinkSpec, detect_acts
+from ..trace import stream_patterns
+from .detect import SinkSet, SinkSpec, detect
 from .rules import SinkError
 
 LLM_QUERY_ROLES = ("text", "answer", "last")
@@ -41,15 +44,11 @@ def _layers(model, part: str, layers) -> list[int]:
     return out
 
 
-def _read(model, batch, part: str, layers: list[int], sinks: SinkSet | SinkSpec | None):
-    """Patterns at ``layers`` and the batch's SinkSet (detected in the same pass unless given)."""
-    sites = [f"{part}.blocks.{l}.attn.hook_pattern" for l in layers]
-    spec = sinks if isinstance(sinks, SinkSpec) else SinkSpec()
-    sinks = None if isinstance(sinks, SinkSpec) else sinks
-    acts = model.run(batch, read=sites + ([spec.site] if sinks is None else []))
-    if sinks is None:
-        sinks = detect_acts(acts, batch.token_map, spec)
-    return {l: acts[s] for l, s in zip(layers, sites)}, sinks
+def _sinkset(model, batch, sinks: SinkSet | SinkSpec | None) -> SinkSet:
+    """The batch's SinkSet: as given, or detected under a SinkSpec (default SinkSpec())."""
+    if sinks is None or isinstance(sinks, SinkSpec):
+        return detect(model, batch, sinks or SinkSpec())
+    return sinks
 
 
 def _tidy(per_layer: list[tuple[int, np.ndarray]], keys: pd.DataFrame, part: str, per_head: bool) -> pd.DataFrame:
@@ -93,6 +92,13 @@ def llm_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, rol
 
     patterns: {layer: [batch, heads, seq, seq]}. Returns part, layer, head, sample, image, tile,
     row, col, llm_pos, norm (ViT score, max over merged patches), is_sink, n_patches, attn."""
+    keys, by_sample, key_pos, qmask = _llm_keys(sinks, roles, last_pos, queries)
+    out = [(int(layer), _llm_received(patterns[layer], by_sample, key_pos, qmask, len(keys))) for layer in sorted(patterns)]
+    cols = KEY_COLUMNS + ["n_patches"]
+    return _tidy(out, keys[cols], "llm", per_head)
+
+
+def _llm_keys(sinks: SinkSet, roles: np.ndarray, last_pos: Sequence[int], queries: Sequence[str]):
     keys = sinks.llm_tokens()
     keys = keys[keys["role"] == "image"].reset_index(drop=True)
     by_sample = {int(s): g.index.to_numpy() for s, g in keys.groupby("sample")}
@@ -101,16 +107,18 @@ def llm_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, rol
     missing = [s for s in by_sample if not qmask[s].any()]
     if missing:
         raise SinkError(f"samples {missing} have no {'/'.join(queries)} query token after the image")
-    out = []
-    for layer in sorted(patterns):
-        p = patterns[layer].detach().float().cpu()
-        a = np.zeros((p.shape[1], len(keys)))
-        for s, rows in by_sample.items():
-            q = torch.as_tensor(np.nonzero(qmask[s])[0])
-            a[:, rows] = p[s][:, q][:, :, torch.tensor(key_pos[s])].mean(1).numpy()
-        out.append((int(layer), a))
-    cols = KEY_COLUMNS + ["n_patches"]
-    return _tidy(out, keys[cols], "llm", per_head)
+    return keys, by_sample, key_pos, qmask
+
+
+def _llm_received(pattern: torch.Tensor, by_sample, key_pos, qmask: np.ndarray, n_keys: int) -> np.ndarray:
+    """[heads, n_keys]: one layer's attention received by each image token, mean over its queries."""
+    p = pattern.detach()
+    a = np.zeros((p.shape[1], n_keys))
+    for s, rows in by_sample.items():
+        q = torch.as_tensor(np.nonzero(qmask[s])[0], device=p.device)
+        k = torch.as_tensor(key_pos[s], device=p.device)
+        a[:, rows] = p[s][:, q][:, :, k].float().mean(1).cpu().numpy()
+    return a
 
 
 def llm_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, queries: Sequence[str] = ("text", "answer"),
@@ -121,8 +129,11 @@ def llm_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, quer
     if isinstance(queries, str):
         queries = (queries,)
     layers = _layers(model, "llm", layers)
-    patterns, sinks = _read(model, batch, "llm", layers, sinks)
-    return llm_attention_acts(patterns, sinks, batch.token_map.roles, batch.last_pos.tolist(), queries, per_head)
+    sinks = _sinkset(model, batch, sinks)
+    keys, by_sample, key_pos, qmask = _llm_keys(sinks, batch.token_map.roles, batch.last_pos.tolist(), queries)
+    per_layer = stream_patterns(model, batch, "llm", layers,
+                                lambda p: _llm_received(p, by_sample, key_pos, qmask, len(keys)))
+    return _tidy(sorted(per_layer.items()), keys[KEY_COLUMNS + ["n_patches"]], "llm", per_head)
 
 
 # -- ViT ----------------------------------------------------------------------------------------
@@ -136,28 +147,43 @@ def vit_attention_acts(patterns: Mapping[int, torch.Tensor], sinks: SinkSet, que
     bad = [q for q in queries if q not in VIT_QUERY_KINDS]
     if bad or not queries:
         raise SinkError(f"unknown ViT query kinds {bad or list(queries)}; choose from {', '.join(VIT_QUERY_KINDS)}")
+    keys, groups = _vit_keys(sinks, queries)
+    out = [(int(layer), _vit_received(patterns[layer], groups, len(keys))) for layer in sorted(patterns)]
+    return _tidy(out, keys[KEY_COLUMNS[:5] + ["patch"] + KEY_COLUMNS[5:]], "vit", per_head)
+
+
+def _vit_keys(sinks: SinkSet, queries: Sequence[str]):
+    """The key table and, per tile, (key rows, ViT item, query positions, key positions)."""
+    bad = [q for q in queries if q not in VIT_QUERY_KINDS]
+    if bad or not queries:
+        raise SinkError(f"unknown ViT query kinds {bad or list(queries)}; choose from {', '.join(VIT_QUERY_KINDS)}")
     keys = sinks.patches.reset_index(drop=True)
     group = ["sample", "image", "tile"]
     special = {k: g for k, g in sinks.special.groupby(group)} if len(sinks.special) else {}
-    out = []
-    for layer in sorted(patterns):
-        p = patterns[layer].detach().float().cpu()
-        flat = p.dim() == 3
-        a = np.zeros((p.shape[-3], len(keys)))
-        for k, g in keys.groupby(group):
-            kpos = g["vit_pos"].to_numpy()
-            qpos = []
-            if "patch" in queries:
-                qpos.append(kpos)
-            if "special" in queries and k in special:
-                qpos.append(special[k]["vit_pos"].to_numpy())
-            qpos = np.concatenate(qpos) if qpos else np.array([], dtype=np.int64)
-            if len(qpos) == 0:
-                continue
-            m = p if flat else p[int(g["vit_item"].iloc[0])]
-            a[:, g.index.to_numpy()] = m[:, torch.tensor(qpos)][:, :, torch.tensor(kpos)].mean(1).numpy()
-        out.append((int(layer), a))
-    return _tidy(out, keys[KEY_COLUMNS[:5] + ["patch"] + KEY_COLUMNS[5:]], "vit", per_head)
+    groups = []
+    for k, g in keys.groupby(group):
+        kpos = g["vit_pos"].to_numpy()
+        qpos = []
+        if "patch" in queries:
+            qpos.append(kpos)
+        if "special" in queries and k in special:
+            qpos.append(special[k]["vit_pos"].to_numpy())
+        if qpos:
+            groups.append((g.index.to_numpy(), int(g["vit_item"].iloc[0]), np.concatenate(qpos), kpos))
+    return keys, groups
+
+
+def _vit_received(pattern: torch.Tensor, groups, n_keys: int) -> np.ndarray:
+    """[heads, n_keys]: one ViT layer's attention received by each patch from its tile's queries.
+    pattern: [items, heads, seq, seq], or [heads, tokens, tokens] for flat ViTs (Qwen2-VL)."""
+    p = pattern.detach()
+    flat = p.dim() == 3
+    a = np.zeros((p.shape[-3], n_keys))
+    for rows, item, qpos, kpos in groups:
+        m = p if flat else p[item]
+        q, k = torch.as_tensor(qpos, device=p.device), torch.as_tensor(kpos, device=p.device)
+        a[:, rows] = m[:, q][:, :, k].float().mean(1).cpu().numpy()
+    return a
 
 
 def vit_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, queries: Sequence[str] = ("patch", "special"),
@@ -167,8 +193,10 @@ def vit_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, quer
     if isinstance(queries, str):
         queries = (queries,)
     layers = _layers(model, "vit", layers)
-    patterns, sinks = _read(model, batch, "vit", layers, sinks)
-    return vit_attention_acts(patterns, sinks, queries, per_head)
+    sinks = _sinkset(model, batch, sinks)
+    keys, groups = _vit_keys(sinks, queries)
+    per_layer = stream_patterns(model, batch, "vit", layers, lambda p: _vit_received(p, groups, len(keys)))
+    return _tidy(sorted(per_layer.items()), keys[KEY_COLUMNS[:5] + ["patch"] + KEY_COLUMNS[5:]], "vit", per_head)
 
 
 # -- summaries ---------------------------------------------------------------------------------
