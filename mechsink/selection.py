@@ -4,13 +4,21 @@
     random(k=None, match=(), norm_band=None)
                                            non-sink patches drawn at random: as many as there are
                                            sinks (matched per stratum of ``match``) or ``k`` each
+    fastv(layer, ratio | k)                patches the last prompt token attends to most at LLM layer
+                                           ``layer`` (FastV's kept tokens)
+    vit_attention(ratio | k, layer=None)   patches receiving the most attention inside the ViT (from
+                                           CLS where there is one, else mean over queries; VisionZip)
+    norm_topk(k | ratio)                   the k patches of largest norm (the sink score)
     cls, register                          the ViT's special tokens
     newline, text, answer                  LLM positions by role
 
 A selection is resolved for one batch against its **sink table** (``sink_table``: the TokenMap's
 patch rows with ``is_sink``, ``norm`` and optional ``foreground``) into a boolean matrix over those
 rows, one row per copy (``random`` gives one copy per draw); ``TokenMap.mask`` turns that into a
-mask on any site's token axis. Special and LLM-role selections resolve to rows of the TokenMap's
+mask on any site's token axis. Ranking selections (fastv, vit_attention, norm_topk) read a score column of the table
+(``Selection.score_column``), added by ``mechsink.importance.score_table``; the top ``k`` (or
+``ratio`` of the sample's patches, at least one) are picked per sample, ties to the lower patch
+row. Special and LLM-role selections resolve to rows of the TokenMap's
 ``special`` / LLM tables instead (``rows``). Draws for a sample depend only on (seed, its global
 sample index), never on batching.
 """
@@ -29,7 +37,8 @@ from .config import Config
 from .errors import MechsinkError
 from .tokens import ROLE, TokenMap, axis_columns
 
-PATCH_KINDS = ("sinks", "nonsinks", "image", "random")
+RANKING_KINDS = ("fastv", "vit_attention", "norm_topk")
+PATCH_KINDS = ("sinks", "nonsinks", "image", "random") + RANKING_KINDS
 SPECIAL_KINDS = ("cls", "register")
 LLM_KINDS = ("newline", "text", "answer")
 KINDS = PATCH_KINDS + SPECIAL_KINDS + LLM_KINDS
@@ -47,6 +56,8 @@ class Selection(Config):
     k: int | None = None
     match: tuple[str, ...] = ()
     norm_band: tuple[float, float] | None = None
+    layer: int | None = None
+    ratio: float | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -56,11 +67,29 @@ class Selection(Config):
         bad = set(self.match) - set(MATCH)
         if bad:
             raise SelectionError(f"unknown matching key(s) {sorted(bad)}; use {', '.join(MATCH)}")
-        if self.kind != "random" and (self.k is not None or self.match or self.norm_band is not None):
-            raise SelectionError(f"k, match and norm_band apply to random selections, not {self.kind!r}")
+        ranking = self.kind in RANKING_KINDS
+        if self.kind != "random" and (self.match or self.norm_band is not None):
+            raise SelectionError(f"match and norm_band apply to random selections, not {self.kind!r}")
+        if self.kind not in ("random", *RANKING_KINDS) and self.k is not None:
+            raise SelectionError(f"k, match and norm_band apply to random selections (k also to ranking ones), "
+                                 f"not {self.kind!r}")
+        if not ranking and (self.ratio is not None or self.layer is not None):
+            raise SelectionError(f"ratio and layer apply to {', '.join(RANKING_KINDS)}, not {self.kind!r}")
+        if ranking and (self.k is None) == (self.ratio is None):
+            raise SelectionError(f"{self.kind} needs exactly one of k (tokens) or ratio (fraction of patches)")
+        if self.kind == "fastv" and self.layer is None:
+            raise SelectionError("fastv needs the LLM layer whose attention ranks the tokens (fastv(layer, ratio))")
+        if self.kind == "norm_topk" and self.layer is not None:
+            raise SelectionError("norm_topk ranks by the sink score; it takes no layer")
+        if self.layer is not None:
+            set_("layer", int(self.layer))
+        if self.ratio is not None:
+            if not 0.0 < float(self.ratio) <= 1.0:
+                raise SelectionError(f"ratio must lie in (0, 1], got {self.ratio}")
+            set_("ratio", float(self.ratio))
         if self.k is not None:
             if int(self.k) < 1:
-                raise SelectionError(f"random(k) needs k >= 1, got {self.k}")
+                raise SelectionError(f"{self.kind}(k) needs k >= 1, got {self.k}")
             set_("k", int(self.k))
         if self.norm_band is not None:
             lo, hi = (float(v) for v in self.norm_band)
@@ -69,6 +98,10 @@ class Selection(Config):
             set_("norm_band", (lo, hi))
 
     def __str__(self) -> str:
+        if self.kind in RANKING_KINDS:
+            args = ([f"layer={self.layer}"] if self.layer is not None else []) + \
+                ([f"k={self.k}"] if self.k is not None else [f"ratio={self.ratio:g}"])
+            return f"{self.kind}({', '.join(args)})"
         if self.kind != "random" or (self.k is None and not self.match and self.norm_band is None):
             return self.kind
         args = ([f"k={self.k}"] if self.k is not None else []) + \
@@ -84,6 +117,20 @@ class Selection(Config):
     def needs_sinks(self) -> bool:
         return self.kind in ("sinks", "nonsinks", "random")
 
+    @property
+    def ranking(self) -> bool:
+        return self.kind in RANKING_KINDS
+
+    @property
+    def score_column(self) -> str | None:
+        """The sink-table column a ranking selection ranks by (``norm``, ``fastv@2``,
+        ``vit_attention@last``); None for the other kinds."""
+        if self.kind == "norm_topk":
+            return "norm"
+        if self.kind in RANKING_KINDS:
+            return f"{self.kind}@{'last' if self.layer is None else self.layer}"
+        return None
+
     @classmethod
     def parse(cls, value: "str | Selection | dict") -> "Selection":
         """A selection from its name (``"sinks"``, ``"random(k=3, match=border+row)"``) or dict."""
@@ -96,17 +143,23 @@ class Selection(Config):
         if not m or m.group(1) not in KINDS:
             raise SelectionError(f"unknown token selection {text!r}; selections: {', '.join(KINDS)}")
         kw: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
-            key, _, val = part.partition("=")
+        positional = {"fastv": ["layer", "ratio"], "vit_attention": ["ratio"], "norm_topk": ["k"]}.get(m.group(1), [])
+        for i, part in enumerate(filter(None, (p.strip() for p in (m.group(2) or "").split(",")))):
+            key, eq, val = part.partition("=")
             key = key.strip()
-            if key == "k":
+            if not eq and i < len(positional):
+                key, val = positional[i], part
+            if key in ("layer", "ratio") and m.group(1) in RANKING_KINDS:
+                kw[key] = int(val) if key == "layer" else float(val)
+            elif key == "k":
                 kw["k"] = int(val)
             elif key == "match":
                 kw["match"] = tuple(v for v in val.strip().split("+") if v)
             elif key == "norm_band":
                 kw["norm_band"] = tuple(float(v) for v in val.strip().split("-"))
             else:
-                raise SelectionError(f"{text!r}: unknown argument {key!r} (random takes k, match, norm_band)")
+                raise SelectionError(f"{text!r}: unknown argument {key!r} (random takes k, match, norm_band; "
+                                     f"fastv layer, ratio|k; vit_attention ratio|k, layer; norm_topk k|ratio)")
         return cls(m.group(1), **kw)
 
 
@@ -125,6 +178,24 @@ def random(k: int | None = None, match: Sequence[str] = (), norm_band: tuple[flo
     border, row, foreground), or ``k``; ``norm_band`` (lo, hi) keeps candidates whose norm lies in
     that quantile band of the sample's non-sink norms."""
     return Selection("random", k=k, match=tuple(match), norm_band=norm_band)
+
+
+def fastv(layer: int, ratio: float | None = None, k: int | None = None) -> Selection:
+    """The patches the last prompt token attends to most at LLM ``layer`` (mean over heads):
+    the top ``ratio`` of each sample's patches (FastV keeps these) or the top ``k``."""
+    return Selection("fastv", k=k, layer=layer, ratio=ratio)
+
+
+def vit_attention(ratio: float | None = None, k: int | None = None, layer: int | None = None) -> Selection:
+    """The patches receiving the most attention in ViT ``layer`` (None: the last; mean over
+    heads) from the CLS token, or averaged over queries when the ViT has none: VisionZip's
+    dominant tokens."""
+    return Selection("vit_attention", k=k, layer=layer, ratio=ratio)
+
+
+def norm_topk(k: int | None = None, ratio: float | None = None) -> Selection:
+    """The ``k`` patches with the largest sink score (norm) per sample."""
+    return Selection("norm_topk", k=k, ratio=ratio)
 
 
 def parse_all(values: "str | Selection | Sequence[str | Selection]") -> tuple[Selection, ...]:
@@ -275,6 +346,30 @@ def draw_random(table: pd.DataFrame, tm: TokenMap, n_draws: int, *, axis: str, m
     return select, valid, reason
 
 
+def top_rows(table: pd.DataFrame, column: str, *, axis: str = "llm", k: int | None = None,
+             ratio: float | None = None, counts: Sequence[int] | None = None) -> np.ndarray:
+    """Bool over ``table``'s rows: per sample the rows (with a token on ``axis``) of largest
+    ``column``: ``counts[s]`` of them, or ``k``, or ``ratio`` of the sample's rows (at least one).
+    Ties go to the earlier row (stable sort), so the choice is deterministic."""
+    if column not in table.columns:
+        raise SelectionError(f"the sink table has no {column!r} scores: add them with mechsink.importance.score_table")
+    on_axis = table[axis_columns(axis)[1]].to_numpy() >= 0
+    score = table[column].to_numpy().astype(float)
+    samples = table["sample"].to_numpy()
+    out = np.zeros(len(table), dtype=bool)
+    for s in np.unique(samples):
+        rows = np.nonzero((samples == s) & on_axis)[0]
+        if counts is not None:
+            n = int(counts[int(s)])
+        elif k is not None:
+            n = int(k)
+        else:
+            n = max(1, int(round(float(ratio) * len(rows))))
+        order = np.argsort(-score[rows], kind="stable")
+        out[rows[order[:min(n, len(rows))]]] = True
+    return out
+
+
 @dataclass
 class Resolved:
     """Selections resolved for one batch: one row of ``select`` per copy (name, draw)."""
@@ -308,6 +403,10 @@ def resolve(selections: Sequence[Selection | str], table: pd.DataFrame, tm: Toke
             names += [str(sel)] * n_draws
             draws += list(range(n_draws))
             rows += list(picked[1:])
+        elif sel.ranking:
+            names.append(str(sel))
+            draws.append(0)
+            rows.append(top_rows(table, sel.score_column, axis=axis, k=sel.k, ratio=sel.ratio))
         else:
             is_sink = table["is_sink"].to_numpy().astype(bool) if sel.needs_sinks else None
             row = {"sinks": is_sink, "nonsinks": None if is_sink is None else ~is_sink,

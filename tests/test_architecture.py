@@ -14,7 +14,7 @@ LAYERS = {
     1: ["errors", "atomic", "config", "results"],
     2: ["sites", "tokens", "selection", "models", "trace", "engine", "metrics", "stats", "data", "batching", "lens"],
     3: ["sinks", "cache", "probing", "ablation", "patching", "sweep", "sources", "attribution", "analyses",
-        "interventions", "inspect", "plan", "export"],
+        "interventions", "inspect", "plan", "export", "importance"],
     4: ["zoo", "testing"],
     5: ["report", "selfcheck"],
     6: ["cli", "__main__"],
