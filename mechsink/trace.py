@@ -347,3 +347,45 @@ def stream_patterns(model, batch, part: str, layers: Sequence[int], reduce) -> d
     if missing:
         raise SiteError(f"{model.name}: the attention of {part} layers {missing} did not run")
     return out
+
+
+# -- edited attention probabilities ----------------------------------------------------------------
+_PROB_EDITS: dict[int, Callable] = {}
+EDIT_KEY = "mechsink_edit"
+
+
+def _edited_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """Eager attention whose probabilities pass through the module's edit; the output moves by
+    (edited - original) @ values, so an edit that returns its input leaves the eager output as is."""
+    from .models.attention import mechsink_eager
+    out, weights = mechsink_eager(module, query, key, value, attention_mask, *args, **kwargs)
+    new = _PROB_EDITS[id(module)](weights)
+    if new is weights:
+        return out, weights
+    v = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)          # GQA: one value per head
+    return out + ((new - weights).to(v.dtype) @ v).transpose(1, 2).to(out.dtype), new
+
+
+@contextlib.contextmanager
+def edit_attention(model, edits: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]):
+    """Within the block, LLM layer ``l``'s attention probabilities [B, heads, q, k] are replaced by
+    ``edits[l](probs)`` before they weight the values (those layers run eagerly; the rest keep the
+    model's implementation). E.g. VAR's redistribution of attention away from sink tokens."""
+    import copy
+    from transformers import AttentionInterface
+    AttentionInterface.register(EDIT_KEY, _edited_attention)
+    parts = model.adapter.llm_parts
+    saved = []
+    try:
+        for layer, fn in edits.items():
+            mod = model.module(f"{model.adapter.llm_blocks}.{layer}.{parts.attn}")
+            cfg = copy.copy(mod.config)
+            cfg._attn_implementation_internal = EDIT_KEY
+            saved.append((mod, mod.config))
+            mod.config = cfg
+            _PROB_EDITS[id(mod)] = fn
+        yield
+    finally:
+        for mod, cfg in saved:
+            mod.config = cfg
+            _PROB_EDITS.pop(id(mod), None)
