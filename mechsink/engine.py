@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
@@ -248,7 +249,7 @@ def clean(model, batch, metric: Metric, *, read: Sequence[str] = (), inputs: LLM
 
 
 def _long(a) -> torch.Tensor:
-    return torch.as_tensor(a.to_numpy() if hasattr(a, "to_numpy") else a, dtype=torch.long)
+    return torch.tensor(np.array(a.to_numpy() if hasattr(a, "to_numpy") else a), dtype=torch.long)
 
 
 

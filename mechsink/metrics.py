@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .config import Config
 from .errors import MechsinkError
 from .tokens import ROLE
 
@@ -74,7 +75,7 @@ class Targets:
 
 
 @dataclass(frozen=True)
-class Metric:
+class Metric(Config):
     """Which number is read from the logits (see the module docstring).
 
     answers: candidate answers for ``logit_diff`` and ``accuracy`` (default "yes", "no"); a
@@ -98,6 +99,7 @@ class Metric:
         return METRICS[self.name]
 
     def to_dict(self) -> dict:
+        """The settings, plus ``tokens_read`` (what a run read for each candidate) once known."""
         d = asdict(self)
         d["answers"] = list(self.answers)
         read = getattr(self, "_read", None)

@@ -95,8 +95,8 @@ def check_self_patching(ctx) -> tuple[bool, str, str]:
     b = batches[0]
     sites = ("vit.embed", "vit.blocks.1.hook_resid_mid", "vit.out", "proj.out", "llm.embed",
              "llm.blocks.0.hook_attn_out", f"llm.blocks.{m.n_llm_layers - 1}.hook_resid_post")
-    res = patch(m, b, b, SinkSpec.preset("llava-1.5"),
-                PatchConfig(sites=sites, tokens=("sinks", "random", "image"), metric="logprob", n_draws=2))
+    res = patch(m, b, b, PatchConfig(sites=sites, selections=("sinks", "random", "image"), metric="logprob", n_draws=2),
+                sinks=SinkSpec.preset("llava-1.5"))
     f = res.frame
     d = float(np.abs(f["patched"] - f["base"]).max())
     return d <= _tol("float32"), f"max |patched - base| = {d:.2e} over {len(f)} runs", f"<= {_tol('float32'):g}"
@@ -154,11 +154,12 @@ def check_twin(ctx) -> tuple[bool, str, str]:
         problems.append("top-3 detection did not give 3 sinks per image")
     from mechsink.ablation import AblationConfig, ablate
     from mechsink.patching import PatchConfig, patch
-    abl = ablate(m, [b], sinks, AblationConfig(site="proj.out", metric=metric, n_draws=2, n_boot=200, n_perm=200))
+    abl = ablate(m, [b], AblationConfig(site="proj.out", metric=metric, n_draws=2, n_boot=200, n_perm=200), sinks=sinks)
     vals = abl.frame.loc[abl.frame["valid"], ["value", "clean", "effect"]].to_numpy()
     if not np.isfinite(vals).all():
         problems.append("ablation values are not finite")
-    pr = patch(m, b, b, sinks, PatchConfig(sites=("proj.out",), tokens=("sinks", "image"), metric=metric, n_draws=1)).frame
+    pr = patch(m, b, b, PatchConfig(sites=("proj.out",), selections=("sinks", "image"), metric=metric, n_draws=1),
+               sinks=sinks).frame
     dp = float(np.abs(pr["patched"] - pr["base"]).max())
     if not dp <= _tol(ctx["dtype"]) * 10:
         problems.append(f"self-patching moved the metric by {dp:.2e}")

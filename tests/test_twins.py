@@ -229,7 +229,7 @@ def test_plan_bytes_match_a_real_cache_of_the_twin(llava_twin, tmp_path):
     from mechsink.plan import PlanConfig, plan
     data = _dataset(tmp_path, n=2)
     sites = ["vit.out", "llm.blocks.0.hook_resid_post"]
-    store = extract(llava_twin, str(data), sites=sites, tokens=("image",), out=tmp_path / "cache", dtype="float16",
+    store = extract(llava_twin, str(data), sites=sites, tokens=("image",), out=tmp_path / "cache", store_dtype="float16",
                     batch_size=2)
     real = {s: 0 for s in sites}
     for st in (store.path / "shards").glob("*.safetensors"):
@@ -281,16 +281,22 @@ def test_llava_twin_end_to_end_from_the_cli(llava_twin, tmp_path):
     from mechsink.inspect import inspect_model
     info = inspect_model(llava_twin)
     assert len(info["token_map"]) == 576 and info["shapes"]["vit.out"][-1] == 1024
-    from mechsink.cache.extract import cache_command
-    from mechsink.probing import probe_command
-    c = cache_command(llava_twin, data=data, out=tmp_path / "store", sites="vit.out,proj.out", tokens="image",
-                      rule="topk", params={"k": 3})
-    assert c["summary"]["n_rows"] == 4 * 576
-    rows = probe_command(tmp_path / "store", "shape", token_sets=["sinks", "mean"], folds=2)
+    from mechsink.cache.extract import extract
+    from mechsink.data import open_dataset
+    from mechsink.metrics import Metric
+    from mechsink.patching import PatchConfig, patch_dataset
+    from mechsink.probing import ProbeConfig, probe
+    from mechsink.sinks import SinkSpec
+    top3 = SinkSpec(rule="topk", params={"k": 3})
+    store = extract(llava_twin, open_dataset(data), sites=["vit.out", "proj.out"], tokens=["image"],
+                    out=tmp_path / "store", sinks=top3)
+    assert store.summary["n_rows"] == 4 * 576
+    rows = probe(store, ProbeConfig(label="shape", token_sets=("sinks", "mean"), k=2)).to_records()
     assert {r["token_set"] for r in rows} == {"sinks", "mean"} and all(0 <= r["accuracy"] <= 1 for r in rows)
-    from mechsink.patching import patch_command
-    pr = patch_command(llava_twin, data, corruption="shuffle", sites=["proj.out"], tokens=["sinks"],
-                       metric="logit_diff", answers=["yes", "no"], draws=1, rule="topk", limit=2, batch_size=2)
+    yes_no = Metric("logit_diff", answers=("yes", "no"))
+    pr = patch_dataset(llava_twin, open_dataset(data, limit=2),
+                       PatchConfig(sites=("proj.out",), selections=("sinks",), metric=yes_no, n_draws=1, batch_size=2),
+                       corruption="shuffle", sinks=SinkSpec(rule="topk")).to_dict()
     assert pr["n"] == 2 and "sinks" in pr["recovery"]["proj.out"]
 
 
@@ -299,27 +305,31 @@ def test_qwen_twin_end_to_end(tmp_path):
     m = mechsink.load("twin-qwen2.5-vl-7b", dtype="bfloat16")
     assert m.hf.config.text_config.hidden_size == 3584 and m.n_llm_layers == 1 and m.n_vit_layers == 2
     data = str(_dataset(tmp_path, size=112))
-    from mechsink.ablation import ablate_command
-    from mechsink.cache.extract import cache_command
+    from mechsink.ablation import AblationConfig, ablate
+    from mechsink.cache.extract import extract
+    from mechsink.data import open_dataset
     from mechsink.inspect import inspect_model
-    from mechsink.patching import patch_command
-    from mechsink.probing import probe_command
-    from mechsink.sinks.detect import sinks_command
+    from mechsink.metrics import Metric
+    from mechsink.patching import PatchConfig, patch_dataset
+    from mechsink.probing import ProbeConfig, probe
+    from mechsink.sinks import SinkSpec, detect_dataset
     info = inspect_model(m)
     assert info["shapes"]["proj.out"][-1] == 3584
-    recs = sinks_command(m, data=data, rule="topk", params={"k": 2})
+    ds = open_dataset(data)
+    recs = detect_dataset(m, ds, SinkSpec(rule="topk", params={"k": 2})).to_records()
     assert len(recs) == 4 and all(len(r["sinks"]) == 2 for r in recs)
-    c = cache_command(m, data=data, out=tmp_path / "store", sites="vit.out,proj.out,llm.blocks.0.hook_resid_post",
-                      tokens="image", rule="topk", params={"k": 2})
-    assert c["summary"]["n_rows"] == 4 * 8 * 8                   # 112 px -> 8x8 patches -> 16 LLM tokens
-    rows = probe_command(tmp_path / "store", "shape", token_sets=["sinks", "mean"], folds=2)
+    store = extract(m, ds, sites=["vit.out", "proj.out", "llm.blocks.0.hook_resid_post"], tokens=["image"],
+                    out=tmp_path / "store", sinks=SinkSpec(rule="topk", params={"k": 2}))
+    assert store.summary["n_rows"] == 4 * 8 * 8                   # 112 px -> 8x8 patches -> 16 LLM tokens
+    rows = probe(store, ProbeConfig(label="shape", token_sets=("sinks", "mean"), k=2)).to_records()
     assert rows and all(0 <= r["accuracy"] <= 1 for r in rows)
-    res = ablate_command(m, data, metric="logit_diff", answers=["yes", "no"], draws=2, rule="topk", batch_size=4)
+    yes_no = Metric("logit_diff", answers=("yes", "no"))
+    res = ablate(m, ds, AblationConfig(metric=yes_no, n_draws=2, batch_size=4), sinks=SinkSpec(rule="topk")).to_dict()
     assert res["n"] == 4 and "Yes" in res["config"]["metric"]["tokens_read"]["yes"]
-    pr = patch_command(m, data, corruption="shuffle", sites=["proj.out"], tokens=["sinks", "image"],
-                       metric="logit_diff", answers=["yes", "no"], draws=1, rule="topk", batch_size=4,
-                       out=str(tmp_path / "patch"))
+    pr = patch_dataset(m, ds, PatchConfig(sites=("proj.out",), selections=("sinks", "image"), metric=yes_no, n_draws=1,
+                                          batch_size=4),
+                       corruption="shuffle", sinks=SinkSpec(rule="topk"), out=tmp_path / "patch").to_dict()
     assert "proj.out" in pr["recovery"]
     from mechsink.patching import PatchResult
-    saved = PatchResult.load(tmp_path / "patch").config["metric"]["tokens_read"]
+    saved = PatchResult.load(tmp_path / "patch").config.metric.to_dict()["tokens_read"]
     assert "Yes" in saved["yes"] and "No" in saved["no"]                 # what Qwen says after "assistant\n"
