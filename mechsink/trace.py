@@ -389,3 +389,51 @@ def edit_attention(model, edits: Mapping[int, Callable[[torch.Tensor], torch.Ten
         for mod, cfg in saved:
             mod.config = cfg
             _PROB_EDITS.pop(id(mod), None)
+
+
+# -- extra ViT tokens ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def extra_tokens(model, n: int = 1, edits: Mapping[str, Edit] | None = None):
+    """Within the block, the ViT runs with ``n`` zero tokens appended to its sequence right after
+    the embeddings; ``edits`` ({ViT site: edit}) change plain (input/output) ViT sites, which then
+    see the longer sequence (the extra tokens last); the extra tokens are removed again where the
+    projector reads the ViT (``vit.out``), so the LLM sees the usual tokens. For ViTs that take
+    [items, seq, d] without per-token metadata (CLIP, SigLIP): e.g. test-time registers."""
+    emb_path, emb_io, _ = model.locate("vit.embed")
+    out_path, out_io, _ = model.locate("vit.out")
+    if emb_io != "output" or out_io != "input":
+        raise TraceError(f"{model.name}: extra ViT tokens need the embeddings' output and the projector's input")
+
+    def first(value):
+        return value[0] if isinstance(value, tuple) else value
+
+    def swap(value, new):
+        return (new, *value[1:]) if isinstance(value, tuple) else new
+
+    def append(mod, args, out):
+        x = first(out)
+        return swap(out, torch.cat([x, x.new_zeros(*x.shape[:-2], n, x.shape[-1])], dim=-2))
+
+    def drop(mod, args, kwargs):
+        if args:
+            return (args[0][..., :-n, :], *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: kwargs[key][..., :-n, :]}
+
+    handles = [model.module(emb_path).register_forward_hook(append),
+               model.module(out_path).register_forward_pre_hook(drop, with_kwargs=True)]
+    try:
+        for site, fn in (edits or {}).items():
+            path, io, _ = model.locate(site)
+            if Site.parse(site).part != "vit" or io not in ("input", "output"):
+                raise TraceError(f"extra_tokens edits plain ViT sites, not {site}")
+            if io == "output":
+                handles.append(model.module(path).register_forward_hook(
+                    lambda mod, args, out, fn=fn: swap(out, fn(first(out)))))
+            else:
+                handles.append(model.module(path).register_forward_pre_hook(
+                    lambda mod, args, fn=fn: (fn(args[0]), *args[1:])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
