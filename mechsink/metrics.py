@@ -111,7 +111,7 @@ class Metric(Config):
     def from_dict(cls, d: dict) -> "Metric":
         d = dict(d)
         read = d.pop("tokens_read", None)
-        m = cls(**{**d, "answers": tuple(d.get("answers", ("yes", "no")))})
+        m = super().from_dict(d)
         if read is not None:
             object.__setattr__(m, "_read", read)
         return m

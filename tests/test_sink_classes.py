@@ -50,7 +50,7 @@ def test_planted_vit_sinks_are_propagated_class_in_every_llm_layer(planted_run):
     sinks = t[t["cls"] == "vit"]
     assert set(sinks["llm_pos"] - sinks["sample"].map(lambda s: int(np.flatnonzero(b.token_map.roles[s] == 2)[0]))) == PLANTED
     assert (t.loc[t["cls"] != "vit", "cls"] == "none").all()
-    s = sc.summary()
+    s = sc.table()
     assert s["n_vit"].tolist() == [3 * b.size] * m.n_llm_layers
     assert s["frac_vit"].tolist() == pytest.approx([3 / 36] * m.n_llm_layers)
     # the hidden-size-64 LLM cannot reach Kang's tau = 20 (max of an RMS-normalised value is sqrt(64) = 8)

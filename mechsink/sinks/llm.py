@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import Config, coerce
+from ..results import Result
 from ..tokens import ROLE
 from . import rules
 from .detect import SinkSet, SinkSpec, detect_acts
@@ -46,18 +48,43 @@ def kang_score(h: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     return rms_normalize(h)[..., list(dims)].abs().amax(-1)
 
 
-@dataclass
-class SinkClasses:
-    """``tokens``: one row per (layer, LLM image token): layer, sample, llm_pos, role, image, tile,
-    row, col, vit_norm, vit_sink, llm_score (Kang's), llm_sink, llm_norm (L2 norm of the hidden
-    state), llm_norm_sink (the norm rule on it, per image), cls."""
-    tokens: pd.DataFrame
-    dims: list[int]
-    tau: float
-    from_layer: int
+@dataclass(frozen=True)
+class SinkClassConfig(Config):
+    """dims: the massive dims Kang's score reads; tau: its threshold; from_layer: the first LLM
+    layer judged; norm_rule: the per-image norm rule on the LLM hidden state."""
+    dims: tuple[int, ...] = ()
+    tau: float = 20.0
+    from_layer: int = 2
     norm_rule: SinkSpec = field(default_factory=SinkSpec)
 
-    def summary(self) -> pd.DataFrame:
+    def __post_init__(self):
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        object.__setattr__(self, "norm_rule", coerce(SinkSpec, self.norm_rule))
+
+
+@dataclass
+class SinkClasses(Result):
+    """``frame``: one row per (layer, LLM image token): layer, sample, llm_pos, role, image, tile,
+    row, col, vit_norm, vit_sink, llm_score (Kang's), llm_sink, llm_norm (L2 norm of the hidden
+    state), llm_norm_sink (the norm rule on it, per image), cls."""
+    config_class = SinkClassConfig
+
+    @property
+    def tokens(self) -> pd.DataFrame:
+        return self.frame
+
+    @property
+    def dims(self) -> list[int]:
+        return list(self.config.dims)
+
+    @property
+    def from_layer(self) -> int:
+        return self.config.from_layer
+
+    def summary(self) -> dict:
+        return {"layers": self.table().to_dict("records"), "dims": self.dims, "tau": self.config.tau}
+
+    def table(self) -> pd.DataFrame:
         """Per layer: n_tokens and, for each class, its count ``n_<cls>`` and fraction ``frac_<cls>``."""
         t = self.tokens[self.tokens["role"] == "image"]
         counts = pd.crosstab(t["layer"], t["cls"]).reindex(columns=list(CLASSES), fill_value=0)
@@ -132,7 +159,9 @@ def classify_acts(hidden: Mapping[int, torch.Tensor], sinks: SinkSet, *, dims: S
         v, l = f["vit_sink"].to_numpy(), f["llm_sink"].to_numpy()
         f["cls"] = np.select([v & l, v, l], ["both", "vit", "llm"], "none")
         frames.append(f)
-    return SinkClasses(pd.concat(frames, ignore_index=True), dims, float(tau), int(from_layer), norm_rule)
+    cfg = SinkClassConfig(dims=tuple(dims), tau=float(tau), from_layer=int(from_layer),
+                          norm_rule=norm_rule if norm_rule is not None else SinkSpec())
+    return SinkClasses(pd.concat(frames, ignore_index=True), cfg)
 
 
 def sink_classes(model, batch, sinks: SinkSet | SinkSpec | None = None, *, dims: Sequence[int] | None = None,
