@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import Config
 from .errors import MechsinkError
 from .sites import Site
 
@@ -33,9 +34,9 @@ class PlanError(MechsinkError):
     pass
 
 
-@dataclass
-class PlanConfig:
-    model: str
+@dataclass(frozen=True)
+class PlanConfig(Config):
+    model: str = "twin-llava-1.5-7b"
     n: int = 1000                                        # samples in the dataset
     sites: tuple[str, ...] = ("vit.out", "proj.out")     # sites to cache
     tokens: tuple[str, ...] = ("image",)                 # token selections (as `mechsink cache --tokens`)
