@@ -103,6 +103,8 @@ def test_compare_separates_sinks_on_planted():
     assert abs(t.loc["vit_attention(ratio=0.5)", "effect"]) < 1e-5             # patches 0, 1, 2 at equal count...
     assert t.loc["vit_attention(ratio=0.5)", "J:sinks"] == 0.2                   # ...share only patch 0 with the sinks
     assert (res.frame.loc[res.frame["set"] == "random", "n_tokens"] == 3).all()
+    from mechsink.report.figures import plot
+    assert len(plot(res).axes) >= 2
     s = res.summary()
     assert s["n"] == 16 and set(s["selections"]) == set(t.index)
     from mechsink.analyses.compare import CompareResult

@@ -77,6 +77,8 @@ def test_shift_removes_sinks_and_the_planted_answer(data):
         total = 3 * c[P.LABEL_PATCH] + np.delete(c, P.PLANTED_SINKS, axis=0).sum(0)
         pred.append(P.COLORS[int(np.argmax(total))] == P.label_of(im))
     assert np.array_equal(res.per_sample()["shifted"].to_numpy(), np.asarray(pred, dtype=float))
+    from mechsink.report.figures import plot
+    assert plot(res).axes
     again = RegisterResult._from_saved(res.frame, res.config, res.meta)
     assert again.summary() == s
 

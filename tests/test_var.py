@@ -65,6 +65,8 @@ def test_planted_metric_moves_as_the_wiring_predicts(planted):
     acc = var(m, [b], VarConfig(p=1.0, rho=1.0, metric=Metric("accuracy", answers=P.COLORS), **FAST),
               sinks=P.PLANTED_SINKS)
     assert acc.summary()["clean"]["mean"] == 1.0 and acc.summary()["var"]["mean"] < 0.6
+    from mechsink.report.figures import plot
+    assert plot(acc).axes
     again = VarResult._from_saved(acc.frame, acc.config, acc.meta)
     assert again.summary() == acc.summary()
 
