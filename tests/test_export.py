@@ -65,3 +65,19 @@ def test_shard_views_are_zero_copy_and_complete(store):
         got = v.torch()
         want = store.get("vit.out", v.rows, as_="torch")
         assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_export_command(store, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechsink.cli import app
+    if store.dtype != "float32":
+        pytest.skip("one dtype is enough for the command")
+    r = CliRunner().invoke(app, ["export", "--cache", str(store.path), "--out", str(tmp_path / "hf"),
+                                 "--sites", "vit.out", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    assert got["rows"] == len(store) and "vit.out" in got["columns"] and "llm.blocks.0.hook_resid_post" not in got["columns"]
+    assert len(datasets.load_from_disk(str(tmp_path / "hf"))) == len(store)
