@@ -17,7 +17,7 @@ LAYERS = {
         "interventions", "inspect", "plan", "export", "importance"],
     4: ["zoo", "testing"],
     5: ["report", "selfcheck"],
-    6: ["cli", "__main__"],
+    6: ["cli", "__main__", "cli_beyond"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
