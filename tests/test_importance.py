@@ -118,3 +118,12 @@ def test_compare_does_not_separate_on_the_null_twin():
     assert (t["p_value"] > 0.05).all()
     assert ((t["diff_low"] < 0) & (t["diff_high"] > 0)).all()
     assert (t["diff"].abs() < 0.1).all()
+
+
+def test_compare_config_refuses_sinks_at_a_fixed_count():
+    from mechsink.analyses.compare import CompareConfig, CompareError
+    with pytest.raises(CompareError, match="norm_topk"):
+        CompareConfig(selections=("sinks", "fastv(0, 0.5)"), k=3)
+    with pytest.raises(CompareError):
+        CompareConfig(selections=("random",))
+    assert CompareConfig(selections=("norm_topk(3)",), k=3).k == 3

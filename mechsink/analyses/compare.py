@@ -7,8 +7,8 @@
                          # mean Jaccard overlap with every other selection
     plot(res)            # mechsink.report.figures: effects with CIs next to the overlap matrix
 
-Every selection is cut to the same count per image: ``k`` tokens, or (``k=None``) as many as the
-image's sinks, the top-ranked ones for ranking selections (``fastv``, ``vit_attention``,
+Every selection is cut to the same count per image: ``k`` tokens (then ``sinks`` is not allowed:
+compare ``norm_topk``), or (``k=None``) as many as the image's sinks, the top-ranked ones for ranking selections (``fastv``, ``vit_attention``,
 ``norm_topk``; ``ratio`` is ignored here). Each set is ablated (``mode`` at ``site``, as in
 ``mechsink.ablation``) next to ``n_draws`` random non-sink sets of the same count; the effect of a
 set is compared with its image's mean random effect by ``stats.compare_paired`` over images
@@ -80,6 +80,9 @@ class CompareConfig(Config):
         object.__setattr__(self, "metric", Metric.coerce(self.metric))
         if self.k is not None and int(self.k) < 1:
             raise CompareError(f"k must be >= 1, got {self.k}")
+        if self.k is not None and "sinks" in sels:
+            raise CompareError("the sinks have their own count per image: with k, compare norm_topk(k) (the k "
+                               "most sink-like tokens) instead of sinks")
         self.ablation                                         # validates site/mode/draws
 
     @property
@@ -186,10 +189,8 @@ def _batch(model, chunk, k: int, cfg: CompareConfig, acfg: AblationConfig, sinks
     for sel in sels:
         if sel.ranking:
             chosen.append(top_rows(table, sel.score_column, axis=acfg.axis, counts=counts))
-        elif cfg.k is None:
+        else:                                                 # the sinks (k is None: CompareConfig)
             chosen.append(is_sink)
-        else:                                                 # k tokens: the k most sink-like
-            chosen.append(top_rows(table, "norm", axis=acfg.axis, counts=counts) if "norm" in table else is_sink)
     select = np.concatenate([np.stack(chosen), rand[1:]])
     base, x = _clean_with_site(model, batch, acfg)
     plan = _plan(model, batch, acfg, select, means, base, seed=cfg.seed + k, x=x)
