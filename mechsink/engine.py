@@ -5,14 +5,18 @@ site replaced, per copy, by given values or zeros), attention ``knockout`` of LL
 ``drop`` (LLM positions deleted). ``execute`` runs the copies chunked along the batch dimension and
 scores every row with a Metric. When nothing is written inside the ViT, the ViT and projector run
 once per batch: their output, the language model's ``inputs_embeds``, is captured
-(``trace.llm_inputs``) and the copies run the LLM alone. ``clean`` is the unchanged run every
+(``trace.llm_inputs``) and the copies run the LLM alone. When every write is at the LLM's
+residual stream (a layer x position sweep, path patching), a chunk of copies starts at the first
+block it changes from the clean stream, and only for the positions from the first one written on
+(earlier positions keep the clean run's keys and values); ``from_layer=False`` is the reference
+path that reruns the whole LLM for every copy. ``clean`` is the unchanged run every
 analysis compares against; ``source_run`` scores another batch with the base's targets.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from .metrics import Metric, Targets, gather_logits
 from .models.base import Batch
 from .sites import Site
 from .tokens import TokenMap
-from .trace import LLMInputs, knockout, llm_inputs
+from .trace import LLMInputs, block_kwargs, knockout, llm_inputs, llm_module, run_blocks
 
 
 class EngineError(MechsinkError, ValueError):
@@ -147,15 +151,111 @@ def _targets_after_drop(t: Targets, drop_rows: torch.Tensor, pad: torch.Tensor) 
     return t.shifted(pad - before)
 
 
+def _boundary(site: Site) -> int | None:
+    """The block whose input a residual-stream write changes (n_layers: the final norm's), or
+    None for a site inside a block."""
+    if site == Site.parse("llm.embed"):
+        return 0
+    if site.part == "llm" and site.kind in ("resid_pre", "resid_post"):
+        return site.layer + (site.kind == "resid_post")
+    return None
+
+
+class KV:
+    """Stands in for HF's cache in direct block calls: with ``record`` each layer's keys and values
+    are kept (``seen``); otherwise ``prefix[layer]`` (keys and values of the positions before the
+    window that runs) is put in front of the window's own."""
+    def __init__(self, prefix: Mapping | None = None, record: bool = False):
+        self.prefix, self.record, self.seen = prefix or {}, record, {}
+
+    def update(self, k, v, layer, *args, **kwargs):
+        if self.record:
+            self.seen[layer] = (k, v)
+            return k, v
+        pk, pv = self.prefix[layer]
+        return torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+
+
+class _Resume:
+    """Patched LLM runs that start at the first block a chunk's writes reach, from the clean
+    residual stream, and only for the positions from the first one written on: earlier positions
+    cannot see later ones, so their keys and values are the clean run's (one clean LLM run of the
+    batch records the stream entering every block and every layer's keys and values)."""
+
+    def __init__(self, model, inputs: LLMInputs, writes: list[Write], kw: dict):
+        self.model, self.writes, self.kw = model, sorted(writes, key=lambda w: (_boundary(w.site), w.site.order)), {}
+        self.kv, self.stream = KV(record=True), {}
+        run_blocks(model, inputs.embeds, {**kw, "cache": self.kv}, 0, {}, streams=self.stream)
+        impl = getattr(model.module(llm_module(model)).config, "_attn_implementation", None)
+        self.window, self.sdpa = impl in ("sdpa", "eager"), impl == "sdpa"
+
+    def first(self, c0: int, c1: int, keep: torch.Tensor) -> int:
+        """The first position any write of copies c0..c1 changes (at most the first target's)."""
+        if not self.window:
+            return 0
+        cols = [w.mask[c0:c1].reshape(-1, w.mask.shape[-1]).any(0) for w in self.writes if bool(w.mask[c0:c1].any())]
+        return min([int(c.nonzero()[0]) for c in cols] + [int(keep.min())])
+
+    def edits(self, c0: int, c1: int, p0: int) -> dict:
+        by: dict[int, list] = {}
+        for w in self.writes:
+            if bool(w.mask[c0:c1].any()):
+                v = w.values[..., p0:, :] if w.values is not None else None
+                by.setdefault(_boundary(w.site), []).append(_edit(Write(w.site, w.mask[..., p0:], v), c0, c1))
+        return {b: _chain(fns) for b, fns in by.items()}
+
+    def kwargs(self, model_inputs: dict, n: int, start: int, p0: int) -> dict:
+        """Block keywords for ``n`` stacked copies and the window from ``p0``, with the clean keys
+        and values of the earlier positions."""
+        if n not in self.kw:
+            self.kw[n] = block_kwargs(self.model, model_inputs)
+        kw = dict(self.kw[n])
+        if p0 == 0:
+            return kw
+        e = model_inputs["inputs_embeds"]
+        s = e.shape[1]
+        m = kw.get("attention_mask")
+        if m is None:                                    # causal only: a window needs its own mask
+            m = torch.ones(s, s, dtype=torch.bool, device=e.device).tril()[None, None]
+            if not self.sdpa:
+                m = torch.zeros(m.shape, dtype=e.dtype, device=e.device).masked_fill(~m, torch.finfo(e.dtype).min)
+        kw["attention_mask"] = m[..., p0:, :]
+        kw["position_embeddings"] = tuple(t[..., p0:, :] for t in kw["position_embeddings"])
+        for k, v in kw.items():
+            if "position" in k and torch.is_tensor(v) and v.shape[-1] == s:
+                kw[k] = v[..., p0:]
+        kw["cache"] = KV({l: tuple(t[:, :, :p0].repeat(n, 1, 1, 1) for t in self.kv.seen[l])
+                          for l in range(start, self.model.n_llm_layers)})
+        return kw
+
+
+def _chunks(writes: list[Write], c_all: int, per: int, n_layers: int) -> list[tuple[int, int, int | None]]:
+    """(c0, c1, start) chunks of at most ``per`` copies that share the first block their writes
+    change (start None: a write inside a block; such copies rerun the whole LLM)."""
+    firsts = []
+    for c in range(c_all):
+        b = [_boundary(w.site) for w in writes if bool(w.mask[c].any())]
+        firsts.append(None if None in b else min(b) if b else n_layers)
+    out, c0 = [], 0
+    for c in range(1, c_all + 1):
+        if c == c_all or c - c0 == per or firsts[c] != firsts[c0]:
+            out.append((c0, c, firsts[c0]))
+            c0 = c
+    return out
+
+
 def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *, inputs: LLMInputs | None = None,
             clean_next: torch.Tensor | None = None, rows_per_forward: int = 64, want_next: bool = False,
-            read: Sequence[str] = ()) -> dict:
+            read: Sequence[str] = (), from_layer: bool = True) -> dict:
     """Run ``plan`` on stacked copies of ``batch`` and score every row.
 
     targets: for the original batch ([B] rows). clean_next: [B, V] clean next-token logits (the
-    ``kl`` metric). Returns {"value": [C, B] metric values (or, with ``metric=None``, "logits":
-    [C, B, T, V] at ``targets.keep``), "next": [C, B, V] next-token logits when ``want_next``, and
-    the ``read`` sites (only for a single copy)}.
+    ``kl`` metric). from_layer: when every write is at the LLM's residual stream (``llm.embed``,
+    ``hook_resid_pre|post``), each chunk of copies starts at the first block it changes, from the
+    clean stream (False: every copy runs the whole LLM, the reference path). Returns {"value":
+    [C, B] metric values (or, with ``metric=None``, "logits": [C, B, T, V] at ``targets.keep``),
+    "next": [C, B, V] next-token logits when ``want_next``, and the ``read`` sites (only for a
+    single copy)}.
     """
     b = batch.size
     c_all = plan.n_copies
@@ -171,11 +271,25 @@ def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *
         inputs = inputs if inputs is not None else llm_inputs(model, batch)
         writes = [(_proj_to_llm(w, batch.token_map, inputs.embeds) if w.site == Site.parse("proj.out") else w) for w in writes]
     per = max(1, rows_per_forward // b)
+    resume, chunks = None, [(c0, min(c_all, c0 + per), None) for c0 in range(0, c_all, per)]
+    if from_layer and not full and writes and plan.drop is None and plan.knockout is None and not read:
+        chunks = _chunks(writes, c_all, per, model.n_llm_layers)
+        kw = block_kwargs(model, inputs.repeat(1)) if any(x[2] is not None for x in chunks) else None
+        if kw is not None:
+            resume = _Resume(model, inputs, [w for w in writes if _boundary(w.site) is not None], kw)
     values, nexts, acts = [], [], {}
-    for c0 in range(0, c_all, per):
-        c1 = min(c_all, c0 + per)
+    for c0, c1, start in chunks:
         n = c1 - c0
         t = targets.repeat(n)
+        if resume is not None and start is not None:
+            model_inputs = inputs.repeat(n)
+            keep = t.keep(model_inputs["inputs_embeds"].shape[1])
+            p0 = resume.first(c0, c1, keep)
+            hidden = resume.stream[start][:, p0:]
+            logits = run_blocks(model, hidden.repeat(n, 1, 1), resume.kwargs(model_inputs, n, start, p0),
+                                start, resume.edits(c0, c1, p0), keep - p0)
+            _score(values, nexts, logits, metric, t, clean_next, n, b, want_next)
+            continue
         if full:
             run_batch = repeat_batch(batch, n) if n > 1 else batch
             seq = batch.inputs["input_ids"].shape[1]
@@ -203,13 +317,7 @@ def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *
         logits = out["llm.logits"]
         if logits.shape[1] != keep.shape[1]:      # a model that ignored logits_to_keep
             logits = gather_logits(logits, keep)
-        if metric is None:
-            values.append(logits.detach().float().cpu().reshape(n, b, *logits.shape[1:]))
-        else:
-            cn = clean_next.repeat(n, 1) if clean_next is not None else None
-            values.append(metric.score(logits, t, cn).detach().cpu().reshape(n, b))
-        if want_next:
-            nexts.append(logits[:, 0].detach().float().cpu().reshape(n, b, -1))
+        _score(values, nexts, logits, metric, t, clean_next, n, b, want_next)
         acts.update({k: v for k, v in out.items() if k in set(map(str, map(Site.parse, read)))})
     res = {"value" if metric is not None else "logits": torch.cat(values)}
     if want_next:
@@ -218,20 +326,31 @@ def execute(model, batch, plan: Plan, metric: Metric | None, targets: Targets, *
     return res
 
 
+def _score(values: list, nexts: list, logits, metric, t, clean_next, n: int, b: int, want_next: bool) -> None:
+    if metric is None:
+        values.append(logits.detach().float().cpu().reshape(n, b, *logits.shape[1:]))
+    else:
+        cn = clean_next.repeat(n, 1) if clean_next is not None else None
+        values.append(metric.score(logits, t, cn).detach().cpu().reshape(n, b))
+    if want_next:
+        nexts.append(logits[:, 0].detach().float().cpu().reshape(n, b, -1))
+
+
+def _chain(fns):
+    def edit(x):
+        for f in fns:
+            x = f(x)
+        return x
+    return edit
+
+
 def _site_edits(writes: list[Write], c0: int, c1: int, skip_embed: bool) -> dict:
     """{site: edit} for copies c0..c1; several writes at one site are applied in order."""
     by_site: dict[str, list] = {}
     for w in writes:
         if not (skip_embed and w.site == Site.parse("llm.embed")) and bool(w.mask[c0:c1].any()):
             by_site.setdefault(str(w.site), []).append(_edit(w, c0, c1))
-
-    def chain(fns):
-        def edit(x):
-            for f in fns:
-                x = f(x)
-            return x
-        return edit
-    return {s: chain(fns) for s, fns in by_site.items()}
+    return {s: _chain(fns) for s, fns in by_site.items()}
 
 
 def clean(model, batch, metric: Metric, *, read: Sequence[str] = (), inputs: LLMInputs | None = None) -> dict:

@@ -67,7 +67,9 @@ class PatchConfig(Config):
     count, "random(match=border)" also on the border). positions: None patches each selection as a
     whole; "patches" (each patch cell), "all" (each position of the site's token axis) or a list of
     positions make a sweep, one unit at a time. sinks_of: whose sinks are used, the source's or the
-    base's. batch_size: samples per forward in ``patch_dataset``.
+    base's. batch_size: samples per forward in ``patch_dataset``. from_layer: patched runs of
+    residual-stream sites start at the patched block from the clean stream (False: the whole LLM
+    reruns for every copy -- the reference path; same numbers).
     """
     sites: tuple[str, ...] | None = ("proj.out",)
     selections: tuple[str, ...] = ("sinks", "random", "image")
@@ -78,6 +80,7 @@ class PatchConfig(Config):
     seed: int = 0
     batch_size: int = 8
     rows_per_forward: int = 64
+    from_layer: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -128,6 +131,7 @@ class PathPatchConfig(Config):
     sinks_of: str = "source"
     seed: int = 0
     rows_per_forward: int = 64
+    from_layer: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -312,7 +316,7 @@ def patch(model, base, source, config: PatchConfig | dict | None = None, *, sink
         n_tok.append(n)
         c += len(us)
     out = execute(model, base, plan, cfg.metric, b0["targets"], inputs=b0["inputs"], clean_next=b0["next"],
-                  rows_per_forward=cfg.rows_per_forward)
+                  rows_per_forward=cfg.rows_per_forward, from_layer=cfg.from_layer)
     n_tokens = None if any(n is None for n in n_tok) else np.concatenate(n_tok)
     f = long_frame(labels, units, draws, cfg.unit, out["value"], b0["value"], s0["value"], n_tokens, sample_ids=sample_ids)
     return PatchResult(f, cfg, {"model": getattr(model, "name", "")})

@@ -86,7 +86,7 @@ def path_patch(model, base, source, layers: Sequence[int | Sequence[int]] | None
         plan.writes.append(Write(pre[l], mask, s0[pre[l]]))
         plan.writes.append(Write(post[l], mask, b0[post[l]]))
     out = execute(model, base, plan, cfg.metric, b0["targets"], inputs=b0["inputs"], clean_next=b0["next"],
-                  rows_per_forward=cfg.rows_per_forward)
+                  rows_per_forward=cfg.rows_per_forward, from_layer=cfg.from_layer)
     labels = [f"llm.layers.{'+'.join(map(str, c))}" for c in conds for _ in range(n_sets)]
     first = [c[0] if len(c) == 1 else -1 for c in conds for _ in range(n_sets)]
     f = long_frame(labels, list(chosen.names) * len(conds), list(chosen.draws) * len(conds), "tokens", out["value"],

@@ -253,6 +253,55 @@ def llm_inputs(model, batch) -> LLMInputs:
     return LLMInputs(got["inputs_embeds"].detach(), got.get("attention_mask"), got.get("position_ids"))
 
 
+def block_kwargs(model, inputs: Mapping) -> dict | None:
+    """The keywords the LLM hands its blocks (causal mask, rotary embeddings, position ids) for
+    ``inputs`` (``LLMInputs.repeat``), captured at block 0 before any block runs; None when the
+    blocks do not all take the same ones (sliding-window layers) or the LLM lacks a final ``norm``."""
+    llm = model.module(llm_module(model))
+    cfg = getattr(llm, "config", None)
+    if len(set(getattr(cfg, "layer_types", None) or ["full"])) > 1 or not hasattr(llm, "norm") or \
+            getattr(cfg, "final_logit_softcapping", None) or not model.adapter.lm_head:
+        return None
+    got: dict = {}
+
+    def hook(mod, args, kwargs):
+        got.update(kwargs)
+        raise Stop
+
+    handle = model.module(f"{model.adapter.llm_blocks}.0").register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            llm(**inputs, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    return got
+
+
+def run_blocks(model, hidden: Float[torch.Tensor, "rows seq d"], kwargs: Mapping, start: int,
+               edits: Mapping[int, Edit], keep: torch.Tensor | None = None, streams: dict | None = None):
+    """The LLM from block ``start`` on: ``hidden`` enters block ``start`` (with ``block_kwargs``),
+    ``edits[b]`` changes the stream entering block ``b`` (b = n_layers: the final norm), and the
+    logits at ``keep`` [R, T] come back; ``streams`` collects the stream entering every block.
+    Blocks are called as modules, so their hooks still fire."""
+    blocks = model.module(model.adapter.llm_blocks)
+    with torch.no_grad():
+        for b in range(start, len(blocks) + 1):
+            if b in edits:
+                hidden = edits[b](hidden)
+            if streams is not None:
+                streams[b] = hidden
+            if b < len(blocks):
+                out = blocks[b](hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+        if keep is None:
+            return None
+        idx = keep.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1])
+        hidden = model.module(llm_module(model)).norm(hidden.gather(1, idx))
+        return model.module(model.adapter.lm_head)(hidden)
+
+
 @contextlib.contextmanager
 def knockout(model, key_mask: Bool[torch.Tensor, "rows seq"], layers: Sequence[int] | None = None):
     """Within the block, LLM attention from every query to the positions in ``key_mask`` is masked
