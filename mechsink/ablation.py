@@ -40,6 +40,7 @@ from .metrics import Metric
 from .results import Result
 from .selection import Selection, SinkSource, contrast_foreground, draw_random, sink_table
 from .sites import Site
+from .stats import image_keys
 from .tokens import axis_columns
 from .trace import capture, llm_inputs
 
@@ -188,8 +189,9 @@ def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int,
 @dataclass
 class AblationResult(Result):
     """Tidy results: ``frame`` has one row per sample x condition ("sink", "random") x draw with
-    columns batch, sample, id, condition, draw, n_tokens, patches, value, clean, effect, valid,
-    reason. ``meta["model"]``: the model's name."""
+    columns batch, sample, id, image_key, condition, draw, n_tokens, patches, value, clean, effect,
+    valid, reason. ``image_key`` names the sample's image (questions on one image share it; the
+    statistics run over images). ``meta["model"]``: the model's name."""
     config_class: ClassVar[type | None] = AblationConfig
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
@@ -201,12 +203,28 @@ class AblationResult(Result):
         rand = f[f["condition"] == "random"].pivot(index="sample", columns="draw", values="effect").sort_index()
         return sink.to_numpy(), rand.loc[sink.index].to_numpy(), sink.index
 
-    def comparison(self, **kw):
-        """mechsink.stats.Comparison of sink vs random effects (bootstrap CIs, permutation p)."""
+    def units(self) -> np.ndarray:
+        """The image of every valid sample, in the order of ``effects()`` (a frame without
+        ``image_key``, saved by an older version, counts every sample as its own image)."""
+        _, _, idx = self.effects()
+        f = self.frame
+        if "image_key" not in f:
+            return np.asarray(idx).astype(str)
+        keys = f.drop_duplicates("sample").set_index("sample")["image_key"]
+        return keys.loc[idx].astype(str).to_numpy()
+
+    def comparison(self, *, by: str = "image", **kw):
+        """mechsink.stats.Comparison of sink vs random effects (bootstrap CIs, permutation p), over
+        images (``by="image"``: questions on one image averaged first) or, for comparison only,
+        over questions (``by="question"``, which treats correlated questions as independent)."""
         from .stats import compare_paired
         sink, rand, _ = self.effects()
         c = self.config
         args = dict(n_boot=c.n_boot, n_perm=c.n_perm, alpha=c.alpha, alternative=c.alternative, seed=c.seed)
+        if by == "image":
+            args["units"] = self.units()
+        elif by != "question":
+            raise AblationError(f"by must be 'image' or 'question', got {by!r}")
         return compare_paired(sink, rand, **{**args, **kw})
 
     @property
@@ -221,7 +239,7 @@ class AblationResult(Result):
         d = self.comparison().to_dict()
         f = self.frame
         return {"sink_effect": d["sink"], "random_effect": d["random"], "diff": d["diff"], "p_value": d["p_value"],
-                "n": d["n"], "n_draws": d["n_draws"], "test": d["test"], "alternative": d["alternative"],
+                "n": d["n"], "n_images": d["n"], "n_questions": d["n_obs"], "unit": d["unit"], "n_draws": d["n_draws"], "test": d["test"], "alternative": d["alternative"],
                 "alpha": d["alpha"], "metric": self.config.metric.name,
                 "clean_metric": float(f.drop_duplicates("sample")["clean"].mean()),
                 "n_skipped": int(f.loc[~f["valid"], "sample"].nunique()),
@@ -270,6 +288,7 @@ def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, 
     tm = batch.token_map
     table = sink_table(model, batch, sinks, foreground)
     gidx, ids = chunk.indices, chunk.ids
+    keys = image_keys(batch.images)
     select, valid, reason = draw_random(table, tm, cfg.n_draws, axis=cfg.axis, match=cfg.match,
                                         norm_band=cfg.norm_band, seed=cfg.seed, sample_ids=gidx)
     base, x = _clean_with_site(model, batch, cfg)
@@ -284,7 +303,7 @@ def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, 
     for c in range(select.shape[0]):
         for s in range(batch.size):
             chosen = np.sort(patch[select[c] & (samples == s)])
-            rows.append({"batch": k, "sample": gidx[s], "id": str(ids[s]), "condition": "sink" if c == 0 else "random",
+            rows.append({"batch": k, "sample": gidx[s], "id": str(ids[s]), "image_key": keys[s], "condition": "sink" if c == 0 else "random",
                          "draw": max(c - 1, 0), "n_tokens": len(chosen), "patches": " ".join(map(str, chosen)),
                          "value": float(value[c, s]), "clean": float(base["value"][s]),
                          "effect": float(effect[c, s]), "valid": bool(valid[s]), "reason": reason[s]})
@@ -319,4 +338,5 @@ def _plan(model, batch, cfg: AblationConfig, select: np.ndarray, means, base: di
     return Plan(c, [Write(cfg.site, tm.mask(axis, select, tuple(x.shape[:-1])), values)])
 
 
-__all__ = ["MODES", "AblationConfig", "AblationError", "AblationResult", "ablate", "cell_means", "contrast_foreground"]
+__all__ = ["MODES", "AblationConfig", "AblationError", "AblationResult", "ablate", "cell_means", "contrast_foreground",
+           "image_keys"]

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Mechanistic interpretability of ViT attention sinks in vision-language models.")
 
 
@@ -69,7 +69,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
             fail(f"cannot write{where}: permission denied or read-only; choose another --out")
         if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
             fail(f"{e.filename or 'a path'} is a file where a folder is needed (or the reverse); choose another --out")
-        fail(f"{e.strerror or e}{where}")
+        fail(f"{e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else e}{where}")
 
 
 # -- shared options ----------------------------------------------------------------------------------
@@ -91,6 +91,8 @@ ErrorsOpt = typer.Option(None, "--errors", help="Write the skipped images (and w
 def open_model(name: str, device: str | None, dtype: str | None, device_map: str | None):
     """The one place a command loads its model."""
     from . import load
+    from .report.pipeline import offline_if_hub_unreachable
+    offline_if_hub_unreachable(name)
     return load(name, device=None if device_map else device, dtype=dtype, device_map=device_map)
 
 
@@ -226,10 +228,10 @@ def cache(model: str = ModelOpt, data: Optional[str] = DataOpt,
 @app.command()
 def probe(cache_dir: Path = typer.Option(..., "--cache", help="Store directory written by `mechsink cache`."),
           label: str = typer.Option(..., "--label", help="Label column of the store's index (e.g. planted_label)."),
-          token_sets: str = typer.Option("sinks,nonsinks,cls,mean", "--token-sets"),
+          token_sets: str = typer.Option("sinks,nonsinks,cls,mean", "--token-sets", help="Comma-separated token sets to probe (as cached)."),
           sites: Optional[str] = typer.Option(None, "--sites", help="Comma-separated; default: every cached site."),
           model: str = typer.Option("logistic", "--probe", help="logistic | ridge"),
-          folds: int = typer.Option(5, "--folds"), seed: int = typer.Option(0, "--seed"),
+          folds: int = typer.Option(5, "--folds", help="Cross-validation folds."), seed: int = typer.Option(0, "--seed", help="Seed."),
           out: Optional[Path] = typer.Option(None, "--out", help="Save probes, results and figure here."),
           as_json: bool = JsonOpt):
     """Linear probes: what sinks vs non-sinks vs CLS vs mean-pooled tokens encode, at every cached site."""
@@ -265,7 +267,7 @@ def ablate(model: str = ModelOpt, data: Optional[str] = DataOpt,
            layers: Optional[str] = typer.Option(None, "--layers", help="LLM layers for knockout, e.g. 0,1,2."),
            metric: str = MetricOpt, answers: Optional[str] = AnswersOpt, rule: Optional[str] = RuleOpt,
            param: Optional[list[str]] = ParamOpt, limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt,
-           seed: int = typer.Option(0, "--seed"),
+           seed: int = typer.Option(0, "--seed", help="Seed of the random control draws."),
            out: Optional[Path] = typer.Option(None, "--out", help="Save the results (and errors.jsonl) here."),
            errors: Optional[Path] = ErrorsOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
            device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
@@ -291,7 +293,7 @@ def ablate(model: str = ModelOpt, data: Optional[str] = DataOpt,
 
     def human(r):
         f = lambda e: f"{e['mean']:.4f} [{e['ci_low']:.4f}, {e['ci_high']:.4f}]"  # noqa: E731
-        return (f"{model}: {mode} @ {site}, metric {r.get('metric', metric)}, n={r['n']}\n"
+        return (f"{model}: {mode} @ {site}, metric {r.get('metric', metric)}, {r['n_images']} images ({r['n_questions']} q.)\n"
                 f"  sink effect   {f(r['sink_effect'])}\n  random effect {f(r['random_effect'])}\n"
                 f"  difference    {f(r['diff'])}\n  p (sink > random) = {r['p_value']:.4g}")
     emit(r, as_json, human)
@@ -306,8 +308,9 @@ def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
                                      help="Token selections to patch: sinks, nonsinks, image, random, random(match=border)."),
           sweep: Optional[str] = typer.Option(None, "--sweep", help="Patch every position instead: patches | all."),
           metric: str = MetricOpt, answers: Optional[str] = AnswersOpt,
-          draws: int = typer.Option(8, "--draws"), rule: Optional[str] = RuleOpt, param: Optional[list[str]] = ParamOpt,
-          limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt, seed: int = typer.Option(0, "--seed"),
+          draws: int = typer.Option(8, "--draws", help="Random draws per question."), rule: Optional[str] = RuleOpt,
+          param: Optional[list[str]] = ParamOpt, limit: Optional[int] = LimitOpt, batch_size: int = BatchOpt,
+          seed: int = typer.Option(0, "--seed", help="Seed of the random draws and the image shuffle."),
           out: Optional[Path] = typer.Option(None, "--out", help="Save the results (and errors.jsonl) here."),
           errors: Optional[Path] = ErrorsOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
           device_map: Optional[str] = DeviceMapOpt, as_json: bool = JsonOpt):
@@ -335,58 +338,64 @@ def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
     r = guarded(body)
 
     def human(r):
-        lines = [f"{model}: recovery (metric {r.get('metric', metric)}, n={r.get('n')})"]
+        lines = [f"{model}: recovery (metric {r.get('metric', metric)}, {r.get('n_images')} images, {r.get('n_questions')} q.)"]
         for site, row in r["recovery"].items():
             lines.append(f"  {site:32s} " + "  ".join(f"{u}={v:.3f}" for u, v in list(row.items())[:8]))
         return "\n".join(lines)
     emit(r, as_json, human)
 
 
+OutOpt = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory (work/ in it is started afresh).")
+ResumeOpt = typer.Option(False, "--resume", help="Reuse OUT/work (activation caches) of an earlier run.")
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory."),
-         as_json: bool = JsonOpt):
+def demo(out: Path = OutOpt, resume: bool = ResumeOpt, as_json: bool = JsonOpt):
     """The whole pipeline on the bundled toy LVLM (+ planted-llava as positive control) -> HTML report."""
-    _report_run(None, out, as_json)
+    _report_run(None, out, as_json, resume=resume)
 
 
 @app.command()
-def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default toy-llava)."),
+def report(model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo name, folder or HF id (default toy-llava)."),
            data: Optional[str] = DataOpt,
-           control: Optional[str] = typer.Option(None, "--control", help="Positive-control model ('none' to skip)."),
-           from_manifest: Optional[Path] = typer.Option(None, "--from", help="Re-run the analysis of a manifest.json "
-                                                        "and check that its numbers are reproduced."),
-           config: Optional[Path] = typer.Option(None, "--config", help="JSON file of ReportConfig settings."),
-           limit: Optional[int] = LimitOpt,
-           causal_limit: Optional[int] = typer.Option(None, "--causal-limit", help="Samples for ablation/patching."),
-           draws: Optional[int] = typer.Option(None, "--draws"), seed: Optional[int] = typer.Option(None, "--seed"),
-           device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-           device_map: Optional[str] = DeviceMapOpt,
-           out: Path = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory."),
-           as_json: bool = JsonOpt):
+           control: Optional[str] = typer.Option(None, "--control", help="Positive control (default planted-llava; none)."),
+           from_manifest: Optional[Path] = typer.Option(None, "--from", help="Re-run a manifest.json; check its numbers."),
+           config: Optional[Path] = typer.Option(None, "--config", "--recipe", help="ReportConfig JSON, e.g. a recipe in "
+                                                 "configs/paper/ (options given here override it)."),
+           limit: Optional[int] = typer.Option(None, "--limit", "-n", help="Questions for detection, probes, subsets, "
+                                               "reorder (default 240)."),
+           causal_limit: Optional[int] = typer.Option(None, "--causal-limit", help="Questions for ablation, half for "
+                                                      "patching (default 96)."),
+           draws: Optional[int] = typer.Option(None, "--draws", help="Random draws per question (default 16)."),
+           seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every random draw (default 0)."),
+           device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt, device_map: Optional[str] = DeviceMapOpt,
+           out: Path = OutOpt, resume: bool = ResumeOpt, as_json: bool = JsonOpt):
     """Run the report pipeline on any supported model and dataset (GPU for real models)."""
     overrides = {k: v for k, v in dict(model=model, data=data, limit=limit, causal_limit=causal_limit, draws=draws,
                                        seed=seed, device=device, dtype=dtype, device_map=device_map).items()
                  if v is not None}
     if control is not None:
         overrides["control"] = None if control.lower() == "none" else control
-    _report_run(overrides, out, as_json, from_manifest=from_manifest, config_file=config)
+    _report_run(overrides, out, as_json, from_manifest=from_manifest, config_file=config, resume=resume)
 
 
 def _report_run(overrides: dict | None, out: Path, as_json: bool, *, from_manifest: Path | None = None,
-                config_file: Path | None = None) -> None:
+                config_file: Path | None = None, resume: bool = False) -> None:
     def body():
-        from .report.pipeline import ReportConfig, compare_numbers, from_manifest as read_manifest, run_report
+        from .report.pipeline import ReportConfig, compare_numbers, from_manifest as read_manifest, read_config, run_report
         old = None
         if from_manifest is not None:
             cfg = read_manifest(from_manifest)
             old = json.loads(Path(from_manifest).read_text()).get("numbers", {})
         elif config_file is not None:
-            cfg = ReportConfig.from_json(Path(config_file).read_text())
+            cfg = read_config(config_file)
         else:
             cfg = ReportConfig()
         if overrides:
             cfg = ReportConfig.from_dict({**cfg.to_dict(), **overrides})
-        index = run_report(cfg, out)
+        from .models import check_device
+        check_device(cfg.device)
+        index = run_report(cfg, out, resume=resume)
         manifest = json.loads((index.parent / "manifest.json").read_text())
         res = {"index": str(index), "manifest": str(index.parent / "manifest.json"),
                "numbers": manifest.get("numbers", {})}
@@ -411,8 +420,8 @@ def plan(model: str = ModelOpt,
          sites: str = typer.Option("vit.out,proj.out", "--sites", help="Comma-separated sites to cache."),
          tokens: str = typer.Option("image", "--tokens", help="Token selections, as for `mechsink cache`."),
          image_size: str = typer.Option("640x480", "--image-size", help="WIDTHxHEIGHT of the planned images."),
-         prompt: Optional[str] = typer.Option(None, "--prompt"),
-         batch_size: int = typer.Option(8, "--batch-size"),
+         prompt: Optional[str] = typer.Option(None, "--prompt", help="Question text used to count prompt tokens."),
+         batch_size: int = typer.Option(8, "--batch-size", help="Images per forward."),
          dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype on the device."),
          store_dtype: str = typer.Option("float16", "--store-dtype", help="Cache dtype."),
          patterns: Optional[str] = typer.Option(None, "--patterns", help="Attention-pattern sites that will be read."),
@@ -484,6 +493,7 @@ def verify(cache_dir: Path = typer.Option(..., "--cache", help="Store directory 
         first = res["problems"][0]["problem"]
         typer.echo(f"error: {len(res['problems'])} damaged file(s) in {res['store']}; first: {first}", err=True)
         raise typer.Exit(2)
+
 
 
 from . import cli_beyond  # noqa: E402  (compare, registers, var, export: registered on this app)

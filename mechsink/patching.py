@@ -34,6 +34,7 @@ from .results import Result
 from .selection import SelectionError, parse_all, random, resolve, sink_table
 from .sites import Site, blocks
 from .sources import PatchError, check_pair, corrupt, with_images
+from .stats import image_keys
 from .tokens import TokenMap, axis_columns
 
 POSITIONS = ("patches", "all")
@@ -181,14 +182,44 @@ class PatchResult(Result):
         t = v.unstack(self.unit)
         return t.reindex(index=list(dict.fromkeys(f["site"])), columns=list(dict.fromkeys(f[self.unit])))
 
+    def counts(self) -> dict:
+        """{"n_images", "n_questions"}: the independent images (``image_key``) and the samples."""
+        f = self.frame
+        n_q = int(f["sample"].nunique())
+        return {"n_images": int(f["image_key"].nunique()) if "image_key" in f else n_q, "n_questions": n_q}
+
+    def comparison(self, site: str, selection: str = "sinks", against: str | None = None, *, n_boot: int = 2000,
+                   n_perm: int = 10000, alpha: float = 0.05, alternative: str = "greater", seed: int = 0):
+        """mechsink.stats.Comparison at one site of how far patching moves the base run away from its
+        own answer -- the drop ``base - patched`` of the metric (positive = the answer moved toward the
+        source) -- when ``selection`` is patched vs when ``against`` is (default: the first random
+        selection): paired per sample, averaged within each image, CIs and sign flips over images."""
+        from .stats import compare_paired
+        f = self.frame[self.frame["site"] == site]
+        if f.empty:
+            raise PatchError(f"no rows for site {site!r}; sites: {', '.join(dict.fromkeys(self.frame['site']))}")
+        names = list(dict.fromkeys(f[self.unit].astype(str)))
+        if against is None:
+            against = next((n for n in names if n.startswith("random")), None)
+        for name in (selection, against):
+            if name not in names:
+                raise PatchError(f"no selection {name!r} at {site}; selections: {', '.join(names)}")
+        eff = f.assign(effect=f["base"] - f["patched"], sel=f[self.unit].astype(str))
+        per = eff.groupby(["sample", "sel"])["effect"].mean().unstack("sel")[[selection, against]].dropna()
+        keys = eff.drop_duplicates("sample").set_index("sample")
+        units = keys.loc[per.index, "image_key"].astype(str).to_numpy() if "image_key" in keys else None
+        return compare_paired(per[selection].to_numpy(), per[against].to_numpy(), units=units, n_boot=n_boot,
+                              n_perm=n_perm, alpha=alpha, alternative=alternative, seed=seed)
+
     def summary(self) -> dict:
-        """{"recovery": {site: {unit: value}}, "effect": {...}, "n", "unit", "metric", "sites"}."""
+        """{"recovery": {site: {unit: value}}, "effect": {...}, "n", "n_images", "n_questions", "unit",
+        "metric", "sites"}; ``n`` counts questions (samples), ``n_images`` the images they share."""
         def nested(t: pd.DataFrame) -> dict:
             return {str(s): {str(u): (None if not np.isfinite(v) else float(v)) for u, v in row.items()}
                     for s, row in t.iterrows()}
         metric = getattr(self.config, "metric", None)
         return {"recovery": nested(self.table("recovery")), "effect": nested(self.table("effect")),
-                "n": int(self.frame["sample"].nunique()), "unit": self.unit,
+                "n": int(self.frame["sample"].nunique()), **self.counts(), "unit": self.unit,
                 "metric": metric.name if metric is not None else None, "sites": list(dict.fromkeys(self.frame["site"]))}
 
     @classmethod
@@ -319,6 +350,8 @@ def patch(model, base, source, config: PatchConfig | dict | None = None, *, sink
                   rows_per_forward=cfg.rows_per_forward, from_layer=cfg.from_layer)
     n_tokens = None if any(n is None for n in n_tok) else np.concatenate(n_tok)
     f = long_frame(labels, units, draws, cfg.unit, out["value"], b0["value"], s0["value"], n_tokens, sample_ids=sample_ids)
+    ids = np.arange(base.size) if sample_ids is None else np.asarray(sample_ids)
+    f["image_key"] = f["sample"].map(dict(zip(ids.tolist(), image_keys(base.images))))
     return PatchResult(f, cfg, {"model": getattr(model, "name", "")})
 
 

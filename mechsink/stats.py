@@ -2,7 +2,9 @@
 
 Every analysis that compares sinks with random tokens measures both on the *same* samples, so the
 comparison is paired: confidence intervals come from the bootstrap over samples and the test is a
-sign-flip permutation test on the per-sample differences (no normality assumption).
+sign-flip permutation test on the per-sample differences (no normality assumption). When several
+samples (questions) share an image, ``compare_paired(..., units=image_keys(...))`` averages within
+each image first, so the bootstrap and the sign flips run over the independent images.
 """
 
 from __future__ import annotations
@@ -343,6 +345,21 @@ def unit_means(values, units: Sequence) -> np.ndarray:
     sums = np.bincount(inverse.reshape(-1), weights=v, minlength=len(first))
     counts = np.bincount(inverse.reshape(-1), minlength=len(first))
     return (sums / counts)[order]
+
+
+def image_keys(images: Sequence) -> list[str]:
+    """One key per sample naming its image(s) (``images``: a list of PIL images or of lists of
+    them, as ``Batch.images``): a hash of the pixels, so questions asked of the same image share a
+    key whichever file or row it came from -- the ``units`` of :func:`compare_paired`."""
+    import hashlib
+    keys = []
+    for group in images:
+        h = hashlib.sha256()
+        for im in (group if isinstance(group, (list, tuple)) else [group]):
+            h.update(f"{im.mode}{im.size}".encode())
+            h.update(im.tobytes())
+        keys.append(h.hexdigest()[:16])
+    return keys
 
 
 def comparison_frame(comparisons: dict[str, Comparison]):

@@ -356,3 +356,38 @@ def test_contrast_foreground_flags_the_object_cells():
     p = b.token_map.patches
     expected = p["row"].isin([1, 2]) & p["col"].isin([2, 3])
     assert fg.tolist() == expected.tolist()
+
+
+def test_null_twin_with_three_questions_per_image_is_calibrated_by_image_only():
+    """Three questions per image on the null twin (the same image asked thrice, each question with
+    its own random draws): the image-level test (questions averaged within their image, sign flips
+    over images) keeps its size over 1,200 re-drawn experiments of 12 images; the question-level
+    test, which counts the three correlated questions as independent, does not."""
+    from mechsink.stats import unit_means
+    m = mechsink.load("planted-llava-null")
+    rng = np.random.default_rng(7)
+    n_img, per = 160, 3
+    images = [P.make_image(rng) for _ in range(n_img)]
+    rep_images = [im for im in images for _ in range(per)]
+    batches = [m.prepare(rep_images[i:i + 96], [P.PROMPT] * len(rep_images[i:i + 96]),
+                         answers=[P.label_of(im) for im in rep_images[i:i + 96]]) for i in range(0, len(rep_images), 96)]
+    res = ablate(m, batches, AblationConfig(n_draws=8, rows_per_forward=512), sinks=SINKS)
+    sink, rand, idx = res.effects()
+    units = res.units()
+    assert len(set(units)) == n_img and len(units) == n_img * per
+    assert (units[::per] == units[1::per]).all()                # questions on one image share its key
+    s = res.summary()
+    assert (s["n_images"], s["n_questions"]) == (n_img, n_img * per)
+    assert res.comparison(by="question").n == n_img * per
+    d = sink - rand.mean(1)
+    img_of = np.asarray([list(dict.fromkeys(units)).index(u) for u in units])
+    g = np.random.default_rng(3)
+    p_img, p_q = [], []
+    for _ in range(1200):
+        chosen = g.choice(n_img, 12, replace=False)
+        rows = np.flatnonzero(np.isin(img_of, chosen))
+        p_img.append(paired_permutation_test(unit_means(d[rows], img_of[rows]), np.zeros(12)))
+        p_q.append(paired_permutation_test(d[rows], np.zeros(rows.size), n_perm=1000, seed=int(g.integers(1 << 30))))
+    fpr_img, fpr_q = np.mean(np.asarray(p_img) < 0.05), np.mean(np.asarray(p_q) < 0.05)
+    assert 0.03 <= fpr_img <= 0.07, fpr_img
+    assert fpr_q > 0.09, fpr_q                                   # pseudo-replication: too many false positives

@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a real subprocess, JSON on stdout, one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,26 @@ def test_corrupt_image_is_one_line_error(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
     p = run_cli("inspect", "--model", "tiny-llava", "--image", str(bad), check=False)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "cannot read image" in p.stderr
+
+
+def test_every_option_has_help_and_flags_are_plain_flags():
+    import typer.main
+
+    from mechsink.cli import app
+    cmd = typer.main.get_command(app)
+    missing = [(n, p.opts) for n, sub in cmd.commands.items() for p in sub.params if not getattr(p, "help", None)]
+    assert missing == []
+    p = subprocess.run([sys.executable, "-m", "mechsink.cli", "report", "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "--json" in p.stdout and "--resume" in p.stdout
+    assert "<bool>" not in p.stdout                                  # a flag takes no value
+
+
+def test_unreachable_hub_is_one_line_without_retries(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))   # a closed local port
+    p = subprocess.run([sys.executable, "-m", "mechsink.cli", "inspect", "--model", "someorg/nosuchmodel"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert len(lines) <= 2 and lines[-1].startswith("error: cannot open model 'someorg/nosuchmodel'"), p.stderr
+    assert "retry" not in p.stderr.lower() and "Traceback" not in p.stderr

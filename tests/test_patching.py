@@ -274,3 +274,32 @@ def test_configs_roundtrip_through_json_and_results_reload(tiny, tmp_path):
         back = PatchResult.load(tmp_path / str(k))
         pd.testing.assert_frame_equal(back.frame, res.frame)
         assert type(back.config) is type(res.config) and back.config == res.config and back.unit == res.unit
+
+
+def test_comparison_is_over_images_when_questions_share_them():
+    """Six images asked twice each: the sinks vs random comparison pairs questions, averages them
+    within their image and runs over 6 images; the planted sinks move the answer, random tokens not."""
+    m = mechsink.load("planted-llava")
+    images, rows = P.load_eval(6)
+    imgs = [im for im in images for _ in range(2)]
+    answers = [r["answer"] for r in rows for _ in range(2)]
+    base = m.prepare(imgs, [P.PROMPT] * 12, answers=answers)
+    from mechsink.sources import with_images
+    source = with_images(m, base, imgs[2:] + imgs[:2])           # another image for every question
+    res = patch(m, base, source, PatchConfig(sites=("proj.out",), selections=("sinks", "random"), n_draws=2),
+                sinks=P.PLANTED_SINKS)
+    assert res.counts() == {"n_images": 6, "n_questions": 12}
+    s = res.summary()
+    assert (s["n_images"], s["n_questions"]) == (6, 12)
+    c = res.comparison("proj.out", "sinks", n_boot=200)
+    assert (c.n, c.n_obs, c.unit) == (6, 12, "image")
+    assert c.random.mean == pytest.approx(0.0, abs=1e-4) and c.sink.ci_low > 0.1
+    f = res.frame.assign(drop=res.frame["base"] - res.frame["patched"])
+    per_q = f.groupby(["sample", res.unit])["drop"].mean().unstack()
+    per_img = (per_q["sinks"] - per_q["random"]).groupby(np.arange(12) // 2).mean().to_numpy()
+    from mechsink.stats import paired_permutation_test
+    assert c.diff.mean == pytest.approx(per_img.mean())
+    assert c.p_value == pytest.approx(paired_permutation_test(per_img, np.zeros(6)))   # exact over 6 images
+    assert c.p_value >= 1 / 64
+    with pytest.raises(PatchError, match="no selection"):
+        res.comparison("proj.out", "image")

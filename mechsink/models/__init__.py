@@ -55,6 +55,8 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
     check_device(device)
     name = str(model)
     if name in testing.ZOO:
+        if name.startswith("twin-") and dtype is not None:   # full-width weights: built in their dtype, not cast
+            return _place(testing.build(name, dtype=dtype, **kw), device, None)
         m = testing.build(name, **kw)
         return _place(m, device, dtype)
     path = Path(name).expanduser()

@@ -45,6 +45,16 @@ window.addEventListener("load", () => {{
   probe.textContent = JSON.stringify({{
     images: Array.from(document.images).map(i => ({{width: i.naturalWidth, height: i.naturalHeight, complete: i.complete}})),
     tables: Array.from(document.querySelectorAll("table")).map(t => t.rows.length),
+    table_widths: Array.from(document.querySelectorAll("table")).map(t => Math.ceil(t.getBoundingClientRect().right)),
+    page_width: Math.floor(document.querySelector("main") ? document.querySelector("main").getBoundingClientRect().right
+                                                          : document.documentElement.clientWidth),
+    view_width: document.documentElement.clientWidth,
+    scroll_width: document.documentElement.scrollWidth,
+    figures: Array.from(document.querySelectorAll("figure")).map(f => {{
+      const c = f.querySelector("figcaption"); return c ? c.textContent.trim() : ""; }}),
+    first_screen: (() => {{ const out = []; for (const e of document.querySelectorAll("td, p, h2")) {{
+      const r = e.getBoundingClientRect(); if (r.top < window.innerHeight) out.push(e.textContent.trim()); }}
+      return out.join("\\n"); }})(),
     height: Math.ceil(document.documentElement.scrollHeight),
   }});
   document.body.appendChild(probe);
@@ -126,7 +136,10 @@ def check_rendered(
 
     Returns a JSON-safe dict: ``images`` (naturalWidth/Height per <img> after load),
     ``all_images_rendered`` (every <img> has naturalWidth > 0 and matches its PIL decoding),
-    ``table_rows`` (rendered row count per <table>),
+    ``table_rows`` (rendered row count per <table>), ``tables_fit`` (no table reaches past the
+    page's main column and nothing scrolls sideways), ``figure_captions`` (the text of each
+    <figcaption>), ``first_screen`` (the text of the paragraphs, headings and cells on the first
+    screen, window ``width`` x 1000),
     ``decoded_sizes``, ``page_height``, ``screenshot`` (path of the full-page PNG),
     ``screenshot_size``, ``ink_fraction`` (share of pixels that differ from the background),
     ``distinct_colours``, ``non_blank`` and ``colour_pixels`` (pixel count per requested colour,
@@ -178,6 +191,12 @@ def check_rendered(
         "decoded_sizes": [list(d) for d in decoded],
         "all_images_rendered": bool(rendered),
         "table_rows": probe["tables"],
+        "tables_fit": bool(all(w <= probe["page_width"] + 1 for w in probe["table_widths"])
+                           and probe["scroll_width"] <= probe["view_width"]),
+        "table_right_edges": probe["table_widths"],
+        "page_width": probe["page_width"],
+        "figure_captions": probe["figures"],
+        "first_screen": probe["first_screen"],
         "page_height": int(probe["height"]),
         "screenshot": str(shot) if screenshot else None,
         "screenshot_size": list(rgb.size),

@@ -354,10 +354,11 @@ def draw_map(ax, rmap: np.ndarray, image=None, *, marker: tuple[int, int] | None
     ax.set_yticks([])
 
 
-def relevance_figure(maps, images: Sequence | None = None, *, per_set: int = 3, alpha: float = 0.6) -> Figure:
+def relevance_figure(maps, images: Sequence | None = None, *, per_set: int = 3, alpha: float = 0.6,
+                     names: tuple[str, str] = ("sink", "non-sink")) -> Figure:
     """Up to ``per_set`` sink maps (top row) and non-sink maps (bottom row) of a RelevanceMaps, each
     over its image. images: per sample, an image or a list of images (``batch.images``); None draws
-    the maps alone."""
+    the maps alone. names: the two token sets' names in the panel titles (e.g. a fallback set's)."""
     f = maps.frame.reset_index(drop=True)
     if f.empty:
         raise ReportError("relevance_figure: no maps to draw")
@@ -366,7 +367,7 @@ def relevance_figure(maps, images: Sequence | None = None, *, per_set: int = 3, 
     fig = Figure(figsize=(2.6 * ncols, 5.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, ncols, squeeze=False)
-    for r, (label, idx) in enumerate(zip(("sink", "non-sink"), picks)):
+    for r, (label, idx) in enumerate(zip(names, picks)):
         for c in range(ncols):
             ax = axes[r][c]
             if c >= len(idx):
@@ -383,14 +384,23 @@ def relevance_figure(maps, images: Sequence | None = None, *, per_set: int = 3, 
     return fig
 
 
-def subset_figure(result, by: str = "question_type", title: str | None = None) -> Figure:
+def _renamed(df: pd.DataFrame, col: str, labels: Mapping | None) -> pd.DataFrame:
+    """``df`` with the values of ``col`` renamed by ``labels`` (e.g. {"sinks": "top3_norm"} when the
+    token set is a fallback, so legends never call non-sinks sinks)."""
+    if not labels:
+        return df
+    return df.assign(**{col: df[col].map(lambda v: labels.get(v, v))})
+
+
+def subset_figure(result, by: str = "question_type", title: str | None = None, labels: Mapping | None = None) -> Figure:
     """Accuracy (Wilson CIs) per ``by`` group with each visual input (image tokens, sinks only,
-    non-sinks only) of a SubsetResult."""
-    t = result.table((by,))
+    non-sinks only) of a SubsetResult. labels: names to show for the subsets."""
+    t = _renamed(result.table((by,)), "subset", labels)
     cfg = result.config
-    order = [s for s in cfg.subsets] if cfg is not None else list(pd.unique(t["subset"]))
+    order = [(labels or {}).get(s, s) for s in cfg.subsets] if cfg is not None else list(pd.unique(t["subset"]))
+    colour = {(labels or {}).get(k, k): v for k, v in _TOKEN_SET_COLOURS.items()}
     return effect_plot(t, x=by, y="accuracy", hue="subset", low="ci_low", high="ci_high", hue_order=order,
-                       palette={s: _TOKEN_SET_COLOURS.get(s, "#34495e") for s in order}, ylabel="accuracy",
+                       palette={s: colour.get(s, "#34495e") for s in order}, ylabel="accuracy",
                        title=title or f"visual input ({cfg.mode if cfg is not None else ''})")
 
 
@@ -403,19 +413,25 @@ def reorder_figure(result, by: str = "question_type", title: str | None = None) 
 
 # -- causal results ----------------------------------------------------------------------------------
 # Ablation, patching and attribution (mechsink.ablation, .patching, .sweep, .attribution).
-def ablation_figure(result, title: str | None = None) -> Figure:
-    """Sink vs random effect (and their difference) with CIs of an AblationResult."""
+def ablation_figure(result, title: str | None = None, labels: Mapping | None = None) -> Figure:
+    """Sink vs random effect (and their difference) with CIs over images of an AblationResult.
+    labels: names to show for the conditions (e.g. {"sink": "top3_norm"} for a fallback set)."""
     from mechsink.stats import comparison_frame
-    return effect_plot(comparison_frame({result.label: result.comparison()}), title=title,
+    df = _renamed(comparison_frame({result.label: result.comparison()}), "condition", labels)
+    palette = {(labels or {}).get(k, k): v for k, v in CONDITION_COLOURS.items()}
+    return effect_plot(df, title=title, palette={h: palette.get(h, "#34495e") for h in pd.unique(df["condition"])},
                        ylabel=f"effect on {result.config.metric.name}")
 
 
-def patch_heatmap(result, values: str = "recovery", **kw) -> Figure:
+def patch_heatmap(result, values: str = "recovery", labels: Mapping | None = None, **kw) -> Figure:
     """site x unit heatmap of a PatchResult: normalised recovery, or ``values="effect"`` (the change
-    of the metric)."""
+    of the metric). labels: names to show for the units (columns)."""
     metric = getattr(getattr(result.config, "metric", None), "name", "metric")
     label = "normalised recovery" if values == "recovery" else f"change in {metric}"
-    return layer_heatmap(result.table(values), cbar_label=label, center=0.0 if values == "effect" else None,
+    t = result.table(values)
+    if labels:
+        t = t.rename(columns=lambda c: labels.get(c, c))
+    return layer_heatmap(t, cbar_label=label, center=0.0 if values == "effect" else None,
                          xlabel=result.unit, ylabel="site", **kw)
 
 

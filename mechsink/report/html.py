@@ -86,6 +86,7 @@ class Report:
         self.data: dict = dict(data or {})
         self.numbers: dict[str, Any] = {}
         self._sections = [_Section(title=None, anchor=None)]
+        self._at = 0                       # the section that text, tables and figures go to
         self._figures: list[dict] = []
         self._tables: list[tuple[str, pd.DataFrame, str | None]] = []
 
@@ -93,16 +94,23 @@ class Report:
 
     @property
     def _current(self) -> _Section:
-        return self._sections[-1]
+        return self._sections[self._at]
 
-    def section(self, title: str, text: str | None = None) -> "Report":
-        """Start a new section (listed in the table of contents), optionally with intro text."""
+    def section(self, title: str, text: str | None = None, *, first: bool = False) -> "Report":
+        """Start a new section (listed in the table of contents), optionally with intro text.
+        first: place it before every other section (e.g. findings computed at the end of a run);
+        what is added next goes into it until the next ``section``."""
         taken = {s.anchor for s in self._sections} | {"recorded-numbers"}
         base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "section"
         anchor, i = base, 2
         while anchor in taken:
             anchor, i = f"{base}-{i}", i + 1
-        self._sections.append(_Section(title=title, anchor=anchor))
+        if first:
+            self._sections.insert(1, _Section(title=title, anchor=anchor))
+            self._at = 1
+        else:
+            self._sections.append(_Section(title=title, anchor=anchor))
+            self._at = len(self._sections) - 1
         if text:
             self.text(text)
         return self
@@ -121,6 +129,10 @@ class Report:
             raise ReportError(f"table() needs a pandas DataFrame, got {type(df).__name__}")
         if index is None:
             index = not isinstance(df.index, pd.RangeIndex)
+        df = df.copy()
+        for j, t in enumerate(df.dtypes):
+            if pd.api.types.is_float_dtype(t):
+                df.iloc[:, j] = df.iloc[:, j] + 0.0  # no negative zero in the HTML or the CSV
         number = len(self._tables) + 1
         name = f"table-{number:02d}.csv"
         self._tables.append((name, df.copy(), caption))
@@ -201,7 +213,8 @@ class Report:
         manifest = manifest or self.manifest()
         sections = self._sections + [self._numbers_section()]
         toc_items = "\n".join(f'<li><a href="#{s.anchor}">{html.escape(s.title)}</a></li>' for s in sections if s.title)
-        toc = f'<nav class="toc">\n<h2>Contents</h2>\n<ol>\n{toc_items}\n</ol>\n</nav>' if toc_items else ""
+        toc = (f'<nav class="toc">\n<details>\n<summary><h2>Contents</h2></summary>\n<ol>\n{toc_items}\n</ol>\n'
+               f'</details>\n</nav>' if toc_items else "")   # folded: the findings stay on the first screen
         body = []
         for s in sections:
             if not s.parts and not s.title:
@@ -249,6 +262,9 @@ class Report:
         return index
 
 
+MAX_COLUMNS = 8      # wider tables are shown in parts (the CSV keeps them whole)
+
+
 def _table_html(df: pd.DataFrame, caption_html: str, digits: int) -> str:
     """HTML table with numbers right-aligned (class "num") and text left-aligned."""
 
@@ -258,10 +274,21 @@ def _table_html(df: pd.DataFrame, caption_html: str, digits: int) -> str:
         return f'<td class="num">{html.escape(shown)}</td>' if numeric else f"<td>{html.escape(shown)}</td>"
 
     names = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in df.columns]
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
-    rows = "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in df.itertuples(index=False, name=None))
-    return (f'<div class="table-wrap">\n<table>\n<caption>{caption_html}</caption>\n'
-            f"<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>\n</div>")
+    values = list(df.itertuples(index=False, name=None))
+    # A wide table is split into parts of at most MAX_COLUMNS columns, each repeating the first
+    # column, so that no table is wider than the page.
+    n = len(names)
+    groups = [list(range(n))] if n <= MAX_COLUMNS else \
+        [[0, *range(i, min(n, i + MAX_COLUMNS - 1))] for i in range(1, n, MAX_COLUMNS - 1)]
+    parts = []
+    for k, cols in enumerate(groups):
+        head = "".join(f"<th>{html.escape(names[j])}</th>" for j in cols)
+        rows = "\n".join("<tr>" + "".join(cell(row[j]) for j in cols) + "</tr>" for row in values)
+        cap = caption_html if len(groups) == 1 else \
+            f"{caption_html} (part {k + 1} of {len(groups)}: columns {cols[1] + 1}–{cols[-1] + 1} of {n})"
+        parts.append(f'<div class="table-wrap">\n<table>\n<caption>{cap}</caption>\n'
+                     f"<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>\n</div>")
+    return "\n".join(parts)
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

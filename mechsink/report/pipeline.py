@@ -31,6 +31,8 @@ log = logging.getLogger("mechsink")
 
 MAIN_SECTIONS = ("detection", "attention", "probes", "ablation", "patching", "subsets", "reorder")
 CONTROL_SECTIONS = ("detection", "attention", "probes", "ablation", "patching")
+PAPER_SECTIONS = ("relevance", "decoding", "diysink")      # run when a config or recipe asks for them
+SECTIONS = MAIN_SECTIONS + PAPER_SECTIONS
 # Image-level labels worth probing, by bundled dataset (the first present ones are used).
 PROBE_LABELS = ("planted_label", "majority_class", "n_items", "top_left", "folder")
 
@@ -54,10 +56,16 @@ class ReportConfig(Config):
     dtype: str | None = None                   # e.g. "bfloat16" for 7B models on a GPU
     device_map: str | None = None              # "auto" spreads a large model over the GPUs
     title: str | None = None
+    sections: tuple[str, ...] | None = None            # main model's sections (default MAIN_SECTIONS)
+    control_sections: tuple[str, ...] | None = None    # control's sections (default CONTROL_SECTIONS)
 
     def __post_init__(self):
-        if self.probe_labels is not None:
-            object.__setattr__(self, "probe_labels", tuple(self.probe_labels))
+        for name in ("probe_labels", "sections", "control_sections"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        bad = {*(self.sections or ()), *(self.control_sections or ())} - set(SECTIONS)
+        if bad:
+            raise MechsinkError(f"unknown report section(s) {sorted(bad)}; sections: {', '.join(SECTIONS)}")
 
 
 @dataclass
@@ -71,35 +79,87 @@ class _Ctx:
     fallback: bool = False
     work: Path = Path(".")
     notes: list[str] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """What the causal token set is called in tables, legends, file names and manifest keys:
+        ``sinks``, or ``top{k}_norm`` when the rule found none and the top-k norm tokens stand in."""
+        return f"top{self.causal_spec.params['k']}_norm" if self.fallback else "sinks"
+
+    def name(self, text) -> str:
+        """A label of the data with the token set named honestly (sinks -> top3_norm, nonsinks ->
+        not_top3_norm, sink_effect -> top3_norm_effect) when the set is a fallback."""
+        text = str(text)
+        if not self.fallback:
+            return text
+        text = re.sub(r"non-?sinks?", "\0", text)
+        return re.sub(r"sinks?", self.label, text).replace("\0", f"not_{self.label}")
+
+    def names(self, values) -> dict:
+        return {v: self.name(v) for v in values}
+
+
+WORK_MARK = ".mechsink-work"
 
 
 def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report", *, sections=None,
-               control_sections=None) -> Path:
-    """Run the pipeline and write ``out/index.html`` + ``out/manifest.json``; returns index.html."""
+               control_sections=None, resume: bool = False) -> Path:
+    """Run the pipeline and write ``out/index.html`` + ``out/manifest.json``; returns index.html.
+
+    Intermediate results (activation caches) go to ``out/work``, which is started afresh unless
+    ``resume`` is set, so a re-run (``report --from``) never silently reuses old work. A run that
+    fails removes what it created (all of ``out`` when it made it) and logs what it left."""
+    import shutil
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MechsinkError(f"report directory {out} exists and is not a directory")
+    created = not out.exists()
+    work = out / "work"
+    if work.exists() and not resume:
+        if not (work / WORK_MARK).exists():
+            raise MechsinkError(f"{work} exists and was not written by mechsink; choose another --out")
+        shutil.rmtree(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / WORK_MARK).write_text("intermediate results of a mechsink report; safe to delete\n")
+        return _run(config, out, work, sections, control_sections)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+            log.warning("report failed: removed %s, which it had created", out)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            log.warning("report failed: removed %s; the rest of %s is as it was before the run", work, out)
+        raise
+
+
+def _run(config: ReportConfig, out: Path, work: Path, sections, control_sections) -> Path:
     from .. import __version__
+    from . import findings
     from .html import Report
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
     t0 = time.perf_counter()
     main = _context(config.model, config.data, config, work, "main")
     rep = Report(config.title or f"mechsink report: {main.model.name}", config=config.to_dict(),
                  seeds={"seed": config.seed}, models={}, data={})
+    n_img, n_q = findings.counts(main.data)
     rep.text(f"mechsink {__version__}. Model **{main.model.name}** ({main.model.adapter.family}) on "
-             f"**{main.data.name}** ({len(main.data)} samples). Every number below is also in `manifest.json`; "
+             f"**{main.data.name}** ({n_img} images, {n_q} questions; statistics treat the image as the "
+             f"independent unit). Every number below is also in `manifest.json`; "
              f"`mechsink report --from manifest.json` re-runs this analysis.")
     _register(rep, main)
     _overview(rep, main)
-    run_sections(rep, main, config, sections or MAIN_SECTIONS)
+    run_sections(rep, main, config, sections or config.sections or MAIN_SECTIONS)
     if config.control:
         ctl = _context(config.control, config.control_data, config, work, "control")
         _register(rep, ctl)
         rep.section(f"Positive control: {ctl.model.name}",
                     "A model whose answer is known to run through its sinks (planted by the weights). The same "
                     "sections on it show what a real sink effect looks like next to the main model's result.")
-        run_sections(rep, ctl, config, control_sections or CONTROL_SECTIONS)
+        run_sections(rep, ctl, config, control_sections or config.control_sections or CONTROL_SECTIONS)
+    findings.write(rep, main.findings + (ctl.findings if config.control else []))
     rep.section("Run")
     rep.text(f"Finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU thread(s)"
              f"{' / ' + str(main.model.device) if main.model.device.type != 'cpu' else ''}.")
@@ -108,21 +168,57 @@ def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report",
 
 def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
     from tqdm.auto import tqdm
+    from .paper_sections import _decoding, _diysink, _relevance
+    from .sections import _ablation, _attention, _detection, _patching, _probes, _reorder, _subsets
     table = {"detection": _detection, "attention": _attention, "probes": _probes, "ablation": _ablation,
-             "patching": _patching, "subsets": _subsets, "reorder": _reorder}
+             "patching": _patching, "subsets": _subsets, "reorder": _reorder, "relevance": _relevance,
+             "decoding": _decoding, "diysink": _diysink}
     bad = set(sections) - set(table)
     if bad:
         raise MechsinkError(f"unknown report section(s) {sorted(bad)}; sections: {', '.join(table)}")
     for name in tqdm(list(sections), desc=f"report {ctx.model.name}", unit="section"):
         log.info("%s: %s", ctx.model.name, name)
-        table[name](rep, ctx, config)
+        try:
+            table[name](rep, ctx, config)
+        except MechsinkError as e:      # an analysis this model cannot run: said, recorded, not hidden
+            if name == "detection":
+                raise
+            from .findings import add
+            why = str(e).strip().splitlines()[0]
+            log.warning("%s: section %s not run: %s", ctx.model.name, name, why)
+            rep.text(f"**Section `{name}` not run on {ctx.model.name}:** {why}")
+            rep.number(f"{ctx.key}.sections.{name}.not_run", 1)
+            add(ctx.findings, f"{ctx.key}.findings.{name}", ctx.model.name, f"not run: {why}")
 
 
 # -- set-up -----------------------------------------------------------------------------------------
+def offline_if_hub_unreachable(*names: str | None, timeout: float = 3.0) -> bool:
+    """A Hugging Face id (not a zoo name or folder) with the hub unreachable within ``timeout`` s: the
+    hub client goes offline before anything loads, so a cached copy still opens and anything else
+    fails at once in one line instead of a flood of retries. True when it switched (said on stderr)."""
+    import socket
+    import sys
+    from urllib.parse import urlparse
+    ids = [n for n in names if n and "/" in str(n) and not Path(str(n)).expanduser().exists()]
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        if not ids or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            return False
+        return socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close() or False
+    except OSError:
+        os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        if "huggingface_hub" in sys.modules:               # already imported: its constants were read
+            sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+        print(f"note: {url.hostname} is unreachable; looking for {', '.join(ids)} in the local cache only",
+              file=sys.stderr)
+        return True
+
+
 def _context(name: str, data: str | None, config: ReportConfig, work: Path, key: str) -> _Ctx:
     from .. import load
     from ..data import default_data, open_dataset
     from ..sinks import SinkSpec
+    offline_if_hub_unreachable(name)
     model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
                  device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
@@ -142,11 +238,15 @@ def _subset(ctx: _Ctx, n: int):
 
 
 def _overview(rep, ctx: _Ctx) -> None:
+    from .findings import counts
     m = ctx.model
     rep.section("Model and data")
+    n_img, n_q = counts(ctx.data)
     rep.table(pd.DataFrame([{"model": m.name, "family": m.adapter.family, "ViT blocks": m.n_vit_layers,
                              "LLM blocks": m.n_llm_layers, "parameters": sum(p.numel() for p in m.hf.parameters()),
-                             "dataset": ctx.data.name, "samples": len(ctx.data)}]), index=False)
+                             "dataset": ctx.data.name, "images": n_img, "questions": n_q}]), index=False)
+    _num(rep, f"{ctx.key}.data.n_images", n_img)
+    _num(rep, f"{ctx.key}.data.n_questions", n_q)
     metrics = Path(str(m.source)) / "metrics.json"
     if metrics.is_file():   # the bundled toy model ships its measured accuracy
         per = json.loads(metrics.read_text()).get("by_type", {})
@@ -177,189 +277,21 @@ def _part(label) -> str:
     return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def _detection(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..sinks import SinkSpec, detect_dataset
-    from ..sinks.norms import NormConfig
-    from .figures import norm_histogram, norm_profile_figure
-    m, spec = ctx.model, ctx.spec
-    rep.section(f"Sink detection ({m.name})")
-    sinks = detect_dataset(m, _subset(ctx, config.limit), spec, batch_size=config.batch_size, progress="detect",
-                           norms=NormConfig())
-    pat = sinks.patches
-    s = sinks.summary()
-    rep.text(f"Rule: `{spec.rule}` at `{spec.site}` with {json.dumps(spec.params)} "
-             f"(score `{spec.score}`, judged per {spec.per}). {s['images']} images.")
-    for k in ("images", "images_with_sinks", "mean_per_image", "fraction_of_tokens"):
-        _num(rep, f"{ctx.key}.sinks.{k}", s[k])
-    rel = pat["norm"] / pat.groupby(["sample", "image", "tile"])["norm"].transform("median")
-    fig = norm_histogram(rel, threshold=spec.params.get("ratio") if spec.rule in ("relative", "ratio") else None,
-                         title=f"{m.name}: norm / image median at {spec.site}", xlabel="norm / median norm of the image")
-    rep.figure(fig, "Token norms relative to their image's median (sinks sit far right).")
-    stats = sinks.norms.table().rename(columns={"median_max_over_median": "median max/median norm",
-                                                "frac_images_with_outlier": "images with a token > 3x median"})
-    rep.table(stats, "Per ViT layer: how far the largest token norm stands out (natural high-norm tokens).", index=False)
-    for r in stats.itertuples(index=False):
-        _num(rep, f"{ctx.key}.norms.layer{r.layer}.max_over_median", r[1])
-        _num(rep, f"{ctx.key}.norms.layer{r.layer}.frac_images_gt3x", r[2])
-    rep.figure(norm_profile_figure(sinks.norms, title=f"{m.name}: outlier norms by layer"),
-               "Largest token norm over the image median, per ViT layer (3x dotted).")
-    if pat["is_sink"].any():
-        grid = pat[pat["is_sink"]].groupby(["row", "col"]).size().reset_index(name="count")
-        rep.table(grid.sort_values("count", ascending=False).head(10), "Where sinks sit (most frequent cells).",
-                  index=False)
-    else:
-        k = config.fallback_topk
-        ctx.fallback = True
-        ctx.causal_spec = SinkSpec(site=spec.site, rule="topk", params={"k": k}, per=spec.per)
-        rep.text(f"**No sinks under this rule.** The causal sections below therefore use the **top-{k} highest-norm "
-                 f"tokens** of each image (rule `topk`), clearly not sinks: they test whether the largest-norm "
-                 f"tokens matter more than matched random ones.")
-    _num(rep, f"{ctx.key}.sinks.causal_rule_is_fallback", int(ctx.fallback))
-
-
-def _token_word(ctx: _Ctx) -> str:
-    return f"top-{ctx.causal_spec.params['k']} norm tokens" if ctx.fallback else "sinks"
-
-
-def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..sinks.attention import AttentionConfig, attention_stats
-    from .figures import binned_bar
-    m = ctx.model
-    rep.section(f"Norms and LLM attention ({m.name})")
-    stats = attention_stats(m, _subset(ctx, config.attention_limit), ctx.causal_spec,
-                            AttentionConfig(batch_size=config.batch_size, seed=config.seed), progress="attention")
-    bins = stats.bins()
-    rep.figure(binned_bar(bins.assign(layer=bins["layer"].astype(str)), x="bin", y="attn_mean", hue="layer",
-                          title=f"{m.name}: attention received by ViT-norm bin", ylabel="mean attention received",
-                          xlabel="ViT norm quartile"),
-               "Attention each visual token receives from the text/answer tokens, by ViT-norm quartile and LLM layer.")
-    ratio = stats.ratio()
-    rep.table(ratio, f"Mean attention to {_token_word(ctx)} / to the other visual tokens (95 % bootstrap CI over images).",
-              index=False)
-    for r in ratio.itertuples(index=False):
-        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ratio", r.ratio)
-        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ci_low", r.ci_low)
-        _num(rep, f"{ctx.key}.attention.layer{r.layer}.ci_high", r.ci_high)
-
-
-def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..cache.extract import extract
-    from ..probing import ProbeConfig, probe
-    from .figures import probe_figure
-    m = ctx.model
-    rep.section(f"Linear probes ({m.name})")
-    data = _subset(ctx, config.limit)
-    labels = config.probe_labels or [c for c in PROBE_LABELS if c in data.label_columns()][:2]
-    if not labels:
-        rep.text("The dataset has no image-level label column to probe.")
-        return
-    mid = max(0, m.n_vit_layers // 2 - 1)
-    sites = list(dict.fromkeys([f"vit.blocks.{mid}.hook_resid_post", "vit.out", "proj.out"]))
-    store = extract(m, data, sites=sites, tokens=("image", "cls"), out=ctx.work / "cache", store_dtype="float32",
-                    batch_size=config.batch_size, sinks=ctx.causal_spec, progress=True)
-    rep.text(f"Cache: {len(store.index)} token rows at {', '.join(f'`{s}`' for s in sites)} "
-             f"(token sets: {_token_word(ctx)}, the other patches, CLS, mean-pooled patches).")
-    for label in labels:
-        res = probe(store, ProbeConfig(label=label, seed=config.seed, n_boot=500))
-        f = res.frame
-        cols = ["token_set", "site", "accuracy", "ci_low", "ci_high", "control_accuracy", "selectivity", "majority"]
-        rep.table(f[[c for c in cols if c in f]], f"Probe for `{label}` (balanced accuracy, images never split "
-                                                  f"across folds; control = shuffled labels).", index=False)
-        rep.figure(probe_figure(res, title=f"{m.name}: probing {label}"))
-        for r in f.itertuples(index=False):
-            key = f"{ctx.key}.probe.{_part(label)}.{r.token_set}.{r.site}"
-            _num(rep, f"{key}.accuracy", r.accuracy)
-            _num(rep, f"{key}.control", r.control_accuracy)
-
-
-def _ablation(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..ablation import AblationConfig, ablate
-    from ..selection import contrast_foreground
-    from .figures import ablation_figure
-    m = ctx.model
-    rep.section(f"Ablation: {_token_word(ctx)} vs matched random tokens ({m.name})")
-    # Controls matched on count and on foreground/background: high-norm tokens often sit on objects,
-    # and object tokens matter more than background ones whether or not they are sinks.
-    cfg = AblationConfig(site="proj.out", mode="zero", metric="logprob", n_draws=config.draws, seed=config.seed,
-                         batch_size=config.batch_size, match=("foreground",))
-    res = ablate(m, _subset(ctx, config.causal_limit), cfg, sinks=ctx.causal_spec, foreground=contrast_foreground(),
-                 progress=True)
-    d = res.to_dict()
-    rep.text(f"Zeroing the {_token_word(ctx)} at `proj.out` vs the same number of random visual tokens drawn "
-             f"from the same foreground/background stratum ({config.draws} draws per image). Effect = drop in the "
-             f"gold answer's log-probability; paired over {d['n']} images ({d['n_skipped']} without enough matched "
-             f"controls left out); p from a sign-flip permutation test of sink > random.")
-    rep.figure(ablation_figure(res))
-    rows = []
-    for name in ("sink_effect", "random_effect", "diff"):
-        e = d[name]
-        rows.append({"": name, "mean": e["mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"]})
-        for k in ("mean", "ci_low", "ci_high"):
-            _num(rep, f"{ctx.key}.ablation.{name}.{k}", e[k])
-    rep.table(pd.DataFrame(rows), index=False)
-    _num(rep, f"{ctx.key}.ablation.p_value", d["p_value"])
-    _num(rep, f"{ctx.key}.ablation.n", d["n"])
-
-
-def _patching(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..patching import PatchConfig, patch_dataset
-    from ..sites import blocks
-    from .figures import patch_heatmap
-    m = ctx.model
-    rep.section(f"Activation patching ({m.name})")
-    cfg = PatchConfig(sites=("proj.out", *blocks("llm", "hook_resid_pre", None, m.n_llm_layers)),
-                      selections=("sinks", "random", "image"), n_draws=max(2, config.draws // 4), seed=config.seed,
-                      batch_size=config.batch_size)
-    res = patch_dataset(m, _subset(ctx, config.causal_limit // 2), cfg, corruption="shuffle", sinks=ctx.causal_spec,
-                        progress=True)
-    r = res.to_dict()
-    rep.text(f"Base: each image with its question; source: the same question with another image of the batch "
-             f"(shuffled). Values patched from source into base at each site for the {_token_word(ctx)}, matched "
-             f"random tokens, or all image tokens; recovery = (patched - base) / (source - base) of the gold "
-             f"answer's log-probability (n = {r['n']}).")
-    rep.figure(patch_heatmap(res))
-    t = res.table("recovery")
-    rep.table(t.reset_index(), "Normalised recovery per site and token set.", index=False)
-    for site, row in r["recovery"].items():
-        for unit, v in row.items():
-            _num(rep, f"{ctx.key}.patching.{site}.{_part(unit)}", v)
-
-
-def _subsets(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..analyses.subsets import visual_subsets
-    from .figures import subset_figure
-    m = ctx.model
-    rep.section(f"Sink-only and non-sink-only visual input ({m.name})")
-    res = visual_subsets(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
-    s = res.table()
-    rep.text(f"Accuracy with the full visual input, the {_token_word(ctx)} only, or everything but them "
-             f"(tokens dropped from the sequence), per question type, with Wilson 95 % CIs.")
-    rep.figure(subset_figure(res))
-    rep.table(s, index=False)
-    for r in s.to_dict("records"):
-        _num(rep, f"{ctx.key}.subsets.{_part(r['question_type'])}.{r['subset']}.accuracy", r["accuracy"])
-
-
-def _reorder(rep, ctx: _Ctx, config: ReportConfig) -> None:
-    from ..interventions.reorder import evaluate_reorder
-    from .figures import reorder_figure
-    m = ctx.model
-    rep.section(f"Sink-to-the-front ({m.name})")
-    res = evaluate_reorder(m, _subset(ctx, config.limit), ctx.causal_spec, batch_size=config.batch_size)
-    s = res.table()
-    rep.text(f"The {_token_word(ctx)} moved to the front of the visual tokens (sink-to-the-end as control), with "
-             f"their position ids kept or reassigned; accuracy per question type and the paired change against "
-             f"the original order.")
-    rep.figure(reorder_figure(res))
-    rep.table(s, index=False)
-    for r in s.to_dict("records"):
-        key = f"{ctx.key}.reorder.{_part(r['question_type'])}.{r['condition'].replace('/', '_')}"
-        _num(rep, f"{key}.accuracy", r["accuracy"])
-        if r.get("delta") is not None and not pd.isna(r.get("delta")):
-            _num(rep, f"{key}.delta", r["delta"])
-
-
 # -- reproduction -----------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> ReportConfig:
+    """A ReportConfig from a JSON file: a ReportConfig itself (``<model>.report.json``,
+    ``<model>.paper.json``) or a paper recipe (``<model>.recipe.json``), whose ``report.config``
+    names the ReportConfig file next to it."""
+    path = Path(path)
+    d = json.loads(path.read_text())
+    if "recipe" in d:
+        ref = (d.get("report") or {}).get("config")
+        if not ref:
+            raise MechsinkError(f"{path} is a recipe without a report config (report.config)")
+        return read_config(path.parent / ref)
+    return ReportConfig.from_dict(d)
+
+
 def from_manifest(path: str | os.PathLike) -> ReportConfig:
     m = json.loads(Path(path).read_text())
     if "config" not in m:
