@@ -34,6 +34,7 @@ import torch
 
 from .batching import batches
 from .config import Config, coerce
+from .distributed import gather_frames, rank, world
 from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
 from .metrics import Metric
@@ -268,17 +269,18 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     if cfg.mode == "mean":
         from .data import ErrorLog
         means = cell_means(model, (c.batch for c in batches(model, data, cfg.batch_size, errors=ErrorLog())), cfg.site)
-    frames: list[pd.DataFrame] = []
+    frames: list[tuple[int, pd.DataFrame]] = []       # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", "")}
-    for k, chunk in enumerate(batches(model, data, cfg.batch_size, errors=errors,
-                                      progress=f"ablate {cfg.mode}" if progress else False)):
-        frames.append(_ablate_batch(model, chunk, k, cfg, sinks, foreground, means))
-        if out is not None:
-            AblationResult(pd.concat(frames, ignore_index=True), cfg, meta).save(out, summary=False)
-    if not frames:
+    for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
+                         progress=f"ablate {cfg.mode}" if progress else False):
+        frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
+        if out is not None and world() == 1:
+            AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+    frame = gather_frames(frames)
+    if frame.empty:
         raise AblationError("no data to ablate")
-    result = AblationResult(pd.concat(frames, ignore_index=True), cfg, meta)
-    if out is not None:
+    result = AblationResult(frame, cfg, meta)
+    if out is not None and rank() == 0:
         result.save(out)
     return result
 

@@ -33,6 +33,8 @@ class Chunk(NamedTuple):
     samples: list[Sample] | None
     batch: Batch
     start: int
+    number: int = 0                         # the chunk's place in the whole run (0, 1, ...)
+    index: tuple[int, ...] | None = None    # global indices when not start, start + 1, ... (shard)
 
     @property
     def ids(self) -> list[str]:
@@ -43,6 +45,8 @@ class Chunk(NamedTuple):
 
     @property
     def indices(self) -> list[int]:
+        if self.index is not None:
+            return list(self.index)
         return list(range(self.start, self.start + self.batch.size))
 
 
@@ -54,20 +58,25 @@ def _is_batches(data) -> bool:
 
 def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", prompt: str | None = None,
             errors: ErrorLog | None = None, progress: bool | str = False,
-            shuffle: _random.Random | None = None) -> Iterator[Chunk]:
+            shuffle: _random.Random | None = None, shard: bool = False) -> Iterator[Chunk]:
     """Prepared batches of ``data`` (see the module docstring).
 
     answers: True appends every sample's gold answer (role "answer"; a sample without one is an
     error), False never, "auto" when every sample of the chunk has one. prompt: replaces every
     sample's prompt (None keeps the dataset's; the model's neutral question where a sample has
-    none). shuffle: a random.Random that draws the samples in random order.
+    none). shuffle: a random.Random that draws the samples in random order. shard: under torchrun
+    this rank yields only its chunks (``distributed.mine(chunk.number)``); every rank reads every
+    image, so chunks and global indices are those of a single process (a sample the processor
+    refuses keeps its index, so indices may skip it).
     """
+    from .distributed import mine
     if batch_size < 1:
         raise BatchingError(f"batch_size must be at least 1, got {batch_size}")
     if _is_batches(data):
         start = 0
-        for b in ([data] if isinstance(data, Batch) else data):
-            yield Chunk(None, b, start)
+        for j, b in enumerate([data] if isinstance(data, Batch) else data):
+            if not shard or mine(j):
+                yield Chunk(None, b, start, j)
             start += b.size
         return
     samples = list(data)
@@ -82,24 +91,37 @@ def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", p
     desc = progress if isinstance(progress, str) else getattr(model, "name", "model")
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
     buf: list[tuple[Sample, object]] = []
-    start = 0
+    start, number = 0, 0
     try:
         for sample, im in iter_images(samples, errors=errors):
             buf.append((sample, im))
             if len(buf) == batch_size:
-                chunk = _prepare(model, buf, answers, prompt, errors, start)
+                chunk = _sharded(model, buf, answers, prompt, errors, start, number, shard)
                 bar.update(len(buf))
-                buf = []
+                start += len(buf) if shard else (chunk.batch.size if chunk is not None else 0)
+                buf, number = [], number + 1
                 if chunk is not None:
-                    start += chunk.batch.size
                     yield chunk
         if buf:
-            chunk = _prepare(model, buf, answers, prompt, errors, start)
+            chunk = _sharded(model, buf, answers, prompt, errors, start, number, shard)
             bar.update(len(buf))
             if chunk is not None:
                 yield chunk
     finally:
         bar.close()
+
+
+def _sharded(model, buf: list, answers, prompt, errors: ErrorLog, start: int, number: int, shard: bool) -> Chunk | None:
+    """Chunk ``number`` (None when it is another rank's or nothing in it is readable)."""
+    from .distributed import mine
+    if shard and not mine(number):
+        return None
+    chunk = _prepare(model, buf, answers, prompt, errors, start)
+    if chunk is None:
+        return None
+    kept = {id(s) for s in chunk.samples}
+    index = tuple(start + i for i, (s, _) in enumerate(buf) if id(s) in kept) if shard else None
+    return chunk._replace(number=number, index=index)
 
 
 def _prepare(model, buf: list, answers, prompt: str | None, errors: ErrorLog, start: int) -> Chunk | None:

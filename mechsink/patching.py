@@ -28,6 +28,7 @@ import torch
 
 from .batching import batches
 from .config import Config, coerce
+from .distributed import gather_frames, rank, world
 from .engine import Plan, Write, clean, execute, source_run
 from .metrics import Metric
 from .results import Result
@@ -380,8 +381,9 @@ def patch_dataset(model, data, config: PatchConfig | dict | None = None, *, sour
         pos = {id(s): i for i, s in enumerate(src_samples)}
         src_images = {id(base_samples[pos[id(s)]]): im for s, im in iter_images(src_samples[:len(base_samples)], errors=errors)}
         data = [s for s in base_samples if id(s) in src_images]
-    frames, result = [], None
-    for k, chunk in enumerate(batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch")):
+    frames = []                                    # (chunk number, rows): merged over torchrun ranks
+    meta = {"model": getattr(model, "name", ""), "source": "dataset" if source is not None else corruption, "data": name}
+    for chunk in batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch", shard=True):
         b = chunk.batch
         if src_images is not None:
             imgs = [src_images[id(s)] for s in chunk.samples]
@@ -389,15 +391,17 @@ def patch_dataset(model, data, config: PatchConfig | dict | None = None, *, sour
             imgs = corrupt([g[0] for g in b.images], corruption, cfg.seed + chunk.start)
         res = patch(model, b, with_images(model, b, imgs), cfg, sinks=sinks, sample_ids=chunk.indices)
         ids = dict(zip(chunk.indices, chunk.ids))
-        frames.append(res.frame.assign(id=res.frame["sample"].map(ids).astype(str)))
-        result = PatchResult(pd.concat(frames, ignore_index=True), res.config,
-                             {"model": getattr(model, "name", ""), "source": "dataset" if source is not None else corruption,
-                              "data": name})
-        if out is not None:
-            result.save(out, summary=False)
-    if result is None:
+        frames.append((chunk.number, res.frame.assign(id=res.frame["sample"].map(ids).astype(str))))
+        cfg = res.config
+        if out is not None and world() == 1:
+            PatchResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+    frame = gather_frames(frames)
+    if frame.empty:
         raise PatchError("no data to patch")
-    if out is not None:
+    if cfg.sites is None:                          # a rank without chunks: the sites patch() fills in
+        cfg = cfg.replace(sites=tuple(dict.fromkeys(frame["site"])))
+    result = PatchResult(frame, cfg, meta)
+    if out is not None and rank() == 0:
         result.save(out)
     return result
 

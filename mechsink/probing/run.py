@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..atomic import write_text
 from ..config import coerce
+from ..distributed import gather, mine, rank, world
 from ..errors import SiteError
 from ..results import json_safe
 from ..sites import Site
@@ -67,37 +68,41 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     n_classes = len(lab.classes)
     done = _resume(out, config, store) if out is not None else {}
 
-    rows, probes, splits, notes = [], {}, [], []
+    # job j = (token set, site) runs on rank j % world (torchrun); items are tagged with j and merged
+    rows, probes, splits, notes = [], [], [], []
     recorded: dict[str, set[str]] = {}
-    for name in config.token_sets:
+    for t, name in enumerate(config.token_sets):
         s = _token_set(name, index, lab, config)
         if isinstance(s, str):
-            notes.append(s)
+            if mine(t * len(sites)):
+                notes.append((t * len(sites), s))
             log.info("probe: %s", s)
             continue
         fold = lab.fold_of_group[s.group]
-        for site in sites:
+        for j, site in enumerate(sites, start=t * len(sites)):
+            if not mine(j):
+                continue
             key = (name, site)
             if key in done:
-                rows.append(done[key][0])
-                probes[key] = done[key][1]
+                rows.append((j, done[key][0]))
+                probes.append((j, (key, done[key][1])))
                 continue
             x = _features(store, s, site)
             finite = np.isfinite(x).all(axis=1)
             if not finite.any():
-                notes.append(f"{name} @ {site}: no activations cached for these tokens")
+                notes.append((j, f"{name} @ {site}: no activations cached for these tokens"))
                 continue
             sub = _subset(s, finite)
             x, f_sub = x[finite], fold[finite]
             folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
             folds = [(tr, te) for tr, te in folds if len(te)]
             if len(folds) < 2:
-                notes.append(f"{name} @ {site}: its images fall in fewer than 2 folds")
+                notes.append((j, f"{name} @ {site}: its images fall in fewer than 2 folds"))
                 continue
             used = hashlib.sha256(finite.tobytes()).hexdigest()
             if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
                 recorded[name].add(used)
-                splits += _split_records(name, site, folds, sub.group, lab.group_names)
+                splits.append((j, (name, used, _split_records(name, site, folds, sub.group, lab.group_names))))
             real = _score(sub, sub.y, _cross_val(x, sub.y, folds, n_classes, config), f_sub, n_classes, config)
             ctrl = None
             if config.control:
@@ -107,7 +112,8 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
                     "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
                     "n_tokens": int(len(sub.y))}
-            probes[key] = LinearProbe(w, b, lab.classes, config.model, meta)
+            probe_ = LinearProbe(w, b, lab.classes, config.model, meta)
+            probes.append((j, (key, probe_)))
             acc, c_acc = real.accuracy, (ctrl.accuracy if ctrl else (math.nan,) * 3)
             row = {"label": config.label, "level": lab.level, "token_set": name, "site": site, "depth": depth[site],
                    "unit": "image" if lab.level == "image" else "token", "aggregate": real.aggregate,
@@ -117,15 +123,21 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                    "chance": 1.0 / len(np.unique(sub.y)), "n_classes": int(len(np.unique(sub.y))),
                    "n_images": int(len(np.unique(sub.group))), "n_units": real.n_units, "n_tokens": int(len(sub.y)),
                    "k": len(folds), "model": config.model}
-            rows.append(row)
+            rows.append((j, row))
             log.info("probe %s @ %s: accuracy %.3f [%.3f, %.3f], control %.3f", name, site, *acc, c_acc[0])
-            if out is not None:
-                _checkpoint(Path(out), row, probes[key])
+            if out is not None and world() == 1:
+                _checkpoint(Path(out), row, probe_)
 
+    rows, probes, notes = gather(rows), dict(gather(probes)), gather(notes)
+    first, split_parts = set(), []
+    for name, used, recs in gather(splits):          # the first site reading the same rows records them
+        if (name, used) not in first:
+            first.add((name, used))
+            split_parts += recs
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    split_frame = pd.concat(splits, ignore_index=True) if splits else pd.DataFrame(columns=SPLIT_COLUMNS)
+    split_frame = pd.concat(split_parts, ignore_index=True) if split_parts else pd.DataFrame(columns=SPLIT_COLUMNS)
     result = ProbeResult(frame, config, {"notes": notes, "store_id": store.id}, probes=probes, splits=split_frame)
-    if out is not None:
+    if out is not None and rank() == 0:
         result.save(out)
     return result
 
