@@ -49,6 +49,7 @@ def test_findings_come_first_with_effect_ci_p_images_and_verdict(tmp_path):
     found = page[page.index('id="findings"'):page.index('id="ablation"')]
     assert "0.5 [0.2, 0.8]" in found and "0.001" in found and "80 / 240" in found and ">supported<" in found
     assert "6.9e-18" not in found and ">0 [-0.1, 0.1]<" in found          # rounding noise is not an effect
+    assert (tmp_path / "tables" / "findings.csv").exists() and "Table 1" not in found   # first, unnumbered
     n = rep.numbers
     assert n["main.findings.ablation.n_images"] == 80 and n["main.findings.ablation.verdict"] == "supported"
     assert n["main.findings.reorder.verdict"] == "not_supported"

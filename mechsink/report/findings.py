@@ -15,6 +15,11 @@ import pandas as pd
 
 SUPPORTED, NOT_SUPPORTED, NOT_TESTABLE = "supported", "not supported", "not testable here"
 
+SHORT = {"sinks": "sinks exist", "attention": "LLM attends to sinks", "probes": "sinks encode the label",
+         "ablation": "ablation: sinks > random", "patching": "patching: sinks > random",
+         "subsets": "sinks alone answer", "reorder": "sinks to the front", "relevance": "sinks attend broadly",
+         "decoding": "sinks decode the answer", "diysink": "DIYSink router"}
+
 HYPOTHESES = {
     "sinks": "the ViT has sinks (high-norm tokens) under the rule",
     "attention": "the LLM attends more to the sinks than to other visual tokens",
@@ -76,13 +81,14 @@ def add(findings: list, key: str, model: str, what: str, *, effect: Any = None, 
 
 
 def table(findings: list) -> pd.DataFrame:
-    """The findings as shown: effect [CI], p, n images / questions, verdict."""
+    """The findings as shown: one short line each (effect [CI], p, images / questions, verdict)."""
     from .html import format_number
     rows = []
     for f in findings:
         ci = "" if f["ci_low"] is None else f" [{format_number(f['ci_low'], 3)}, {format_number(f['ci_high'], 3)}]"
         eff = f["effect"] if isinstance(f["effect"], str) else format_number(f["effect"], 3)
-        rows.append({"model": f["model"], "hypothesis": f["hypothesis"], "measured": f["measured"],
+        name = f["key"].split(".")[-1]
+        rows.append({"hypothesis": SHORT.get(name, name), "model": f["model"],
                      "effect [95 % CI]": f"{eff}{ci}" if f["effect"] is not None else "n/a",
                      "p": "n/a" if f["p"] is None else format_number(f["p"], 3),
                      "images / questions": f"{f['n_images'] if f['n_images'] is not None else 'n/a'} / "
@@ -91,14 +97,26 @@ def table(findings: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _measured(findings: list) -> str:
+    """What each line states and measures, as a Markdown list (below the table)."""
+    seen, lines = set(), []
+    for f in findings:
+        name = f["key"].split(".")[-1]
+        if name not in seen:
+            seen.add(name)
+            lines.append(f"- **{SHORT.get(name, name)}**: {f['hypothesis']}.")
+        lines.append(f"  - {f['model']}: {f['measured']}.")
+    return "\n".join(lines)
+
+
 def write(rep, findings: list, alpha: float = 0.05) -> None:
     """Put the findings first in ``rep`` and record their numbers."""
-    rep.section("Findings", "One line per hypothesis: the effect with its 95 % confidence interval, the p-value, "
-                f"the number of independent images (questions on one image are averaged first) and questions, and a "
-                f"verdict at α = {alpha}. *not testable here*: the data or model cannot answer it (e.g. no sinks "
-                f"under the rule). Details and figures follow in the sections below.", first=True)
-    rep.table(table(findings), "Findings, one per hypothesis and model (details in the sections below).",
-              index=False)
+    rep.section("Findings", f"Effect with its 95 % CI, p, independent images / questions (an image's questions "
+                f"are averaged first), verdict at α = {alpha}; *not testable here*: this model or data cannot "
+                f"answer it (e.g. no sinks under the rule).", first=True)
+    rep.table(table(findings), "Findings, one line per hypothesis and model; what each measures is listed below, "
+                               "details follow in the sections.", index=False, name="findings")
+    rep.text(_measured(findings))
     for f in findings:
         base = f"{f['key']}"
         for k in ("effect", "ci_low", "ci_high", "p", "n_images", "n_questions"):

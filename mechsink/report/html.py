@@ -120,10 +120,13 @@ class Report:
         self._current.parts.append(_MARKDOWN.render(md_or_html))
         return self
 
-    def table(self, df: pd.DataFrame, caption: str | None = None, *, digits: int = 4, index: bool | None = None) -> "Report":
+    def table(self, df: pd.DataFrame, caption: str | None = None, *, digits: int = 4, index: bool | None = None,
+              name: str | None = None) -> "Report":
         """Add a DataFrame as an HTML table (also written as CSV next to index.html).
 
         Floats show `digits` significant digits; the index is shown unless it is a plain range.
+        name: an unnumbered table written as ``tables/<name>.csv`` (e.g. the findings, placed first
+        but computed last); other tables are numbered in the order they are added.
         """
         if not isinstance(df, pd.DataFrame):
             raise ReportError(f"table() needs a pandas DataFrame, got {type(df).__name__}")
@@ -133,10 +136,15 @@ class Report:
         for j, t in enumerate(df.dtypes):
             if pd.api.types.is_float_dtype(t):
                 df.iloc[:, j] = df.iloc[:, j] + 0.0  # no negative zero in the HTML or the CSV
-        number = len(self._tables) + 1
-        name = f"table-{number:02d}.csv"
+        number = sum(1 for n, _, _ in self._tables if n.startswith("table-")) + 1
+        if name is not None:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", name) or name.startswith("table-"):
+                raise ReportError(f"table name {name!r}: lower-case letters, digits, '_' or '-', not 'table-...'")
+            name, number = f"{name}.csv", None
+        else:
+            name = f"table-{number:02d}.csv"
         self._tables.append((name, df.copy(), caption))
-        cap = f"Table {number}" + (f": {html.escape(caption)}" if caption else "")
+        cap = (f"Table {number}" + (": " if caption else "") if number else "") + (html.escape(caption) if caption else "")
         cap += f' <a href="tables/{name}">(csv)</a>'
         self._current.parts.append(_table_html(df.reset_index() if index else df, cap, digits))
         return self
@@ -250,7 +258,7 @@ class Report:
             raise ReportError(f"report directory {out} exists and is not a directory")
         (out / "tables").mkdir(parents=True, exist_ok=True)
         current = {name for name, _, _ in self._tables}
-        for stale in (out / "tables").glob("table-*.csv"):  # left by an earlier write with more tables
+        for stale in (out / "tables").glob("*.csv"):        # left by an earlier write with more tables
             if stale.name not in current:
                 stale.unlink()
         for name, df, _ in self._tables:
