@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SECTIONS = ("cache", "streaming", "sweep", "ablation")
+SECTIONS = ("cache", "streaming", "sweep", "ablation", "projection")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [s for s in a.sections if s not in SECTIONS]
     if bad:
         p.error(f"unknown section(s) {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
-    a.models = [m.strip() for m in (a.models or ("tiny-llava" if a.quick else "tiny-llava,vitb-llava")).split(",")]
+    a.models = [m.strip() for m in (a.models or ("tiny-llava" if a.quick else "tiny-llava,vitb-llava,twin-llava")).split(",")]
     a.repeats = a.repeats or (3 if a.quick else 4)
     try:
         a.stream_images = tuple(int(x) for x in (a.stream_images or ("40,400" if a.quick else "200,2000")).split(","))
@@ -59,17 +59,22 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
     torch.set_num_threads(args.threads)
-    from . import ablation, cache, streaming, sweep
+    from . import ablation, cache, projection, streaming, sweep
     from .harness import judge
-    from .models import build
-    modules = {"cache": cache, "streaming": streaming, "sweep": sweep, "ablation": ablation}
+    from .models import Skip, build
+    modules = {"cache": cache, "streaming": streaming, "sweep": sweep, "ablation": ablation, "projection": projection}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    models = {}
+    models, skipped = {}, {}
     for name in args.models:
-        m = build(name)
+        try:
+            m = build(name)
+        except Skip as e:
+            skipped[name] = str(e)
+            print(f"[skipping {name}: {e}]", file=sys.stderr)
+            continue
         m.hf.to(args.device)
         models[name] = m
     rows = []
@@ -77,12 +82,14 @@ def run(args: argparse.Namespace) -> dict:
         work = args.workdir or Path(tmp)
         for s in args.sections:
             t = time.perf_counter()
-            rows += modules[s].section(models, args, work)
+            own = s in ("sweep", "ablation", "projection")      # the sections that run the twin so far
+            rows += modules[s].section(models if own else {k: v for k, v in models.items() if k != "twin-llava"}, args, work)
             print(f"[{s}: {time.perf_counter() - t:.0f} s]", file=sys.stderr)
     load = max(load0, os.getloadavg()[0])
     clock, why = choose_clock(args.clock, load)
     judge(rows, clock)
-    return {"rows": [r.to_dict() for r in rows], "clock": clock, "clock_reason": why,
+    return {"rows": [r.to_dict() for r in rows], "clock": clock, "clock_reason": why, "skipped": skipped,
+            "projection": getattr(projection, "LAST", None),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                         "cpus": os.cpu_count(), "load_average": [load0, os.getloadavg()[0]],
@@ -98,8 +105,10 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         e = r["extra"]
         notes = []
-        for k in ("max_rel_diff_vs_hooks", "tl_max_abs_diff_vs_exact", "attribution_spearman", "max_abs_diff_vs_naive"):
+        for k in ("max_rel_diff_vs_hooks", "tl_max_abs_diff_vs_exact", "attribution_spearman", "max_abs_diff_vs_naive",
+                  "reference_max_abs_diff_vs_exact"):
             if k in e and (k != "tl_max_abs_diff_vs_exact" or r["variant"] == "tl") and \
+                    (k != "reference_max_abs_diff_vs_exact" or r["variant"] == "reference") and \
                     (k != "attribution_spearman" or r["variant"] == "attribution"):
                 notes.append(f"{k}={e[k]:.3g}")
         if "run_peak_mb" in e:
@@ -118,6 +127,12 @@ def table(result: dict) -> str:
     out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths))]
     out += ["  ".join(str(x).ljust(w) for x, w in zip(l, widths)) for l in lines]
     out.append(f"goals judged on the {clock} ratio ({result['clock_reason']}); total {result['total_s']:.0f} s")
+    for name, why in result.get("skipped", {}).items():
+        out.append(f"skipped {name}: {why}")
+    if result.get("projection"):
+        from .projection import table as projection_table
+        pr = result["projection"]
+        out += ["", projection_table(pr) if "rows" in pr else pr["label"]]
     return "\n".join(out)
 
 

@@ -62,9 +62,10 @@ def section(models: dict, args, workdir) -> list:
     from .harness import TARGET_MODEL, compare, timing_rows
     rows = []
     for name, model in models.items():
-        n = 8 if name == "tiny-llava" else 2
+        n = 8 if name == "tiny-llava" else 2 if name == "vitb-llava" else 1
+        draws = args.draws if name != "twin-llava" else min(args.draws, 4)     # 4096-wide copies on a CPU
         batch = images(model, n)
-        cfg = config(args.draws, batch_size=n)
+        cfg = config(draws, batch_size=n)
         got: dict = {}
         variants = {"mechsink": lambda: got.__setitem__("frame", run_mechsink(model, batch, cfg)),
                     "naive": lambda: got.__setitem__("naive", run_naive(model, batch, got["frame"]))}
@@ -73,7 +74,7 @@ def section(models: dict, args, workdir) -> list:
         t = compare(variants, repeats=reps, warmup=1 if name == "tiny-llava" else 0)
         f = got["frame"]
         diff = float(np.abs(f["value"].to_numpy() - got["naive"]).max())
-        new = timing_rows("ablation", name, t, "mechsink", images=n, draws=args.draws, conditions=1 + args.draws,
+        new = timing_rows("ablation", name, t, "mechsink", images=n, draws=draws, conditions=1 + draws,
                           max_abs_diff_vs_naive=diff)
         for r in new:
             if r.variant == "naive" and name == TARGET_MODEL:

@@ -44,7 +44,7 @@ def rows(result, section):
 
 def test_every_section_reports_its_variants(result):
     assert set(rows(result, "cache")) == {"bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
-    assert set(rows(result, "sweep")) == {"exact", "attribution", "tl"}
+    assert set(rows(result, "sweep")) == {"exact", "reference", "attribution", "tl"}
     assert set(rows(result, "ablation")) == {"mechsink", "naive"}
     assert len(rows(result, "streaming")) == 3
     for r in result["rows"]:
@@ -66,6 +66,7 @@ def test_compared_methods_agree(result):
     sweep = rows(result, "sweep")["tl"]["extra"]
     assert sweep["cells"] == 32 and sweep["tl_cells_timed"] == 32   # 16 patches x 2 LLM layers, all run by TL
     assert sweep["tl_max_abs_diff_vs_exact"] < 1e-4
+    assert sweep["reference_max_abs_diff_vs_exact"] <= 1e-5                # from the patched layer = full rerun
     assert sweep["attribution_spearman"] > 0.9
     abl = rows(result, "ablation")["naive"]["extra"]
     assert abl["conditions"] == 5 and abl["max_abs_diff_vs_naive"] < 1e-5
@@ -86,8 +87,8 @@ def test_memory_runs_report_peaks(result):
 def test_table_shows_every_row(result):
     lines = result["table"].splitlines()
     assert lines[0].split()[:3] == ["section", "model", "variant"]
-    assert len(lines) == 1 + len(result["rows"]) + 1
-    assert lines[-1].startswith(f"goals judged on the {result['clock']} ratio")
+    assert lines[1 + len(result["rows"])].startswith(f"goals judged on the {result['clock']} ratio")
+    assert "projection" in result and result["table"].rstrip().endswith(result["projection"]["label"])   # skipped: no twin
 
 
 def test_bad_arguments_fail_in_one_line():
