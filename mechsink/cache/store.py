@@ -82,7 +82,8 @@ _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 _NP_OF_ST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 SINK_CLASSES = ("vit", "llm", "both", "none")
 DEFAULT_SHARD_BYTES = 256 << 20     # tensor bytes per shard (a sample is never split, so one may exceed it)
-INDEX_ROW_GROUP = 1 << 16           # rows per row group of index.parquet
+INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores)
+_PENDING_BATCHES = 3                # batches that may wait in memory for the disk thread
 
 # Standard row columns: dtype and the value used when a writer leaves the column out.
 # ``sample_idx`` and ``token_role`` have no default: every row must say which sample and role it is.
@@ -310,6 +311,46 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | list[torc
                 size += view.nbytes
         f.flush()
         os.fsync(f.fileno())
+    return _crc_hex(crc), size
+
+
+_COPY_BUFFER = 1 << 20
+
+
+def _write_from_journal(path: Path, journal, records: list[tuple[int, int, int]], sites: tuple[str, ...],
+                        dims: Mapping[str, int], n: int, dtype: str, metadata: Mapping[str, str]) -> tuple[str, int]:
+    """A safetensors file of ``n`` rows per site whose data are the journal's byte ranges
+    ``records`` [(site index, offset, nbytes)], copied site by site through a fixed buffer;
+    fsync'd; returns (crc32, size)."""
+    item = DTYPES[dtype].itemsize
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    pos = 0
+    for site in sites:
+        nbytes = n * dims[site] * item
+        header[site] = {"dtype": _ST_DTYPES[dtype], "shape": [n, dims[site]], "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    head = struct.pack("<Q", len(blob)) + blob
+    crc, size = zlib.crc32(head), len(head)
+    buf = memoryview(bytearray(min(_COPY_BUFFER, max(1, pos))))
+    with open(path, "wb") as f:
+        f.write(head)
+        for k in range(len(sites)):
+            for site_k, off, nbytes in records:
+                if site_k != k:
+                    continue
+                while nbytes:
+                    got = os.preadv(journal.fileno(), [buf[: min(nbytes, len(buf))]], off)
+                    if got <= 0:
+                        raise OSError(errno.EIO, f"journal of {path.name} is shorter than written")
+                    f.write(buf[:got])
+                    crc = zlib.crc32(buf[:got], crc)
+                    size, off, nbytes = size + got, off + got, nbytes - got
+        f.flush()
+        os.fsync(f.fileno())
+    if size != len(head) + pos:
+        raise StoreError(f"{path.name}: {size - len(head)} tensor bytes journalled, {pos} expected")
     return _crc_hex(crc), size
 
 
@@ -565,8 +606,13 @@ class StoreWriter:
         shard_rows: a shard is cut once this many rows are buffered (never inside a sample) ...
         shard_bytes: ... or once this many tensor bytes are, whichever comes first.
         dtype: storage dtype of the tensors: "float16", "bfloat16" or "float32".
-        pending_shards: shards allowed to wait for the disk while the next one fills; bounds memory
-            at about (pending_shards + 1) shards.
+        pending_shards: shards allowed to wait for their commit while the next one fills.
+
+    Memory does not grow with the shard: each batch's tensors are appended to the shard's journal
+    file (``.journal.tmp``) on the background thread as soon as they are added (at most a few
+    batches wait in memory), and the commit copies them, site by site, into the safetensors file
+    through a fixed 1 MiB buffer, computing its crc32 on the way. Only the rows' labels (numpy
+    columns, tens of bytes per row) are held until the commit.
 
     One live writer per rank and store directory: a second one fails with :class:`StoreLocked`
     naming the first one's pid (the lock is dropped by ``close()`` or when the process dies).
@@ -636,16 +682,17 @@ class StoreWriter:
         self._columns: list[str] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechsink-store")
         self._pending: deque[Future] = deque()
-        self._max_pending = pending_shards
+        self._max_pending = pending_shards + _PENDING_BATCHES
         self._streams: dict[Any, Any] = {}
+        self._journals: dict[str, tuple[Any, list[tuple[int, int, int]]]] = {}   # disk thread only
+        self._error: BaseException | None = None
         self._closed = False
 
     def _reset_buffer(self) -> None:
+        self._name: str | None = None         # the shard being filled, named at its first add()
         self._rows: list[dict[str, np.ndarray]] = []
-        self._tensors: dict[str, list[torch.Tensor]] = {s: [] for s in self.config.sites}
         self._samples: list[int] = []
         self._new_keys: dict[int, str] = {}
-        self._events: list[Any] = []
         self._n_buffered = 0
         self._bytes_buffered = 0
 
@@ -733,10 +780,16 @@ class StoreWriter:
                 raise StoreError(f"tensor for {site} has width {t.shape[1]}, the store holds width {d}")
             checked.append((site, t))
         item = DTYPES[self.dtype].itemsize
+        events: list[Any] = []
+        host = []
         for site, t in checked:
             self._dims.setdefault(site, int(t.shape[1]))
-            self._tensors[site].append(self._to_host(t))
+            host.append(self._to_host(t, events))
             self._bytes_buffered += t.numel() * item
+        if self._name is None:
+            self._name = f"{self._prefix}{self._seq:06d}"
+            self._seq += 1
+        self._submit(self._append, self._name, host, events)
         self._rows.append(cols)
         self._samples.extend(samples)
         self._new_keys.update(keys)
@@ -745,7 +798,7 @@ class StoreWriter:
         if self._n_buffered >= self.shard_rows or self._bytes_buffered >= self.shard_bytes:
             self.flush()
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor, events: list) -> torch.Tensor:
         """The tensor in the storage dtype on the CPU. A CUDA tensor is cast on its device and copied
         into a pinned buffer on a side stream; the disk thread waits for the copy's event."""
         dt = DTYPES[self.dtype]
@@ -761,39 +814,89 @@ class StoreWriter:
             t.record_stream(stream)      # the caching allocator keeps t's memory until the copy ran
             event = torch.cuda.Event()
             event.record(stream)
-            self._events.append(event)
+            events.append(event)
             return host
         return t.to(device="cpu", dtype=dt).contiguous()
 
+    def _submit(self, fn, *args) -> None:
+        """Queue a job for the disk thread, first waiting while too many are queued (backpressure)."""
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()  # re-raises a failed write here
+        self._pending.append(self._pool.submit(self._guarded, fn, *args))
+
+    def _guarded(self, fn, *args) -> None:
+        if self._error is not None:     # an earlier job failed: later ones of this writer do nothing
+            return
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._error = e
+            for name in list(self._journals):
+                self._drop_journal(name)
+            raise
+
     def flush(self) -> None:
-        """Hand the buffered samples to the disk thread as one shard (blocks while too many are pending)."""
+        """Commit the samples added since the last commit as one shard, on the disk thread."""
         self._check_open()
         self._raise_failed()
         if not self._samples:
             return
-        job = (f"{self._prefix}{self._seq:06d}", self._rows, self._tensors, self._samples, self._new_keys,
-               self._events)
-        self._seq += 1
+        job = (self._name, self._rows, self._samples, self._new_keys, self._n_buffered)
         self._reset_buffer()
-        while len(self._pending) >= self._max_pending:
-            self._pending.popleft().result()  # re-raises a failed write here
-        self._pending.append(self._pool.submit(self._commit, *job))
+        self._submit(self._commit, *job)
 
-    def _commit(self, name: str, rows: list[dict[str, np.ndarray]], tensors: dict[str, list[torch.Tensor]],
-                samples: list[int], keys: dict[int, str], events: list[Any]) -> None:
-        """Write one shard: tmp files, fsync, rename tensors, then rename the parquet (the commit point)."""
+    def _journal(self, name: str) -> Path:
+        return self.shards / f"{name}.journal.tmp"
+
+    def _drop_journal(self, name: str) -> None:
+        f, _ = self._journals.pop(name, (None, None))
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        _unlink_quietly(self._journal(name))
+
+    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any]) -> None:
+        """Append one batch's tensors (in site order) to the shard's journal (disk thread)."""
         for e in events:
             e.synchronize()
+        try:
+            if name not in self._journals:
+                self._journals[name] = (open(self._journal(name), "w+b"), [])
+            f, records = self._journals[name]
+            for k, t in enumerate(tensors):
+                if t.numel():
+                    view = _byte_view(t)
+                    records.append((k, f.tell(), view.nbytes))
+                    f.write(view)
+        except OSError as e:
+            self._drop_journal(name)
+            raise _write_error(e, f"shard {name}", self.path) from None
+
+    def _commit(self, name: str, rows: list[dict[str, np.ndarray]], samples: list[int], keys: dict[int, str],
+                n: int) -> None:
+        """Write one shard: the tensors from the journal into a tmp safetensors file, the rows into a
+        tmp parquet, fsync, rename the tensors, then the parquet (the commit point). Disk thread."""
         st, pqt = self.shards / f"{name}.safetensors", self.shards / f"{name}.parquet"
         st_tmp, pq_tmp = st.with_name(st.name + ".tmp"), pqt.with_name(pqt.name + ".tmp")
         try:
-            n = sum(len(r["sample_idx"]) for r in rows)
-            crc, size = write_safetensors(st_tmp, tensors, metadata={"store_id": self.id, "rows": str(n)})
+            journal, records = self._journals.pop(name, (None, []))
+            try:
+                if journal is not None:
+                    journal.flush()
+                crc, size = _write_from_journal(st_tmp, journal, records, self.config.sites, self._dims, n,
+                                                self.dtype, metadata={"store_id": self.id, "rows": str(n)})
+            finally:
+                if journal is not None:
+                    journal.close()
+                _unlink_quietly(self._journal(name))
             table = _rows_table(rows)
             raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
             pq.write_table(table.replace_schema_metadata(meta), pq_tmp, write_page_checksum=True)
+            del table
             _fsync_file(pq_tmp)
             os.replace(st_tmp, st)
             _fsync_dir(self.shards)
@@ -804,6 +907,8 @@ class StoreWriter:
             if not pqt.exists():
                 _unlink_quietly(st)
             raise _write_error(e, f"shard {name}", self.path) from None
+        finally:
+            pa.default_memory_pool().release_unused()
 
     def _raise_failed(self) -> None:
         for f in [f for f in self._pending if f.done()]:
@@ -813,6 +918,8 @@ class StoreWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"writer for {self.path} is closed")
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """Commit what is buffered, wait for the disk thread and drop the lock."""
@@ -890,7 +997,8 @@ def _shard_dims(path: Path, sites: tuple[str, ...], dtype: str) -> dict[str, int
 def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
     """(sample, code, shard_row, length) of the runs of one shard's rows in (sample, writing) order."""
     try:
-        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True)["sample_idx"]
+        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True,
+                          use_threads=False)["sample_idx"]
     except (pa.ArrowException, OSError) as e:
         raise StoreCorrupt(f"{table_path} is corrupt ({_first_line(e)}); {_repair_shard(table_path)}") from None
     s = s.to_numpy()
@@ -928,7 +1036,7 @@ class _TableCache:
         if t is None:
             path = self.root / "shards" / f"{self.names[code]}.parquet"
             try:
-                t = pq.read_table(path, page_checksum_verification=True).replace_schema_metadata(None)
+                t = pq.read_table(path, page_checksum_verification=True, use_threads=False).replace_schema_metadata(None)
             except (pa.ArrowException, OSError) as e:
                 raise StoreCorrupt(f"{path} is corrupt ({_first_line(e)}); {_repair_shard(path)}") from None
             if t.schema != self.schema:
@@ -1009,7 +1117,10 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     tmp = root / ".index.parquet.tmp"
     roles: dict[str, int] = {}
     classes: dict[str, int] = {}
-    cache = _TableCache(root, names, schema, size=8)
+    # one shard table per rank at a time suffices (runs interleave by rank); row groups of at most
+    # INDEX_ROW_GROUP rows, fewer in small stores, so that the memory of a merge stops growing early
+    cache = _TableCache(root, names, schema, size=len({n.split("-")[0] for n in names}) + 1)
+    group = int(min(INDEX_ROW_GROUP, max(2048, n_rows // 1024)))
     try:
         with pq.ParquetWriter(tmp, out_schema, write_page_checksum=True) as writer:
             pieces: list[tuple[int, int, int]] = []
@@ -1031,17 +1142,18 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
                 for counter, col in ((roles, "token_role"), (classes, "sink_class")):
                     for item in pc.value_counts(t[col]).to_pylist():
                         counter[item["values"]] = counter.get(item["values"], 0) + item["counts"]
-                writer.write_table(t, row_group_size=INDEX_ROW_GROUP)
+                writer.write_table(t, row_group_size=group)
                 written += t.num_rows
+                del t, parts
                 pieces, buffered = [], 0
 
             for c, r, n in zip(code.tolist(), srow.tolist(), length.tolist()):
                 while n > 0:
-                    take = min(n, INDEX_ROW_GROUP - buffered)
+                    take = min(n, group - buffered)
                     pieces.append((c, r, take))
                     buffered += take
                     r, n = r + take, n - take
-                    if buffered >= INDEX_ROW_GROUP:
+                    if buffered >= group:
                         flush_group()
             flush_group()
         _fsync_file(tmp)
@@ -1054,6 +1166,9 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    finally:
+        cache.tables.clear()
+        pa.default_memory_pool().release_unused()
     item = np.dtype(_NP_OF_ST[_ST_DTYPES[dtype]]).itemsize
     files = {"index.parquet": {"crc32": index_crc, "bytes": index_size}}
     for m in metas:
@@ -1200,7 +1315,8 @@ class Store:
             raise StoreError(f"batch_rows must be >= 1, got {batch_rows}")
         f = self._index_file()
         try:
-            for batch in f.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns)):
+            for batch in f.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                                        use_threads=False):
                 yield batch.to_pandas()
         except (pa.ArrowException, OSError) as e:
             raise self._corrupt_index(e) from None
@@ -1214,7 +1330,7 @@ class Store:
             pos, last_code, last_srow = 0, -1, -2
             f = self._index_file()
             try:
-                for batch in f.iter_batches(batch_size=INDEX_ROW_GROUP, columns=["shard", "shard_row"]):
+                for batch in f.iter_batches(batch_size=INDEX_ROW_GROUP, columns=["shard", "shard_row"], use_threads=False):
                     shard = batch.column(0).dictionary_encode()
                     lut = np.array([code_of.get(s, -1) for s in shard.dictionary.to_pylist()], dtype=np.int64)
                     c = lut[shard.indices.to_numpy(zero_copy_only=False)]
