@@ -301,18 +301,26 @@ def test_reads_do_not_load_the_index(store):
     assert fresh._index is None and fresh.index["row"].tolist() == list(range(len(fresh)))
 
 
-def test_interleaved_ranks_and_retried_samples_merge_in_sample_order(tmp_path):
-    """Samples spread over shards of two ranks, one written last (a retry): the streaming merge
-    puts every row where a full sort would."""
-    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=5) for r in (0, 1)]
+def test_interleaved_ranks_and_retried_samples_merge_in_sample_order(tmp_path, monkeypatch):
+    """Samples spread over shards of two ranks, one written last (a retry), shard rows in row groups
+    of 3 (so samples straddle row groups): the streaming merge puts every row where a full sort would."""
+    import pyarrow.parquet as pq
+
+    import mechsink.cache.store as store_module
+    monkeypatch.setattr(store_module, "SHARD_ROW_GROUP", 3)
+    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=9) for r in (0, 1)]
     order = [i for i in range(20) if i != 6] + [6]
     for i in order:
         ws[i % 2].add(*make_sample(i))
     for w in ws:
         w.close()
     store = merge(tmp_path, clean=True)
+    assert max(pq.read_metadata(p).num_row_groups for p in (tmp_path / "shards").glob("*.parquet")) >= 3
     assert store.index.sample_idx.is_monotonic_increasing
     assert_holds(store, range(20))
+    rows = pd.concat([make_sample(i)[0] for i in range(20)], ignore_index=True)
+    for c in rows.columns:
+        assert store.index[c].tolist() == rows[c].tolist(), c
 
 
 # ----------------------------------------------------------------------------- the CLI

@@ -83,6 +83,7 @@ _NP_OF_ST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 SINK_CLASSES = ("vit", "llm", "both", "none")
 DEFAULT_SHARD_BYTES = 256 << 20     # tensor bytes per shard (a sample is never split, so one may exceed it)
 INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores)
+SHARD_ROW_GROUP = 2048              # rows per row group of a shard's parquet (what a merge holds per rank)
 _PENDING_BATCHES = 3                # batches that may wait in memory for the disk thread
 
 # Standard row columns: dtype and the value used when a writer leaves the column out.
@@ -585,6 +586,8 @@ class _ShardMeta:
         except (ValueError, KeyError, TypeError):
             raise StoreCorrupt(f"{self.parquet} is corrupt (unreadable metadata); {_repair_shard(self.parquet)}") from None
         self.num_rows = md.num_rows
+        sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
+        self.group_starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if sizes else np.zeros(1, np.int64)
         self.schema = md.schema.to_arrow_schema().remove_metadata()
 
 
@@ -895,7 +898,8 @@ class StoreWriter:
             raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
-            pq.write_table(table.replace_schema_metadata(meta), pq_tmp, write_page_checksum=True)
+            pq.write_table(table.replace_schema_metadata(meta), pq_tmp, row_group_size=SHARD_ROW_GROUP,
+                           write_page_checksum=True)
             del table
             _fsync_file(pq_tmp)
             os.replace(st_tmp, st)
@@ -1025,27 +1029,50 @@ def _coalesce(code: np.ndarray, srow: np.ndarray, length: np.ndarray) -> tuple[n
 
 
 class _TableCache:
-    """The last few shard tables read (a merge visits shards in sample order: one per rank at a time)."""
+    """The last few row groups read from shard parquets. A merge visits the rows in sample order,
+    which walks each rank's shards forwards: one cached row group per rank suffices."""
 
-    def __init__(self, root: Path, names: list[str], schema: pa.Schema, size: int) -> None:
-        self.root, self.names, self.schema, self.size = root, names, schema, size
-        self.tables: OrderedDict[int, pa.Table] = OrderedDict()
+    def __init__(self, metas: list["_ShardMeta"], schema: pa.Schema, size: int) -> None:
+        self.metas, self.schema, self.size = metas, schema, size
+        self.tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self.files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
 
-    def get(self, code: int) -> pa.Table:
-        t = self.tables.get(code)
+    def _file(self, code: int) -> pq.ParquetFile:
+        f = self.files.get(code)
+        if f is None:
+            f = self.files[code] = pq.ParquetFile(self.metas[code].parquet, page_checksum_verification=True)
+            while len(self.files) > self.size:
+                self.files.popitem(last=False)
+        else:
+            self.files.move_to_end(code)
+        return f
+
+    def pieces(self, code: int, row: int, n: int) -> Iterator[pa.Table]:
+        """Rows [row, row + n) of shard ``code``, as slices of its row groups."""
+        starts = self.metas[code].group_starts
+        while n > 0:
+            k = int(np.searchsorted(starts, row, side="right")) - 1
+            t = self.get(code, k)
+            take = min(n, int(starts[k]) + t.num_rows - row)
+            yield t.slice(row - int(starts[k]), take)
+            row, n = row + take, n - take
+
+    def get(self, code: int, group: int) -> pa.Table:
+        key = (code, group)
+        t = self.tables.get(key)
         if t is None:
-            path = self.root / "shards" / f"{self.names[code]}.parquet"
+            path = self.metas[code].parquet
             try:
-                t = pq.read_table(path, page_checksum_verification=True, use_threads=False).replace_schema_metadata(None)
+                t = self._file(code).read_row_group(group, use_threads=False).replace_schema_metadata(None)
             except (pa.ArrowException, OSError) as e:
                 raise StoreCorrupt(f"{path} is corrupt ({_first_line(e)}); {_repair_shard(path)}") from None
             if t.schema != self.schema:
                 t = t.cast(self.schema)
-            self.tables[code] = t
+            self.tables[key] = t
             while len(self.tables) > self.size:
                 self.tables.popitem(last=False)
         else:
-            self.tables.move_to_end(code)
+            self.tables.move_to_end(key)
         return t
 
 
@@ -1119,7 +1146,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     classes: dict[str, int] = {}
     # one shard table per rank at a time suffices (runs interleave by rank); row groups of at most
     # INDEX_ROW_GROUP rows, fewer in small stores, so that the memory of a merge stops growing early
-    cache = _TableCache(root, names, schema, size=len({n.split("-")[0] for n in names}) + 1)
+    cache = _TableCache(metas, schema, size=len({n.split("-")[0] for n in names}) + 1)
     group = int(min(INDEX_ROW_GROUP, max(2048, n_rows // 1024)))
     try:
         with pq.ParquetWriter(tmp, out_schema, write_page_checksum=True) as writer:
@@ -1131,7 +1158,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
                 nonlocal pieces, buffered, written
                 if not pieces:
                     return
-                parts = [cache.get(c).slice(r, n) for c, r, n in pieces]
+                parts = [part for c, r, n in pieces for part in cache.pieces(c, r, n)]
                 t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
                 shard_col = pa.DictionaryArray.from_arrays(
                     pa.array(np.repeat([c for c, _, _ in pieces], [n for _, _, n in pieces]).astype(np.int32)),
@@ -1168,6 +1195,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
         raise
     finally:
         cache.tables.clear()
+        cache.files.clear()
         pa.default_memory_pool().release_unused()
     item = np.dtype(_NP_OF_ST[_ST_DTYPES[dtype]]).itemsize
     files = {"index.parquet": {"crc32": index_crc, "bytes": index_size}}
@@ -1330,7 +1358,7 @@ class Store:
             pos, last_code, last_srow = 0, -1, -2
             f = self._index_file()
             try:
-                for batch in f.iter_batches(batch_size=INDEX_ROW_GROUP, columns=["shard", "shard_row"], use_threads=False):
+                for batch in f.iter_batches(batch_size=8192, columns=["shard", "shard_row"], use_threads=False):
                     shard = batch.column(0).dictionary_encode()
                     lut = np.array([code_of.get(s, -1) for s in shard.dictionary.to_pylist()], dtype=np.int64)
                     c = lut[shard.indices.to_numpy(zero_copy_only=False)]
