@@ -505,7 +505,9 @@ def _normalise_rows(rows: pd.DataFrame) -> dict[str, np.ndarray]:
             if dtype in ("int64", "int32", "bool") and col.isna().any():
                 raise StoreError(f"row column {name!r} has missing values")
             try:
-                out[name] = np.asarray(col.to_numpy(), dtype=dtype) if col.dtype != object else col.astype(dtype).to_numpy()
+                # an owned copy: a view would keep the caller's whole DataFrame block alive until the commit
+                out[name] = np.array(col.to_numpy() if col.dtype != object else col.astype(dtype).to_numpy(),
+                                     dtype=dtype, copy=True)
             except (TypeError, ValueError):
                 raise StoreError(f"row column {name!r} cannot be read as {dtype}") from None
         elif default is None:
@@ -531,16 +533,14 @@ def _str_array(values: np.ndarray) -> pa.Array:
     return pa.array([str(v) for v in values], type=pa.string())
 
 
-def _rows_table(blocks: list[dict[str, np.ndarray]]) -> pa.Table:
-    """One arrow table from the buffered per-batch column arrays (one concatenation per column)."""
-    names = list(blocks[0])
+def _batch_table(cols: Mapping[str, np.ndarray]) -> pa.Table:
+    """One batch's rows as a compact arrow table: the standard string columns dictionary-encoded
+    (a sample's id and path repeat on each of its rows), the extra columns' types inferred."""
     arrays = []
-    for c in names:
-        parts = [b[c] for b in blocks]
-        v = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    for c, v in cols.items():
         kind = ROW_COLUMNS.get(c, (None,))[0]
         if kind == "str":
-            arrays.append(_str_array(v))
+            arrays.append(_str_array(v).dictionary_encode())
         elif kind is not None:
             arrays.append(pa.array(v))
         else:
@@ -548,7 +548,22 @@ def _rows_table(blocks: list[dict[str, np.ndarray]]) -> pa.Table:
                 arrays.append(pa.array(v, from_pandas=True))
             except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
                 raise StoreError(f"row column {c!r} mixes types that parquet cannot hold in one column: {e}") from None
-    return pa.Table.from_arrays(arrays, names=names)
+    return pa.Table.from_arrays(arrays, names=list(cols))
+
+
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """The schema with dictionary columns as their value type."""
+    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+                      for f in schema])
+
+
+def _rows_table(tables: list[pa.Table]) -> pa.Table:
+    """The batches' tables as one (chunked, not copied) table with plain string columns."""
+    try:
+        t = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        return t.cast(_plain(t.schema))
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise StoreError(f"row columns changed type between batches: {_first_line(e)}") from None
 
 
 def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
@@ -687,13 +702,13 @@ class StoreWriter:
         self._pending: deque[Future] = deque()
         self._max_pending = pending_shards + _PENDING_BATCHES
         self._streams: dict[Any, Any] = {}
-        self._journals: dict[str, tuple[Any, list[tuple[int, int, int]]]] = {}   # disk thread only
+        # disk thread only: shard -> (journal file, [(site index, offset, nbytes)], [batch row tables])
+        self._journals: dict[str, tuple[Any, list[tuple[int, int, int]], list[pa.Table]]] = {}
         self._error: BaseException | None = None
         self._closed = False
 
     def _reset_buffer(self) -> None:
         self._name: str | None = None         # the shard being filled, named at its first add()
-        self._rows: list[dict[str, np.ndarray]] = []
         self._samples: list[int] = []
         self._new_keys: dict[int, str] = {}
         self._n_buffered = 0
@@ -792,8 +807,7 @@ class StoreWriter:
         if self._name is None:
             self._name = f"{self._prefix}{self._seq:06d}"
             self._seq += 1
-        self._submit(self._append, self._name, host, events)
-        self._rows.append(cols)
+        self._submit(self._append, self._name, host, events, cols)
         self._samples.extend(samples)
         self._new_keys.update(keys)
         self._added.update(samples)
@@ -844,7 +858,7 @@ class StoreWriter:
         self._raise_failed()
         if not self._samples:
             return
-        job = (self._name, self._rows, self._samples, self._new_keys, self._n_buffered)
+        job = (self._name, self._samples, self._new_keys, self._n_buffered)
         self._reset_buffer()
         self._submit(self._commit, *job)
 
@@ -852,7 +866,7 @@ class StoreWriter:
         return self.shards / f"{name}.journal.tmp"
 
     def _drop_journal(self, name: str) -> None:
-        f, _ = self._journals.pop(name, (None, None))
+        f, _, _ = self._journals.pop(name, (None, None, None))
         if f is not None:
             try:
                 f.close()
@@ -860,14 +874,16 @@ class StoreWriter:
                 pass
         _unlink_quietly(self._journal(name))
 
-    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any]) -> None:
-        """Append one batch's tensors (in site order) to the shard's journal (disk thread)."""
+    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any], cols: dict[str, np.ndarray]) -> None:
+        """Append one batch's tensors (in site order) to the shard's journal, keep its rows as a
+        compact arrow table (disk thread)."""
         for e in events:
             e.synchronize()
         try:
             if name not in self._journals:
-                self._journals[name] = (open(self._journal(name), "w+b"), [])
-            f, records = self._journals[name]
+                self._journals[name] = (open(self._journal(name), "w+b"), [], [])
+            f, records, tables = self._journals[name]
+            tables.append(_batch_table(cols))
             for k, t in enumerate(tensors):
                 if t.numel():
                     view = _byte_view(t)
@@ -877,14 +893,13 @@ class StoreWriter:
             self._drop_journal(name)
             raise _write_error(e, f"shard {name}", self.path) from None
 
-    def _commit(self, name: str, rows: list[dict[str, np.ndarray]], samples: list[int], keys: dict[int, str],
-                n: int) -> None:
+    def _commit(self, name: str, samples: list[int], keys: dict[int, str], n: int) -> None:
         """Write one shard: the tensors from the journal into a tmp safetensors file, the rows into a
         tmp parquet, fsync, rename the tensors, then the parquet (the commit point). Disk thread."""
         st, pqt = self.shards / f"{name}.safetensors", self.shards / f"{name}.parquet"
         st_tmp, pq_tmp = st.with_name(st.name + ".tmp"), pqt.with_name(pqt.name + ".tmp")
         try:
-            journal, records = self._journals.pop(name, (None, []))
+            journal, records, tables = self._journals.pop(name)
             try:
                 if journal is not None:
                     journal.flush()
@@ -894,7 +909,8 @@ class StoreWriter:
                 if journal is not None:
                     journal.close()
                 _unlink_quietly(self._journal(name))
-            table = _rows_table(rows)
+            table = _rows_table(tables)
+            del tables
             raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
@@ -1130,7 +1146,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise StoreError(f"shards disagree on column types: {_first_line(e)}") from None
     else:
-        schema = _rows_table([_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []}))]).schema
+        schema = _rows_table([_batch_table(_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []})))]).schema
     runs = [_shard_runs(m.parquet, code) for code, m in enumerate(metas)]
     sample, code, srow, length = (np.concatenate([r[i] for r in runs]) if runs else np.zeros(0, dtype=np.int64)
                                   for i in range(4))
