@@ -248,11 +248,11 @@ def _crc_hex(crc: int) -> str:
     return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
 
-_WINDOW = 16 << 20   # bytes of a file mapped at once while checksumming (bounds resident memory)
+_WINDOW = 1 << 20    # bytes of a file mapped at once while checksumming (bounds resident memory)
 
 
 def file_crc32(path: str | os.PathLike) -> tuple[str, int]:
-    """("crc32:xxxxxxxx", size) of a file, read through 16 MiB memory maps (no copy, flat memory)."""
+    """("crc32:xxxxxxxx", size) of a file, read through 1 MiB memory maps (no copy, flat memory)."""
     crc = 0
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
