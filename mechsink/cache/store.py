@@ -648,7 +648,7 @@ class _ShardMeta:
             raise StoreCorrupt(f"{self.parquet} is corrupt (its metadata fails its crc32); {_repair_shard(self.parquet)}")
         try:
             self.samples: list[int] = json.loads(raw[0])
-            self.keys: dict[str, str] = json.loads(raw[1])
+            self._keys_raw = raw[1]        # parsed on demand (a merge does not need them)
             tensors = json.loads(raw[2])
             self.tensor_crc: str = tensors["crc32"]
             self.tensor_bytes: int = int(tensors["bytes"])
@@ -658,6 +658,13 @@ class _ShardMeta:
         sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
         self.group_starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if sizes else np.zeros(1, np.int64)
         self.schema = md.schema.to_arrow_schema().remove_metadata()
+
+
+def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
+    try:
+        return json.loads(meta._keys_raw)
+    except ValueError:
+        raise StoreCorrupt(f"{meta.parquet} is corrupt (unreadable metadata); {_repair_shard(meta.parquet)}") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -740,7 +747,7 @@ class StoreWriter:
             for name in _shard_names(self.shards):
                 meta = _ShardMeta(self.path, name)
                 self._done.update(meta.samples)
-                self._keys.update({int(k): v for k, v in meta.keys.items()})
+                self._keys.update({int(k): v for k, v in _shard_keys(meta).items()})
                 if name.startswith(self._prefix):
                     seq = max(seq, int(_SHARD_RE.match(name).group(2)))
                 if not self._dims:
