@@ -627,7 +627,7 @@ def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
 class _ShardMeta:
     """What a committed shard's parquet footer says (checked against its own crc)."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, keys: bool = False) -> None:
         self.name = name
         self.parquet = root / "shards" / f"{name}.parquet"
         self.tensors = root / "shards" / f"{name}.safetensors"
@@ -647,8 +647,8 @@ class _ShardMeta:
         if _meta_crc(*raw) != meta[_META_CRC_KEY]:
             raise StoreCorrupt(f"{self.parquet} is corrupt (its metadata fails its crc32); {_repair_shard(self.parquet)}")
         try:
-            self.samples: list[int] = json.loads(raw[0])
-            self._keys_raw = raw[1]        # parsed on demand (a merge does not need them)
+            self.samples = np.array(json.loads(raw[0]), dtype=np.int64)
+            self._keys_raw = raw[1] if keys else b"{}"   # a merge does not need them
             tensors = json.loads(raw[2])
             self.tensor_crc: str = tensors["crc32"]
             self.tensor_bytes: int = int(tensors["bytes"])
@@ -665,6 +665,24 @@ def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
         return json.loads(meta._keys_raw)
     except ValueError:
         raise StoreCorrupt(f"{meta.parquet} is corrupt (unreadable metadata); {_repair_shard(meta.parquet)}") from None
+
+
+_LIBC: list = []
+
+
+def _trim() -> None:
+    """Hand freed memory back to the OS: Arrow's pool, and glibc's heap (whose free pages are
+    otherwise pinned by a few live objects, so that resident memory creeps up over a long run)."""
+    pa.default_memory_pool().release_unused()
+    if not _LIBC:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc.malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def _first_line(e: BaseException) -> str:
@@ -745,8 +763,8 @@ class StoreWriter:
             self._dims: dict[str, int] = {}
             seq = -1
             for name in _shard_names(self.shards):
-                meta = _ShardMeta(self.path, name)
-                self._done.update(meta.samples)
+                meta = _ShardMeta(self.path, name, keys=True)
+                self._done.update(meta.samples.tolist())
                 self._keys.update({int(k): v for k, v in _shard_keys(meta).items()})
                 if name.startswith(self._prefix):
                     seq = max(seq, int(_SHARD_RE.match(name).group(2)))
@@ -989,7 +1007,7 @@ class StoreWriter:
                 _unlink_quietly(st)
             raise _write_error(e, f"shard {name}", self.path) from None
         finally:
-            pa.default_memory_pool().release_unused()
+            _trim()
 
     def _raise_failed(self) -> None:
         for f in [f for f in self._pending if f.done()]:
@@ -1177,7 +1195,7 @@ def merge(path: str | os.PathLike, clean: bool = False) -> "Store":
 def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     sites, dtype = tuple(cfg["sites"]), cfg["dtype"]
     metas = [_ShardMeta(root, name) for name in names]
-    all_samples = np.array([s for m in metas for s in m.samples], dtype=np.int64)
+    all_samples = np.concatenate([m.samples for m in metas]) if metas else np.zeros(0, dtype=np.int64)
     uniq, counts = np.unique(all_samples, return_counts=True)
     if (counts > 1).any():
         s = int(uniq[np.argmax(counts > 1)])
@@ -1230,9 +1248,10 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
             pieces: list[tuple[int, int, int]] = []
             buffered = 0
             written = 0
+            n_groups = 0
 
             def flush_group() -> None:
-                nonlocal pieces, buffered, written
+                nonlocal pieces, buffered, written, n_groups
                 if not pieces:
                     return
                 parts = [part for c, r, n in pieces for part in cache.pieces(c, r, n)]
@@ -1249,6 +1268,9 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
                 writer.write_table(t, row_group_size=group)
                 written += t.num_rows
                 del t, parts
+                n_groups += 1
+                if n_groups % 16 == 0:
+                    _trim()
                 pieces, buffered = [], 0
 
             for c, r, n in zip(code.tolist(), srow.tolist(), length.tolist()):
@@ -1273,7 +1295,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     finally:
         cache.tables.clear()
         cache.files.clear()
-        pa.default_memory_pool().release_unused()
+        _trim()
     item = np.dtype(_NP_OF_ST[_ST_DTYPES[dtype]]).itemsize
     files = {"index.parquet": {"crc32": index_crc, "bytes": index_size}}
     for m in metas:
@@ -1631,7 +1653,7 @@ def _verify(root: Path, cfg: dict, repair: bool) -> dict:
             bad.add(name)
             problem(shards / f"{name}.safetensors", e)
             continue
-        for s in m.samples:
+        for s in m.samples.tolist():
             if s in owner:
                 problem(m.parquet, f"sample {s} is also in shard {owner[s]}; run `mechsink verify --cache {root} "
                         "--repair` after deleting one of the two shards")
