@@ -190,7 +190,7 @@ def section(models: dict, args, workdir: Path) -> list:
             if r.variant == "mechsink":
                 r.extra["max_rel_diff_vs_hooks"] = agree
                 if name == TARGET_MODEL:
-                    r.goal, r.peers = f"<= {TARGET}", ("nnsight", "tl")
+                    r.goal, r.peers = f"<= {TARGET}", ("nnsight_disk", "tl")
                 elif name == "tiny-llava":
                     r.extra["target"] = f"<= {TARGET_TINY}"
                     r.extra["within_target_wall"] = bool(r.ratio_wall <= TARGET_TINY)

@@ -108,7 +108,7 @@ def test_flipped_byte_in_tensor_data(store):
     start, _ = read_safetensors_header(path)
     flip(path, start + 5)                   # a value of the second shard, as a disk might
     fresh = Store.open(store.path)          # sizes are intact: opening is cheap and succeeds
-    in_first = fresh.index.row[fresh.index.shard == store.summary["shards"][0]].to_numpy()
+    in_first = np.array(fresh.index.row[fresh.index.shard == store.summary["shards"][0]])
     assert np.array_equal(fresh.get(SITES[0], rows=in_first),
                           expected(SAMPLES)[SITES[0]][in_first].numpy())   # other shards still read
     with pytest.raises(StoreCorrupt) as e:
@@ -301,18 +301,26 @@ def test_reads_do_not_load_the_index(store):
     assert fresh._index is None and fresh.index["row"].tolist() == list(range(len(fresh)))
 
 
-def test_interleaved_ranks_and_retried_samples_merge_in_sample_order(tmp_path):
-    """Samples spread over shards of two ranks, one written last (a retry): the streaming merge
-    puts every row where a full sort would."""
-    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=5) for r in (0, 1)]
+def test_interleaved_ranks_and_retried_samples_merge_in_sample_order(tmp_path, monkeypatch):
+    """Samples spread over shards of two ranks, one written last (a retry), shard rows in row groups
+    of 3 (so samples straddle row groups): the streaming merge puts every row where a full sort would."""
+    import pyarrow.parquet as pq
+
+    import mechsink.cache.store as store_module
+    monkeypatch.setattr(store_module, "SHARD_ROW_GROUP", 3)
+    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=9) for r in (0, 1)]
     order = [i for i in range(20) if i != 6] + [6]
     for i in order:
         ws[i % 2].add(*make_sample(i))
     for w in ws:
         w.close()
     store = merge(tmp_path, clean=True)
+    assert max(pq.read_metadata(p).num_row_groups for p in (tmp_path / "shards").glob("*.parquet")) >= 3
     assert store.index.sample_idx.is_monotonic_increasing
     assert_holds(store, range(20))
+    rows = pd.concat([make_sample(i)[0] for i in range(20)], ignore_index=True)
+    for c in rows.columns:
+        assert store.index[c].tolist() == rows[c].tolist(), c
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -334,3 +342,14 @@ def test_verify_command(store):
     r = run("--repair", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["repaired"]
     assert not path.exists()
+
+
+def test_commit_without_copy_file_range(tmp_path, monkeypatch):
+    """Where the kernel cannot copy between the files, the commit copies by hand: same bytes, same crc."""
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    write(tmp_path, SAMPLES)
+    store = merge(tmp_path)
+    assert verify(tmp_path)["ok"]
+    assert_holds(store, SAMPLES)

@@ -82,7 +82,9 @@ _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 _NP_OF_ST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 SINK_CLASSES = ("vit", "llm", "both", "none")
 DEFAULT_SHARD_BYTES = 256 << 20     # tensor bytes per shard (a sample is never split, so one may exceed it)
-INDEX_ROW_GROUP = 1 << 16           # rows per row group of index.parquet
+INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores)
+SHARD_ROW_GROUP = 2048              # rows per row group of a shard's parquet (what a merge holds per rank)
+_PENDING_BATCHES = 3                # batches that may wait in memory for the disk thread
 
 # Standard row columns: dtype and the value used when a writer leaves the column out.
 # ``sample_idx`` and ``token_role`` have no default: every row must say which sample and role it is.
@@ -246,11 +248,11 @@ def _crc_hex(crc: int) -> str:
     return f"crc32:{crc & 0xFFFFFFFF:08x}"
 
 
-_WINDOW = 16 << 20   # bytes of a file mapped at once while checksumming (bounds resident memory)
+_WINDOW = 1 << 20    # bytes of a file mapped at once while checksumming (bounds resident memory)
 
 
 def file_crc32(path: str | os.PathLike) -> tuple[str, int]:
-    """("crc32:xxxxxxxx", size) of a file, read through 16 MiB memory maps (no copy, flat memory)."""
+    """("crc32:xxxxxxxx", size) of a file, read through 1 MiB memory maps (no copy, flat memory)."""
     crc = 0
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -310,6 +312,100 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor | list[torc
                 size += view.nbytes
         f.flush()
         os.fsync(f.fileno())
+    return _crc_hex(crc), size
+
+
+_COPY_BUFFER = 1 << 20
+_CRC_POLY = 0xEDB88320
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a * b modulo the crc32 polynomial (reflected bit order), as in zlib."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]                    # x^(2^k) modulo the polynomial
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32 of A + B from crc32(A), crc32(B) and len(B) (zlib's crc32_combine)."""
+    p, k = 1 << 31, 3
+    while len2:
+        if len2 & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        len2 >>= 1
+        k += 1
+    return _multmodp(p, crc1) ^ crc2
+
+
+def _write_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _copy_range(src: int, dst: int, n: int, src_off: int, dst_off: int, buf: list) -> None:
+    """Copy n bytes between files: in the kernel (copy_file_range: no user-space copy, a reflink on
+    file systems that have them), else through a 1 MiB buffer."""
+    while n:
+        try:
+            got = os.copy_file_range(src, dst, n, src_off, dst_off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            got = 0
+        if got <= 0:       # not supported here (or a special file): copy by hand
+            if not buf:
+                buf.append(memoryview(bytearray(_COPY_BUFFER)))
+            chunk = buf[0][: min(n, _COPY_BUFFER)]
+            got = os.preadv(src, [chunk], src_off)
+            if got <= 0:
+                raise OSError(errno.EIO, "journal is shorter than written")
+            _write_all(dst, chunk[:got], dst_off)
+        n, src_off, dst_off = n - got, src_off + got, dst_off + got
+
+
+def _write_from_journal(path: Path, journal, records: list[tuple[int, int, int, int]], sites: tuple[str, ...],
+                        dims: Mapping[str, int], n: int, dtype: str, metadata: Mapping[str, str]) -> tuple[str, int]:
+    """A safetensors file of ``n`` rows per site whose data are the journal's byte ranges
+    ``records`` [(site index, offset, nbytes, crc32)], copied site by site; fsync'd; returns
+    (crc32, size). The crc32 of the file is combined from the ranges' (no second pass over the data)."""
+    item = DTYPES[dtype].itemsize
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    pos = 0
+    for site in sites:
+        nbytes = n * dims[site] * item
+        header[site] = {"dtype": _ST_DTYPES[dtype], "shape": [n, dims[site]], "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    head = struct.pack("<Q", len(blob)) + blob
+    crc, size = zlib.crc32(head), len(head)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    buf: list = []
+    try:
+        _write_all(fd, head, 0)
+        for k in range(len(sites)):
+            for site_k, off, nbytes, chunk_crc in records:
+                if site_k == k:
+                    _copy_range(journal.fileno(), fd, nbytes, off, size, buf)
+                    crc = crc32_combine(crc, chunk_crc, nbytes)
+                    size += nbytes
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if size != len(head) + pos:
+        raise StoreError(f"{path.name}: {size - len(head)} tensor bytes journalled, {pos} expected")
     return _crc_hex(crc), size
 
 
@@ -463,7 +559,9 @@ def _normalise_rows(rows: pd.DataFrame) -> dict[str, np.ndarray]:
             if dtype in ("int64", "int32", "bool") and col.isna().any():
                 raise StoreError(f"row column {name!r} has missing values")
             try:
-                out[name] = np.asarray(col.to_numpy(), dtype=dtype) if col.dtype != object else col.astype(dtype).to_numpy()
+                # an owned copy: a view would keep the caller's whole DataFrame block alive until the commit
+                out[name] = np.array(col.to_numpy() if col.dtype != object else col.astype(dtype).to_numpy(),
+                                     dtype=dtype, copy=True)
             except (TypeError, ValueError):
                 raise StoreError(f"row column {name!r} cannot be read as {dtype}") from None
         elif default is None:
@@ -489,16 +587,14 @@ def _str_array(values: np.ndarray) -> pa.Array:
     return pa.array([str(v) for v in values], type=pa.string())
 
 
-def _rows_table(blocks: list[dict[str, np.ndarray]]) -> pa.Table:
-    """One arrow table from the buffered per-batch column arrays (one concatenation per column)."""
-    names = list(blocks[0])
+def _batch_table(cols: Mapping[str, np.ndarray]) -> pa.Table:
+    """One batch's rows as a compact arrow table: the standard string columns dictionary-encoded
+    (a sample's id and path repeat on each of its rows), the extra columns' types inferred."""
     arrays = []
-    for c in names:
-        parts = [b[c] for b in blocks]
-        v = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    for c, v in cols.items():
         kind = ROW_COLUMNS.get(c, (None,))[0]
         if kind == "str":
-            arrays.append(_str_array(v))
+            arrays.append(_str_array(v).dictionary_encode())
         elif kind is not None:
             arrays.append(pa.array(v))
         else:
@@ -506,7 +602,22 @@ def _rows_table(blocks: list[dict[str, np.ndarray]]) -> pa.Table:
                 arrays.append(pa.array(v, from_pandas=True))
             except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
                 raise StoreError(f"row column {c!r} mixes types that parquet cannot hold in one column: {e}") from None
-    return pa.Table.from_arrays(arrays, names=names)
+    return pa.Table.from_arrays(arrays, names=list(cols))
+
+
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """The schema with dictionary columns as their value type."""
+    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+                      for f in schema])
+
+
+def _rows_table(tables: list[pa.Table]) -> pa.Table:
+    """The batches' tables as one (chunked, not copied) table with plain string columns."""
+    try:
+        t = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        return t.cast(_plain(t.schema))
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise StoreError(f"row columns changed type between batches: {_first_line(e)}") from None
 
 
 def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
@@ -516,7 +627,7 @@ def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
 class _ShardMeta:
     """What a committed shard's parquet footer says (checked against its own crc)."""
 
-    def __init__(self, root: Path, name: str) -> None:
+    def __init__(self, root: Path, name: str, keys: bool = False) -> None:
         self.name = name
         self.parquet = root / "shards" / f"{name}.parquet"
         self.tensors = root / "shards" / f"{name}.safetensors"
@@ -536,15 +647,42 @@ class _ShardMeta:
         if _meta_crc(*raw) != meta[_META_CRC_KEY]:
             raise StoreCorrupt(f"{self.parquet} is corrupt (its metadata fails its crc32); {_repair_shard(self.parquet)}")
         try:
-            self.samples: list[int] = json.loads(raw[0])
-            self.keys: dict[str, str] = json.loads(raw[1])
+            self.samples = np.array(json.loads(raw[0]), dtype=np.int64)
+            self._keys_raw = raw[1] if keys else b"{}"   # a merge does not need them
             tensors = json.loads(raw[2])
             self.tensor_crc: str = tensors["crc32"]
             self.tensor_bytes: int = int(tensors["bytes"])
         except (ValueError, KeyError, TypeError):
             raise StoreCorrupt(f"{self.parquet} is corrupt (unreadable metadata); {_repair_shard(self.parquet)}") from None
         self.num_rows = md.num_rows
+        sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
+        self.group_starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if sizes else np.zeros(1, np.int64)
         self.schema = md.schema.to_arrow_schema().remove_metadata()
+
+
+def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
+    try:
+        return json.loads(meta._keys_raw)
+    except ValueError:
+        raise StoreCorrupt(f"{meta.parquet} is corrupt (unreadable metadata); {_repair_shard(meta.parquet)}") from None
+
+
+_LIBC: list = []
+
+
+def _trim() -> None:
+    """Hand freed memory back to the OS: Arrow's pool, and glibc's heap (whose free pages are
+    otherwise pinned by a few live objects, so that resident memory creeps up over a long run)."""
+    pa.default_memory_pool().release_unused()
+    if not _LIBC:
+        try:
+            import ctypes
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC.append(libc.malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)
 
 
 def _first_line(e: BaseException) -> str:
@@ -565,8 +703,13 @@ class StoreWriter:
         shard_rows: a shard is cut once this many rows are buffered (never inside a sample) ...
         shard_bytes: ... or once this many tensor bytes are, whichever comes first.
         dtype: storage dtype of the tensors: "float16", "bfloat16" or "float32".
-        pending_shards: shards allowed to wait for the disk while the next one fills; bounds memory
-            at about (pending_shards + 1) shards.
+        pending_shards: shards allowed to wait for their commit while the next one fills.
+
+    Memory does not grow with the shard: each batch's tensors are appended to the shard's journal
+    file (``.journal.tmp``) on the background thread as soon as they are added (at most a few
+    batches wait in memory), and the commit copies them, site by site, into the safetensors file
+    in the kernel (``copy_file_range``), its crc32 combined from the batches'. Only the rows' labels (numpy
+    columns, tens of bytes per row) are held until the commit.
 
     One live writer per rank and store directory: a second one fails with :class:`StoreLocked`
     naming the first one's pid (the lock is dropped by ``close()`` or when the process dies).
@@ -620,9 +763,9 @@ class StoreWriter:
             self._dims: dict[str, int] = {}
             seq = -1
             for name in _shard_names(self.shards):
-                meta = _ShardMeta(self.path, name)
-                self._done.update(meta.samples)
-                self._keys.update({int(k): v for k, v in meta.keys.items()})
+                meta = _ShardMeta(self.path, name, keys=True)
+                self._done.update(meta.samples.tolist())
+                self._keys.update({int(k): v for k, v in _shard_keys(meta).items()})
                 if name.startswith(self._prefix):
                     seq = max(seq, int(_SHARD_RE.match(name).group(2)))
                 if not self._dims:
@@ -636,16 +779,17 @@ class StoreWriter:
         self._columns: list[str] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechsink-store")
         self._pending: deque[Future] = deque()
-        self._max_pending = pending_shards
+        self._max_pending = pending_shards + _PENDING_BATCHES
         self._streams: dict[Any, Any] = {}
+        # disk thread only: shard -> (journal file, [(site index, offset, nbytes, crc32)], [batch row tables])
+        self._journals: dict[str, tuple[Any, list[tuple[int, int, int, int]], list[pa.Table]]] = {}
+        self._error: BaseException | None = None
         self._closed = False
 
     def _reset_buffer(self) -> None:
-        self._rows: list[dict[str, np.ndarray]] = []
-        self._tensors: dict[str, list[torch.Tensor]] = {s: [] for s in self.config.sites}
+        self._name: str | None = None         # the shard being filled, named at its first add()
         self._samples: list[int] = []
         self._new_keys: dict[int, str] = {}
-        self._events: list[Any] = []
         self._n_buffered = 0
         self._bytes_buffered = 0
 
@@ -733,11 +877,16 @@ class StoreWriter:
                 raise StoreError(f"tensor for {site} has width {t.shape[1]}, the store holds width {d}")
             checked.append((site, t))
         item = DTYPES[self.dtype].itemsize
+        events: list[Any] = []
+        host = []
         for site, t in checked:
             self._dims.setdefault(site, int(t.shape[1]))
-            self._tensors[site].append(self._to_host(t))
+            host.append(self._to_host(t, events))
             self._bytes_buffered += t.numel() * item
-        self._rows.append(cols)
+        if self._name is None:
+            self._name = f"{self._prefix}{self._seq:06d}"
+            self._seq += 1
+        self._submit(self._append, self._name, host, events, cols)
         self._samples.extend(samples)
         self._new_keys.update(keys)
         self._added.update(samples)
@@ -745,7 +894,7 @@ class StoreWriter:
         if self._n_buffered >= self.shard_rows or self._bytes_buffered >= self.shard_bytes:
             self.flush()
 
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+    def _to_host(self, t: torch.Tensor, events: list) -> torch.Tensor:
         """The tensor in the storage dtype on the CPU. A CUDA tensor is cast on its device and copied
         into a pinned buffer on a side stream; the disk thread waits for the copy's event."""
         dt = DTYPES[self.dtype]
@@ -761,39 +910,92 @@ class StoreWriter:
             t.record_stream(stream)      # the caching allocator keeps t's memory until the copy ran
             event = torch.cuda.Event()
             event.record(stream)
-            self._events.append(event)
+            events.append(event)
             return host
         return t.to(device="cpu", dtype=dt).contiguous()
 
+    def _submit(self, fn, *args) -> None:
+        """Queue a job for the disk thread, first waiting while too many are queued (backpressure)."""
+        while len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()  # re-raises a failed write here
+        self._pending.append(self._pool.submit(self._guarded, fn, *args))
+
+    def _guarded(self, fn, *args) -> None:
+        if self._error is not None:     # an earlier job failed: later ones of this writer do nothing
+            return
+        try:
+            fn(*args)
+        except BaseException as e:
+            self._error = e
+            for name in list(self._journals):
+                self._drop_journal(name)
+            raise
+
     def flush(self) -> None:
-        """Hand the buffered samples to the disk thread as one shard (blocks while too many are pending)."""
+        """Commit the samples added since the last commit as one shard, on the disk thread."""
         self._check_open()
         self._raise_failed()
         if not self._samples:
             return
-        job = (f"{self._prefix}{self._seq:06d}", self._rows, self._tensors, self._samples, self._new_keys,
-               self._events)
-        self._seq += 1
+        job = (self._name, self._samples, self._new_keys, self._n_buffered)
         self._reset_buffer()
-        while len(self._pending) >= self._max_pending:
-            self._pending.popleft().result()  # re-raises a failed write here
-        self._pending.append(self._pool.submit(self._commit, *job))
+        self._submit(self._commit, *job)
 
-    def _commit(self, name: str, rows: list[dict[str, np.ndarray]], tensors: dict[str, list[torch.Tensor]],
-                samples: list[int], keys: dict[int, str], events: list[Any]) -> None:
-        """Write one shard: tmp files, fsync, rename tensors, then rename the parquet (the commit point)."""
+    def _journal(self, name: str) -> Path:
+        return self.shards / f"{name}.journal.tmp"
+
+    def _drop_journal(self, name: str) -> None:
+        f, _, _ = self._journals.pop(name, (None, None, None))
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
+        _unlink_quietly(self._journal(name))
+
+    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any], cols: dict[str, np.ndarray]) -> None:
+        """Append one batch's tensors (in site order) to the shard's journal, keep its rows as a
+        compact arrow table (disk thread)."""
         for e in events:
             e.synchronize()
+        try:
+            if name not in self._journals:
+                self._journals[name] = (open(self._journal(name), "w+b"), [], [])
+            f, records, tables = self._journals[name]
+            tables.append(_batch_table(cols))
+            for k, t in enumerate(tensors):
+                if t.numel():
+                    view = _byte_view(t)
+                    records.append((k, f.tell(), view.nbytes, zlib.crc32(view)))
+                    f.write(view)
+        except OSError as e:
+            self._drop_journal(name)
+            raise _write_error(e, f"shard {name}", self.path) from None
+
+    def _commit(self, name: str, samples: list[int], keys: dict[int, str], n: int) -> None:
+        """Write one shard: the tensors from the journal into a tmp safetensors file, the rows into a
+        tmp parquet, fsync, rename the tensors, then the parquet (the commit point). Disk thread."""
         st, pqt = self.shards / f"{name}.safetensors", self.shards / f"{name}.parquet"
         st_tmp, pq_tmp = st.with_name(st.name + ".tmp"), pqt.with_name(pqt.name + ".tmp")
         try:
-            n = sum(len(r["sample_idx"]) for r in rows)
-            crc, size = write_safetensors(st_tmp, tensors, metadata={"store_id": self.id, "rows": str(n)})
-            table = _rows_table(rows)
+            journal, records, tables = self._journals.pop(name)
+            try:
+                if journal is not None:
+                    journal.flush()
+                crc, size = _write_from_journal(st_tmp, journal, records, self.config.sites, self._dims, n,
+                                                self.dtype, metadata={"store_id": self.id, "rows": str(n)})
+            finally:
+                if journal is not None:
+                    journal.close()
+                _unlink_quietly(self._journal(name))
+            table = _rows_table(tables)
+            del tables
             raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
-            pq.write_table(table.replace_schema_metadata(meta), pq_tmp, write_page_checksum=True)
+            pq.write_table(table.replace_schema_metadata(meta), pq_tmp, row_group_size=SHARD_ROW_GROUP,
+                           write_page_checksum=True)
+            del table
             _fsync_file(pq_tmp)
             os.replace(st_tmp, st)
             _fsync_dir(self.shards)
@@ -804,6 +1006,8 @@ class StoreWriter:
             if not pqt.exists():
                 _unlink_quietly(st)
             raise _write_error(e, f"shard {name}", self.path) from None
+        finally:
+            _trim()
 
     def _raise_failed(self) -> None:
         for f in [f for f in self._pending if f.done()]:
@@ -813,6 +1017,8 @@ class StoreWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"writer for {self.path} is closed")
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         """Commit what is buffered, wait for the disk thread and drop the lock."""
@@ -890,7 +1096,8 @@ def _shard_dims(path: Path, sites: tuple[str, ...], dtype: str) -> dict[str, int
 def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
     """(sample, code, shard_row, length) of the runs of one shard's rows in (sample, writing) order."""
     try:
-        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True)["sample_idx"]
+        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True,
+                          use_threads=False)["sample_idx"]
     except (pa.ArrowException, OSError) as e:
         raise StoreCorrupt(f"{table_path} is corrupt ({_first_line(e)}); {_repair_shard(table_path)}") from None
     s = s.to_numpy()
@@ -917,27 +1124,50 @@ def _coalesce(code: np.ndarray, srow: np.ndarray, length: np.ndarray) -> tuple[n
 
 
 class _TableCache:
-    """The last few shard tables read (a merge visits shards in sample order: one per rank at a time)."""
+    """The last few row groups read from shard parquets. A merge visits the rows in sample order,
+    which walks each rank's shards forwards: one cached row group per rank suffices."""
 
-    def __init__(self, root: Path, names: list[str], schema: pa.Schema, size: int) -> None:
-        self.root, self.names, self.schema, self.size = root, names, schema, size
-        self.tables: OrderedDict[int, pa.Table] = OrderedDict()
+    def __init__(self, metas: list["_ShardMeta"], schema: pa.Schema, size: int) -> None:
+        self.metas, self.schema, self.size = metas, schema, size
+        self.tables: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
+        self.files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
 
-    def get(self, code: int) -> pa.Table:
-        t = self.tables.get(code)
+    def _file(self, code: int) -> pq.ParquetFile:
+        f = self.files.get(code)
+        if f is None:
+            f = self.files[code] = pq.ParquetFile(self.metas[code].parquet, page_checksum_verification=True)
+            while len(self.files) > self.size:
+                self.files.popitem(last=False)
+        else:
+            self.files.move_to_end(code)
+        return f
+
+    def pieces(self, code: int, row: int, n: int) -> Iterator[pa.Table]:
+        """Rows [row, row + n) of shard ``code``, as slices of its row groups."""
+        starts = self.metas[code].group_starts
+        while n > 0:
+            k = int(np.searchsorted(starts, row, side="right")) - 1
+            t = self.get(code, k)
+            take = min(n, int(starts[k]) + t.num_rows - row)
+            yield t.slice(row - int(starts[k]), take)
+            row, n = row + take, n - take
+
+    def get(self, code: int, group: int) -> pa.Table:
+        key = (code, group)
+        t = self.tables.get(key)
         if t is None:
-            path = self.root / "shards" / f"{self.names[code]}.parquet"
+            path = self.metas[code].parquet
             try:
-                t = pq.read_table(path, page_checksum_verification=True).replace_schema_metadata(None)
+                t = self._file(code).read_row_group(group, use_threads=False).replace_schema_metadata(None)
             except (pa.ArrowException, OSError) as e:
                 raise StoreCorrupt(f"{path} is corrupt ({_first_line(e)}); {_repair_shard(path)}") from None
             if t.schema != self.schema:
                 t = t.cast(self.schema)
-            self.tables[code] = t
+            self.tables[key] = t
             while len(self.tables) > self.size:
                 self.tables.popitem(last=False)
         else:
-            self.tables.move_to_end(code)
+            self.tables.move_to_end(key)
         return t
 
 
@@ -965,7 +1195,7 @@ def merge(path: str | os.PathLike, clean: bool = False) -> "Store":
 def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     sites, dtype = tuple(cfg["sites"]), cfg["dtype"]
     metas = [_ShardMeta(root, name) for name in names]
-    all_samples = np.array([s for m in metas for s in m.samples], dtype=np.int64)
+    all_samples = np.concatenate([m.samples for m in metas]) if metas else np.zeros(0, dtype=np.int64)
     uniq, counts = np.unique(all_samples, return_counts=True)
     if (counts > 1).any():
         s = int(uniq[np.argmax(counts > 1)])
@@ -995,7 +1225,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise StoreError(f"shards disagree on column types: {_first_line(e)}") from None
     else:
-        schema = _rows_table([_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []}))]).schema
+        schema = _rows_table([_batch_table(_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []})))]).schema
     runs = [_shard_runs(m.parquet, code) for code, m in enumerate(metas)]
     sample, code, srow, length = (np.concatenate([r[i] for r in runs]) if runs else np.zeros(0, dtype=np.int64)
                                   for i in range(4))
@@ -1009,18 +1239,22 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     tmp = root / ".index.parquet.tmp"
     roles: dict[str, int] = {}
     classes: dict[str, int] = {}
-    cache = _TableCache(root, names, schema, size=8)
+    # one shard table per rank at a time suffices (runs interleave by rank); row groups of at most
+    # INDEX_ROW_GROUP rows, fewer in small stores, so that the memory of a merge stops growing early
+    cache = _TableCache(metas, schema, size=len({n.split("-")[0] for n in names}) + 1)
+    group = int(min(INDEX_ROW_GROUP, max(2048, n_rows // 1024)))
     try:
         with pq.ParquetWriter(tmp, out_schema, write_page_checksum=True) as writer:
             pieces: list[tuple[int, int, int]] = []
             buffered = 0
             written = 0
+            n_groups = 0
 
             def flush_group() -> None:
-                nonlocal pieces, buffered, written
+                nonlocal pieces, buffered, written, n_groups
                 if not pieces:
                     return
-                parts = [cache.get(c).slice(r, n) for c, r, n in pieces]
+                parts = [part for c, r, n in pieces for part in cache.pieces(c, r, n)]
                 t = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
                 shard_col = pa.DictionaryArray.from_arrays(
                     pa.array(np.repeat([c for c, _, _ in pieces], [n for _, _, n in pieces]).astype(np.int32)),
@@ -1031,17 +1265,21 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
                 for counter, col in ((roles, "token_role"), (classes, "sink_class")):
                     for item in pc.value_counts(t[col]).to_pylist():
                         counter[item["values"]] = counter.get(item["values"], 0) + item["counts"]
-                writer.write_table(t, row_group_size=INDEX_ROW_GROUP)
+                writer.write_table(t, row_group_size=group)
                 written += t.num_rows
+                del t, parts
+                n_groups += 1
+                if n_groups % 16 == 0:
+                    _trim()
                 pieces, buffered = [], 0
 
             for c, r, n in zip(code.tolist(), srow.tolist(), length.tolist()):
                 while n > 0:
-                    take = min(n, INDEX_ROW_GROUP - buffered)
+                    take = min(n, group - buffered)
                     pieces.append((c, r, take))
                     buffered += take
                     r, n = r + take, n - take
-                    if buffered >= INDEX_ROW_GROUP:
+                    if buffered >= group:
                         flush_group()
             flush_group()
         _fsync_file(tmp)
@@ -1054,6 +1292,10 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     except BaseException:
         _unlink_quietly(tmp)
         raise
+    finally:
+        cache.tables.clear()
+        cache.files.clear()
+        _trim()
     item = np.dtype(_NP_OF_ST[_ST_DTYPES[dtype]]).itemsize
     files = {"index.parquet": {"crc32": index_crc, "bytes": index_size}}
     for m in metas:
@@ -1200,7 +1442,8 @@ class Store:
             raise StoreError(f"batch_rows must be >= 1, got {batch_rows}")
         f = self._index_file()
         try:
-            for batch in f.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns)):
+            for batch in f.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                                        use_threads=False):
                 yield batch.to_pandas()
         except (pa.ArrowException, OSError) as e:
             raise self._corrupt_index(e) from None
@@ -1214,7 +1457,7 @@ class Store:
             pos, last_code, last_srow = 0, -1, -2
             f = self._index_file()
             try:
-                for batch in f.iter_batches(batch_size=INDEX_ROW_GROUP, columns=["shard", "shard_row"]):
+                for batch in f.iter_batches(batch_size=8192, columns=["shard", "shard_row"], use_threads=False):
                     shard = batch.column(0).dictionary_encode()
                     lut = np.array([code_of.get(s, -1) for s in shard.dictionary.to_pylist()], dtype=np.int64)
                     c = lut[shard.indices.to_numpy(zero_copy_only=False)]
@@ -1410,7 +1653,7 @@ def _verify(root: Path, cfg: dict, repair: bool) -> dict:
             bad.add(name)
             problem(shards / f"{name}.safetensors", e)
             continue
-        for s in m.samples:
+        for s in m.samples.tolist():
             if s in owner:
                 problem(m.parquet, f"sample {s} is also in shard {owner[s]}; run `mechsink verify --cache {root} "
                         "--repair` after deleting one of the two shards")
