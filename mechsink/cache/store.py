@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mechsink.errors import MechsinkError
+from mechsink.config import Config
 
 log = logging.getLogger("mechsink")
 
@@ -117,7 +118,7 @@ _META_CRC_KEY = b"mechsink.meta_crc"  # crc32 over the three values above
 
 
 @dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(Config):
     """What determines a store's content; its hash (with the dtype) is the store id.
 
     sites: site names cached, e.g. ``("vit.out", "llm.blocks.2.hook_resid_post")``.
@@ -127,7 +128,7 @@ class StoreConfig:
     params: anything else that changes the content (sink rule, prompt template, ...); JSON-able.
     """
 
-    sites: tuple[str, ...]
+    sites: tuple[str, ...] = ("vit.out",)
     tokens: tuple[str, ...] = ("image",)
     model: str = ""
     model_hash: str = ""
