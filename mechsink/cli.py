@@ -86,6 +86,8 @@ DtypeOpt = typer.Option(None, "--dtype", help="Model dtype: float32 | bfloat16 |
 DeviceMapOpt = typer.Option(None, "--device-map", help="'auto' spreads a large model over the GPUs (accelerate).")
 BatchOpt = typer.Option(8, "--batch-size", help="Images per forward.")
 ErrorsOpt = typer.Option(None, "--errors", help="Write the skipped images (and why) to this JSONL.")
+OutOpt = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory (work/ in it is started afresh).")
+ResumeOpt = typer.Option(False, "--resume", help="Reuse OUT/work (activation caches) of an earlier run.")
 
 
 def open_model(name: str, device: str | None, dtype: str | None, device_map: str | None):
@@ -343,10 +345,6 @@ def patch(model: str = ModelOpt, data: Optional[str] = DataOpt,
             lines.append(f"  {site:32s} " + "  ".join(f"{u}={v:.3f}" for u, v in list(row.items())[:8]))
         return "\n".join(lines)
     emit(r, as_json, human)
-
-
-OutOpt = typer.Option(Path("mechsink-report"), "--out", "-o", help="Report directory (work/ in it is started afresh).")
-ResumeOpt = typer.Option(False, "--resume", help="Reuse OUT/work (activation caches) of an earlier run.")
 
 
 @app.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .pipeline import ReportConfig, _Ctx, _num, _subset
+from .context import ReportConfig, _Ctx, _num, _subset
 
 
 def _image_batches(ctx: _Ctx, config: ReportConfig, n: int, answers=False):
@@ -78,7 +78,7 @@ def _decoding(rep, ctx: _Ctx, config: ReportConfig) -> None:
              f"LLM layer); its top-3 next-token words at the last prompt position. {len(samples)} images, each "
              f"with its first question.")
     rep.table(t, "Per token set: tokens decoded, most frequent top-1 words and, with answers, how often the top-1 "
-                 f"word is the answer (Wilson 95 % CI over tokens).", index=False)
+                 "word is the answer (Wilson 95 % CI over tokens).", index=False)
     for r in t.to_dict("records"):
         _num(rep, f"{ctx.key}.decoding.{r['token_set']}.n_tokens", r["n_tokens"])
         for k in ("label_rate", "ci_low", "ci_high"):

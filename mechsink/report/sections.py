@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .pipeline import PROBE_LABELS, ReportConfig, _Ctx, _num, _part, _subset
+from .context import PROBE_LABELS, ReportConfig, _Ctx, _num, _part, _subset
 
 
 def _detection(rep, ctx: _Ctx, config: ReportConfig) -> None:
