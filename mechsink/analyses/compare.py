@@ -32,20 +32,7 @@ from ..importance import score_table
 from ..metrics import Metric
 from ..results import Result
 from ..selection import Selection, SinkSource, draw_random, top_rows
-from ..stats import compare_paired
-
-try:
-    from ..stats import image_keys
-except ImportError:                                   # older stats: hash the pixels here
-    def image_keys(images) -> list[str]:
-        import hashlib
-        out = []
-        for group in images:
-            h = hashlib.sha256()
-            for im in (group if isinstance(group, (list, tuple)) else [group]):
-                h.update(im.tobytes())
-            out.append(h.hexdigest()[:16])
-        return out
+from ..stats import compare_paired, image_keys
 
 
 class CompareError(MechsinkError, ValueError):

@@ -35,7 +35,7 @@ from ..errors import MechsinkError
 from ..metrics import Metric
 from ..results import Result
 from ..selection import SinkSource, sink_table
-from ..stats import compare_paired
+from ..stats import compare_paired, image_keys
 from ..trace import capture, extra_tokens
 
 
@@ -173,7 +173,6 @@ def registers(model, data, config: RegisterConfig | dict | None = None, *, sinks
               neurons: pd.DataFrame | None = None, errors=None) -> RegisterResult:
     """Find register neurons (unless ``neurons`` is given: a frame with layer, neuron and, if
     present, a ``register`` flag), shift them to an extra token, and measure before/after."""
-    from ..analyses.compare import image_keys
     cfg = coerce(RegisterConfig, config)
     sinks = _default_sinks(sinks)
     if neurons is None:

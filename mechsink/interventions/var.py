@@ -30,8 +30,7 @@ from ..errors import MechsinkError
 from ..metrics import Metric
 from ..results import Result
 from ..selection import SinkSource, sink_table
-from ..analyses.compare import image_keys
-from ..stats import compare_paired
+from ..stats import compare_paired, image_keys
 from ..tokens import ROLE
 from ..trace import edit_attention
 
