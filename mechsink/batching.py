@@ -58,7 +58,7 @@ def _is_batches(data) -> bool:
 
 def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", prompt: str | None = None,
             errors: ErrorLog | None = None, progress: bool | str = False,
-            shuffle: _random.Random | None = None, shard: bool = False) -> Iterator[Chunk]:
+            shuffle: _random.Random | None = None, shard: bool = False, min_batch: int = 1) -> Iterator[Chunk]:
     """Prepared batches of ``data`` (see the module docstring).
 
     answers: True appends every sample's gold answer (role "answer"; a sample without one is an
@@ -67,7 +67,8 @@ def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", p
     none). shuffle: a random.Random that draws the samples in random order. shard: under torchrun
     this rank yields only its chunks (``distributed.mine(chunk.number)``); every rank reads every
     image, so chunks and global indices are those of a single process (a sample the processor
-    refuses keeps its index, so indices may skip it).
+    refuses keeps its index, so indices may skip it). min_batch: a last group smaller than this
+    joins the one before (analyses that pair images within a batch need two).
     """
     from .distributed import mine
     if batch_size < 1:
@@ -90,25 +91,36 @@ def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", p
     errors = errors if errors is not None else ErrorLog()
     desc = progress if isinstance(progress, str) else getattr(model, "name", "model")
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
-    buf: list[tuple[Sample, object]] = []
     start, number = 0, 0
     try:
-        for sample, im in iter_images(samples, errors=errors):
-            buf.append((sample, im))
-            if len(buf) == batch_size:
-                chunk = _sharded(model, buf, answers, prompt, errors, start, number, shard)
-                bar.update(len(buf))
-                start += len(buf) if shard else (chunk.batch.size if chunk is not None else 0)
-                buf, number = [], number + 1
-                if chunk is not None:
-                    yield chunk
-        if buf:
+        for buf in _groups(iter_images(samples, errors=errors), batch_size, min_batch):
             chunk = _sharded(model, buf, answers, prompt, errors, start, number, shard)
             bar.update(len(buf))
+            start += len(buf) if shard else (chunk.batch.size if chunk is not None else 0)
+            number += 1
             if chunk is not None:
                 yield chunk
     finally:
         bar.close()
+
+
+def _groups(pairs, size: int, min_batch: int):
+    """Lists of ``size`` (sample, image) pairs; a short last list joins the previous one when it
+    holds fewer than ``min_batch``."""
+    held = None
+    buf: list = []
+    for pair in pairs:
+        buf.append(pair)
+        if len(buf) == size:
+            if held is not None:
+                yield held
+            held, buf = buf, []
+    if buf and held is not None and len(buf) < min_batch:
+        held, buf = held + buf, []
+    if held is not None:
+        yield held
+    if buf:
+        yield buf
 
 
 def _sharded(model, buf: list, answers, prompt, errors: ErrorLog, start: int, number: int, shard: bool) -> Chunk | None:

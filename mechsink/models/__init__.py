@@ -60,14 +60,16 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
         m = testing.build(name, **kw)
         return _place(m, device, dtype)
     path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").exists():
-        raise MechsinkError(f"{path} is a directory without config.json; expected a save_pretrained folder")
+    if path.is_dir():
+        _check_folder(path)
     import transformers
     try:
-        config = transformers.AutoConfig.from_pretrained(name)
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
         raise MechsinkError(f"cannot open model {name!r}: not a zoo name ({', '.join(testing.ZOO)}), "
                             f"not a save_pretrained folder, and the hub is unreachable or has no such id") from e
+    except ValueError as e:            # e.g. a model_type transformers does not know
+        raise MechsinkError(f"cannot open model {name!r}: {_first_line(e)}") from None
     archs = getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "Model")]
     adapter = adapter_for(archs[0])
     cls = getattr(transformers, archs[0])
@@ -78,7 +80,11 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
         load_kw["device_map"] = device_map
     if attn_implementation is not None:
         load_kw["attn_implementation"] = attn_implementation
-    hf = cls.from_pretrained(name, **load_kw)
+    try:   # safetensors only: a pickled checkpoint is never unpickled (it can run code)
+        hf = cls.from_pretrained(name, use_safetensors=True, **load_kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise MechsinkError(f"cannot load the weights of {name!r}: {_first_line(e)} (mechsink reads safetensors "
+                            f"weights only, never pickled .bin/.pt files)") from None
     if adapter.processor_loader is not None:
         processor = adapter.processor_loader(name)
     elif adapter.vision_only:
@@ -87,6 +93,28 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
         processor = transformers.AutoProcessor.from_pretrained(name)
     m = Model(hf, processor, adapter, path.name if path.is_dir() else name, source=str(path.resolve()) if path.is_dir() else name)
     return m if device_map is not None else _place(m, device, None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _check_folder(path: Path) -> None:
+    """A local model folder that cannot be opened safely fails here in one line."""
+    import json
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise MechsinkError(f"{path} is a directory without config.json; expected a save_pretrained folder")
+    try:
+        d = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MechsinkError(f"{cfg} is not valid JSON ({_first_line(e)}); re-save the model with save_pretrained") from None
+    if not isinstance(d, dict):
+        raise MechsinkError(f"{cfg} is not a model config (expected a JSON object)")
+    if d.get("auto_map"):
+        raise MechsinkError(f"{path} asks to run its own Python code (auto_map in config.json); mechsink never runs "
+                            f"remote or folder code: use a model transformers implements natively")
 
 
 def check_device(device) -> None:
