@@ -78,16 +78,18 @@ class Targets:
 class Metric(Config):
     """Which number is read from the logits (see the module docstring).
 
-    answers: candidate answers for ``logit_diff`` and ``accuracy`` (default "yes", "no"); a
-    sample's label is the position of its answer among them.
+    answers: candidate answers for ``logit_diff`` and ``accuracy`` (default "yes", "no"; none for
+    the other metrics); a sample's label is the position of its answer among them.
     """
     name: str = "logprob"
-    answers: tuple[str, ...] = ("yes", "no")
+    answers: tuple[str, ...] | None = None     # default: ("yes", "no") for logit_diff/accuracy, none otherwise
     teacher_forced: bool = False
 
     def __post_init__(self):
         if self.name not in METRICS:
             raise MetricError(f"unknown metric {self.name!r}; metrics: {', '.join(METRICS)}")
+        if self.answers is None:       # candidates only where the metric reads them (logprob reads the gold answer)
+            object.__setattr__(self, "answers", ("yes", "no") if self.name in ("logit_diff", "accuracy") else ())
         object.__setattr__(self, "answers", tuple(str(a) for a in self.answers))
         if self.name in ("logit_diff", "accuracy") and len(self.answers) < 2:
             raise MetricError(f"metric {self.name} needs at least two candidate answers, got {list(self.answers)}")

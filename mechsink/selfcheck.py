@@ -83,7 +83,7 @@ def check_ablation(ctx) -> tuple[bool, str, str]:
     cfg = AblationConfig(site="proj.out", mode="zero", metric="logprob", n_draws=8, seed=0, n_boot=500, n_perm=2000)
     p = {}
     for name, (m, batches) in ctx["planted"].items():
-        p[name] = float(ablate(m, batches, spec, cfg).summary().to_dict()["p_value"])
+        p[name] = float(ablate(m, batches, cfg, sinks=spec).summary()["p_value"])
     ok = p["planted-llava"] < 0.01 and p["planted-llava-null"] > 0.01
     return ok, f"p planted={p['planted-llava']:.4f}, p null={p['planted-llava-null']:.4f}", "planted < 0.01 < null"
 

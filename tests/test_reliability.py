@@ -214,3 +214,14 @@ def test_html_payloads_in_names_and_labels_stay_text(tmp_path):
     assert not [a for a in parsed.attrs if a[1].startswith("on")], "event-handler attributes in the page"
     assert all(v.startswith("data:image/png;base64,") for t, k, v in parsed.attrs if t == "img" and k == "src")
     assert "alert(1)" in dom                               # the payload is there, as text
+
+
+def test_a_logprob_run_records_no_candidate_answers():
+    """`ablate --json` on a colour task used to record answers ["yes", "no"] it never read."""
+    code, out, err = run("ablate", "-m", "planted-llava", "-n", "4", "--draws", "2", "--json")
+    assert code == 0, err
+    metric = json.loads(out)["config"]["metric"]
+    assert metric["name"] == "logprob" and metric["answers"] == []
+    code, out, err = run("ablate", "-m", "planted-llava", "-n", "4", "--draws", "2", "--metric", "logit_diff",
+                         "--answers", "red,green,blue", "--json")
+    assert code == 0 and json.loads(out)["config"]["metric"]["answers"] == ["red", "green", "blue"], err
