@@ -272,6 +272,7 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     frames: list[tuple[int, pd.DataFrame]] = []       # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", "")}
     for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
+                         min_batch=2 if cfg.mode == "resample" else 1,     # resample pairs images in a batch
                          progress=f"ablate {cfg.mode}" if progress else False):
         frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
         if out is not None and world() == 1:

@@ -134,7 +134,10 @@ def open_data(model: str, data: str | None, images: Path | None = None, limit: i
 def report_skipped(log, path: Path | None) -> None:
     """Say how many images were skipped (and where they are listed) on stderr."""
     if len(log):
-        where = f"; listed in {log.write(path)}" if path is not None else "; list them with --errors FILE"
+        try:
+            where = f"; listed in {log.write(path)}" if path is not None else "; list them with --errors FILE"
+        except OSError as e:       # the result is still printed: a side file never costs the run
+            where = f"; could not write {path} ({e.strerror or e}): {', '.join(r.sample_id for r in log)[:300]}"
         typer.echo(f"skipped {len(log)} image(s) that could not be read or processed{where}", err=True)
 
 

@@ -383,7 +383,8 @@ def patch_dataset(model, data, config: PatchConfig | dict | None = None, *, sour
         data = [s for s in base_samples if id(s) in src_images]
     frames = []                                    # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", ""), "source": "dataset" if source is not None else corruption, "data": name}
-    for chunk in batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch", shard=True):
+    for chunk in batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch", shard=True,
+                         min_batch=2 if source is None and corruption == "shuffle" else 1):   # shuffling needs two
         b = chunk.batch
         if src_images is not None:
             imgs = [src_images[id(s)] for s in chunk.samples]
