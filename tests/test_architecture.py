@@ -17,7 +17,7 @@ LAYERS = {
         "interventions", "inspect", "plan", "export", "importance"],
     4: ["zoo", "testing"],
     5: ["report", "selfcheck"],
-    6: ["cli", "__main__", "cli_beyond"],
+    6: ["cli", "__main__"],
 }
 LAYER = {name: k for k, names in LAYERS.items() for name in names}
 
@@ -117,10 +117,10 @@ def test_no_file_sprawls():
 
 
 def test_no_command_glue_in_the_library():
-    glue = [f"{p.relative_to(PKG)}:{node.name}" for p in PKG.rglob("*.py") if p.name != "cli.py"
+    glue = [f"{p.relative_to(PKG)}:{node.name}" for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] != "cli"
             for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.FunctionDef)
             and node.name.endswith("_command")]
-    assert not glue, f"CLI glue outside cli.py: {glue}"
+    assert not glue, f"CLI glue outside cli/: {glue}"
 
 
 @pytest.mark.parametrize("word", ["matplotlib", "seaborn"])
