@@ -12,11 +12,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mechsink.report.canvas import new_figure  # noqa: F401  (every figure starts here)
 from mechsink.report.manifest import ReportError
 
 # Fixed colours for the conditions analyses compare, so every figure reads the same way.
@@ -29,15 +29,6 @@ CONDITION_COLOURS = {
     "diff": "#1e8449",
     "full": "#34495e",
 }
-
-
-def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
-    """A Figure with one seaborn-styled axes on an Agg canvas (no pyplot state)."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    with sns.axes_style("whitegrid"):
-        ax = fig.add_subplot()
-    return fig, ax
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str | None], what: str) -> None:

@@ -5,18 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import seaborn as sns
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-
-def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
-    """As ``figures.new_figure``: one seaborn-styled axes on an Agg canvas."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    with sns.axes_style("whitegrid"):
-        ax = fig.add_subplot()
-    return fig, ax
+from mechsink.report.canvas import new_figure
 
 
 def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:

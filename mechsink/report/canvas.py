@@ -1,0 +1,16 @@
+"""The one way a figure is made: a matplotlib Figure with seaborn styling and no pyplot state."""
+from __future__ import annotations
+
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
+    """A Figure with one seaborn-styled axes on an Agg canvas (no pyplot state)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    with sns.axes_style("whitegrid"):
+        ax = fig.add_subplot()
+    return fig, ax
