@@ -119,3 +119,32 @@ def test_vit_attention_rows_sum_to_one_per_tile(name):
     la = llm_attention(m, b, sinks, per_head=False)
     assert (la["head"] == -1).all() and la["attn"].between(0, 1).all()
     assert len(la) == len(sinks.llm_tokens().query("role == 'image'")) * m.n_llm_layers
+
+
+def test_attention_stats_over_a_dataset_counts_images_not_questions(images, tmp_path):
+    """Two questions of each image: the ratio is over the 4 images (the unit), and equals the ratio
+    of the images asked once; the frame is what llm_attention gives batch by batch."""
+    import pandas as pd
+
+    from mechsink.data import open_dataset
+    from mechsink.sinks import AttentionConfig, SinkSpec, attention_stats
+    rows = []
+    for i, im in enumerate(images[:4]):
+        im.save(tmp_path / f"{i}.png")
+        rows += [{"id": f"{i}-{q}", "image": f"{i}.png", "question": planted.PROMPT} for q in range(2)]
+    (tmp_path / "twice.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    (tmp_path / "once.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows[::2]))
+    m = mechsink.load("planted-llava")
+    cfg = AttentionConfig(queries=("last",), batch_size=3, n_boot=200)
+    twice = attention_stats(m, open_dataset(tmp_path / "twice.jsonl"), SinkSpec(), cfg)
+    once = attention_stats(m, open_dataset(tmp_path / "once.jsonl"), SinkSpec(), cfg)
+    r2, r1 = twice.ratio(), once.ratio()
+    assert (r2["n_images"] == 4).all() and (r1["n_images"] == 4).all()
+    assert np.allclose(r2["ratio"], r1["ratio"]) and r2["ratio"].iloc[0] > 1e3      # layer 0 reads the sinks
+    s = twice.summary()
+    assert (s["n_images"], s["n_questions"]) == (4, 8)
+    b = m.prepare([images[0], images[0], images[1]], prompts=[planted.PROMPT] * 3)      # the first batch
+    direct = llm_attention(m, b, SinkSpec(), queries=("last",), per_head=False)
+    got = twice.frame[twice.frame["sample"] < 3].drop(columns="image_key").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[direct.columns], direct[direct["sample"].isin([0, 1, 2])].reset_index(drop=True),
+                                  check_dtype=False)

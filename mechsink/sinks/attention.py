@@ -116,7 +116,7 @@ def _llm_received(pattern: torch.Tensor, by_sample, key_pos, qmask: np.ndarray, 
     a = np.zeros((p.shape[1], n_keys))
     for s, rows in by_sample.items():
         q = torch.as_tensor(np.nonzero(qmask[s])[0], device=p.device)
-        k = torch.as_tensor(key_pos[s], device=p.device)
+        k = torch.as_tensor(np.array(key_pos[s]), device=p.device)
         a[:, rows] = p[s][:, q][:, :, k].float().mean(1).cpu().numpy()
     return a
 
@@ -202,7 +202,7 @@ def vit_attention(model, batch, sinks: SinkSet | SinkSpec | None = None, *, quer
 # -- summaries ---------------------------------------------------------------------------------
 def _per_token(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Average over heads (unless 'head' is in ``by``): one row per token and group."""
-    token = ["sample", "image", "tile", "row", "col"] + [c for c in ("llm_pos", "batch") if c in df.columns]
+    token = ["sample", "image", "tile", "row", "col"] + [c for c in ("llm_pos", "batch", "image_key") if c in df.columns]
     keys = list(dict.fromkeys([*by, *token]))
     return df.groupby(keys, sort=True, dropna=False).agg(norm=("norm", "first"), is_sink=("is_sink", "first"),
                                                          attn=("attn", "mean")).reset_index()
@@ -262,7 +262,8 @@ def sink_ratio(df: pd.DataFrame, by: Sequence[str] = ("part", "layer"), *, n_boo
     mean over images of the sink means / the same of the non-sink means. Columns: by...,
     n_images, sink_mean, nonsink_mean, ratio, ci_low, ci_high."""
     t = _per_token(df, by)
-    image = [c for c in ("batch", "sample", "image") if c in t.columns]
+    # the image is the unit: questions that share an image (same image_key) are one observation
+    image = ["image_key"] if "image_key" in t.columns else [c for c in ("batch", "sample", "image") if c in t.columns]
     per_image = (t.groupby([*by, *image, "is_sink"], sort=True)["attn"].mean()
                   .unstack("is_sink").reindex(columns=[True, False]).dropna())
     rows = []
@@ -305,7 +306,8 @@ class AttentionConfig(Config):
 
 @dataclass
 class AttentionStats(Result):
-    """frame: one row per layer (x head) x visual token, with ``sample`` the global image index."""
+    """frame: one row per layer (x head) x visual token, with ``sample`` the global sample index and
+    ``image_key`` the image (questions sharing an image are one unit in ``ratio()``)."""
     config_class = AttentionConfig
 
     def bins(self) -> pd.DataFrame:
@@ -316,7 +318,8 @@ class AttentionStats(Result):
         return sink_ratio(self.frame, n_boot=c.n_boot, alpha=c.alpha, seed=c.seed)
 
     def summary(self) -> dict:
-        return {"n_images": int(self.frame[["sample", "image"]].drop_duplicates().shape[0]) if len(self.frame) else 0,
+        return {"n_images": int(self.frame["image_key"].nunique()) if len(self.frame) else 0,
+                "n_questions": int(self.frame["sample"].nunique()) if len(self.frame) else 0,
                 "ratio": self.ratio().to_dict("records")}
 
 
@@ -325,6 +328,7 @@ def attention_stats(model, data, sinks: SinkSpec | None = None, config: Attentio
     """Attention received by visual tokens over a dataset, by sink status and ViT norm: one forward
     per batch reads the patterns (and detects sinks with ``sinks``, default SinkSpec())."""
     from ..batching import batches
+    from ..stats import image_keys
     cfg = config or AttentionConfig()
     spec = sinks if sinks is not None else SinkSpec()
     frames = []
@@ -333,7 +337,8 @@ def attention_stats(model, data, sinks: SinkSpec | None = None, config: Attentio
             f = llm_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
         else:
             f = vit_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
-        frames.append(f.assign(sample=f["sample"] + chunk.start))
+        keys = np.asarray(image_keys(chunk.batch.images))
+        frames.append(f.assign(sample=f["sample"] + chunk.start, image_key=keys[f["sample"].to_numpy()]))
     if not frames:
         raise SinkError("no readable images to measure attention on")
     return AttentionStats(pd.concat(frames, ignore_index=True), cfg, {"model": model.name, "sinks": spec.to_dict()})
