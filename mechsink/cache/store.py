@@ -1426,6 +1426,11 @@ class Store:
             self._index = self.read_index()
         return self._index
 
+    @property
+    def index_columns(self) -> list[str]:
+        """Names of the index columns (read from the Parquet schema, not the data)."""
+        return list(self._index_file().schema_arrow.names)
+
     def read_index(self, columns: Iterable[str] | None = None) -> pd.DataFrame:
         """The index (only ``columns`` if given, e.g. ``["row", "sample_idx", "is_sink"]``) as a DataFrame."""
         cols = None if columns is None else list(columns)

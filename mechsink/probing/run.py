@@ -28,6 +28,19 @@ from .scoring import _cross_val, _score
 log = logging.getLogger("mechsink")
 
 
+# What a probe reads of the index: a large cache's other columns (labels, paths, norms) stay on disk.
+_PROBE_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")
+
+
+def _index(store, label: str) -> pd.DataFrame:
+    """The index columns a probe needs (all of them when the label is not a column, so that the
+    error can list the columns there are)."""
+    names = store.index_columns
+    if label not in names:
+        return store.index
+    return store.read_index([c for c in (*_PROBE_COLUMNS, label) if c in names])
+
+
 def _site_order(sites: Sequence[str]) -> list[str]:
     def key(s):
         try:
@@ -57,7 +70,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             config = config.replace(**settings)
     if not isinstance(store, Store):
         store = Store.open(store)
-    index = store.index
+    index = _index(store, config.label)
     sites = list(store.sites) if config.sites is None else list(config.sites)
     missing = [s for s in sites if s not in store.sites]
     if missing:
