@@ -136,6 +136,13 @@ def _sharded(model, buf: list, answers, prompt, errors: ErrorLog, start: int, nu
     return chunk._replace(number=number, index=index)
 
 
+def prepare(model, pairs: list, *, answers: bool | str = "auto", prompt: str | None = None,
+            errors: ErrorLog | None = None, start: int = 0) -> Chunk | None:
+    """One Batch of (sample, image) pairs already read, under the skip-and-list policy: a sample
+    the processor refuses is listed in ``errors`` and left out (None when none is left)."""
+    return _prepare(model, pairs, answers, prompt, errors if errors is not None else ErrorLog(), start)
+
+
 def _prepare(model, buf: list, answers, prompt: str | None, errors: ErrorLog, start: int) -> Chunk | None:
     """One Batch of the readable samples; a sample the processor cannot take is logged and left
     out (found by preparing the samples one at a time only when the batch fails)."""
@@ -186,4 +193,4 @@ def first_batch(model, data, batch_size: int = 8, **kw) -> Batch:
     raise BatchingError("no readable images in the data")
 
 
-__all__ = ["Batch", "BatchingError", "Chunk", "batches", "first_batch"]
+__all__ = ["Batch", "BatchingError", "Chunk", "batches", "first_batch", "prepare"]

@@ -225,3 +225,13 @@ def test_a_logprob_run_records_no_candidate_answers():
     code, out, err = run("ablate", "-m", "planted-llava", "-n", "4", "--draws", "2", "--metric", "logit_diff",
                          "--answers", "red,green,blue", "--json")
     assert code == 0 and json.loads(out)["config"]["metric"]["answers"] == ["red", "green", "blue"], err
+
+
+def test_cache_lists_what_the_processor_refuses(hostile, tmp_path):
+    code, out, err = run("cache", "-m", "tiny-llava-next", "--data", hostile / "data.jsonl", "--out", tmp_path / "s",
+                         "--sites", "vit.out", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["summary"]["n_samples"] == 2 and res["errors"]["by_kind"] == {"not_a_file": 2, "processing": 2}
+    listed = {json.loads(l)["sample_id"] for l in (tmp_path / "s" / "errors.jsonl").read_text().splitlines()}
+    assert listed == {"b", "c", "d", "e"}

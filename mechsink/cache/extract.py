@@ -40,6 +40,7 @@ from mechsink.cache.store import (
 )
 from mechsink.errors import SiteError
 from mechsink.sites import Site
+from mechsink.batching import prepare
 from mechsink.tokens import _AXIS_COLUMNS, ROLE, gather
 from mechsink.trace import capture
 
@@ -334,12 +335,19 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         return kept
 
     def prepared(loaded):
-        prompts = [prompt if prompt is not None else s.prompt for _, s, _ in loaded]
-        return model.prepare([im for _, _, im in loaded], prompts=prompts)
+        """(the loaded entries the processor took, their Batch); refused images are listed."""
+        if not loaded:
+            return [], None
+        chunk = prepare(model, [(s, im) for _, s, im in loaded], answers=False, prompt=prompt, errors=errors)
+        if chunk is None:
+            return [], None
+        kept = {id(s) for s in chunk.samples}
+        return [e for e in loaded if id(e[1]) in kept], chunk.batch
 
     if spec.rule == "quantile" and spec.params.get("tau") is None:
         all_idx = list(range(len(dataset)))
-        batches = (prepared(kept) for c in _batches(all_idx, batch_size) if (kept := load_images(c)))
+        batches = (b for c in _batches(all_idx, batch_size) if (kept := load_images(c))
+                   for b in [prepared(kept)[1]] if b is not None)
         spec = calibrate(model, batches, spec.replace(rule="relative"), q=spec.params["q"])
         errors.records.clear()
         errors.n_seen = 0
@@ -371,9 +379,8 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         bar = tqdm(total=len(todo), desc=f"cache {Path(out).name}", unit="sample")
     with writer:
         for chunk in _batches(todo, batch_size):
-            loaded = load_images(chunk)
-            if loaded:
-                batch = prepared(loaded)
+            loaded, batch = prepared(load_images(chunk))
+            if batch is not None:
                 acts, taken = read_rows(model, batch, sites, tokens, whole, cast)
                 sinks = detect_acts(acts, batch.token_map, spec)
                 rows = token_rows(batch.token_map, sinks, tokens)
