@@ -20,11 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import coerce
 from .engine import _needs_full
 from .metrics import Metric, gather_logits
 from .models.base import Batch
-from .patching import PatchConfig, SweepConfig, _selections, block_sites, selected, unit_masks
+from .patching import SweepConfig, block_sites, selected, unit_masks
 from .results import Result
 from .sites import Site
 from .sources import PatchError, check_pair
@@ -124,15 +123,8 @@ def gradients(model, batch, sites: Sequence[str], metric: Metric, targets) -> tu
 
 
 def _config(config, sites, match, settings) -> AttributionConfig:
-    cfg = config if isinstance(config, AttributionConfig) else \
-        AttributionConfig.from_dict(config.to_dict()) if isinstance(config, PatchConfig) else coerce(AttributionConfig, config)
-    if sites is not None:
-        settings["sites"] = tuple(sites)
-    if settings:
-        cfg = cfg.replace(**settings)
-    if match:
-        cfg = cfg.replace(selections=_selections(cfg.selections, match))
-    return cfg
+    from .sweep import sweep_config
+    return sweep_config(AttributionConfig, config, sites, match, settings)
 
 
 def attribute(model, base, source, sites: Sequence[str] | None = None, *, config: AttributionConfig | dict | None = None,

@@ -22,6 +22,24 @@ from .patching import (PatchConfig, PatchResult, PathPatchConfig, SweepConfig, _
 from .sources import PatchError, check_pair
 
 
+def sweep_config(cls, config, sites, match: Sequence[str], settings: dict):
+    """``config`` as a ``cls`` (a SweepConfig or subclass; any PatchConfig is converted), with
+    ``sites``, keyword ``settings`` and random-control ``match`` keys on top."""
+    if isinstance(config, cls) or (cls is SweepConfig and isinstance(config, PatchConfig)):
+        cfg = config                       # a sweep takes any PatchConfig as it is
+    elif isinstance(config, PatchConfig):
+        cfg = cls.from_dict(config.to_dict())
+    else:
+        cfg = coerce(cls, config)
+    if sites is not None:
+        settings = {**settings, "sites": tuple(sites)}
+    if settings:
+        cfg = cfg.replace(**settings)
+    if match:
+        cfg = cfg.replace(selections=_selections(cfg.selections, match))
+    return cfg
+
+
 def sweep(model, base, source, sites: Sequence[str] | None = None, *, config: PatchConfig | dict | None = None,
           sinks=None, match: Sequence[str] = (), **settings) -> PatchResult:
     """Patch every site x unit from source into base, one unit at a time.
@@ -32,13 +50,7 @@ def sweep(model, base, source, sites: Sequence[str] | None = None, *, config: Pa
     list of positions; or selection names such as ["sinks", "random"]), ``metric``, ``n_draws``,
     ``seed``, ``sinks_of``, ``rows_per_forward``. match: matching keys for a plain "random".
     """
-    cfg = config if isinstance(config, PatchConfig) else coerce(SweepConfig, config)
-    if sites is not None:
-        settings["sites"] = tuple(sites)
-    if settings:
-        cfg = cfg.replace(**settings)
-    if match:
-        cfg = cfg.replace(selections=_selections(cfg.selections, match))
+    cfg = sweep_config(SweepConfig, config, sites, match, settings)
     return patch(model, base, source, cfg, sinks=sinks)
 
 
