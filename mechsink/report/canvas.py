@@ -14,3 +14,13 @@ def new_figure(width: float = 6.4, height: float = 4.0) -> tuple[Figure, Axes]:
     with sns.axes_style("whitegrid"):
         ax = fig.add_subplot()
     return fig, ax
+
+
+def label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
+    """Title and axis labels (None leaves a label as it is)."""
+    if title:
+        ax.set_title(title)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)

@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mechsink.report.canvas import label as _label
 from mechsink.report.canvas import new_figure  # noqa: F401  (every figure starts here)
 from mechsink.report.manifest import ReportError
 
@@ -71,15 +72,6 @@ def _integer_axis(ax, values, axis: str = "x") -> None:
     v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
     if len(v) and bool(np.all(np.mod(v, 1) == 0)):
         (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
-
-
-def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
-    if title:
-        ax.set_title(title)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
 
 
 def effect_plot(

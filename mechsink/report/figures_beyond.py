@@ -8,16 +8,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mechsink.report.canvas import label as _label
 from mechsink.report.canvas import new_figure
-
-
-def _label(ax, title: str | None, xlabel: str | None, ylabel: str | None) -> None:
-    if title:
-        ax.set_title(title)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
 
 
 def compare_figure(result, title: str | None = None) -> Figure:
