@@ -61,13 +61,18 @@ def gather(x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> 
     axis (item column -1)."""
     item_col, pos_col = axis_columns(axis)
     d = x.shape[-1]
-    out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
     pos = rows[pos_col].to_numpy()
     items = rows[item_col].to_numpy()
     ok = pos >= 0
+    dev = lambda a: torch.tensor(a, dtype=torch.long, device=x.device)  # noqa: E731 - a copy: pandas' arrays are read-only
+    if len(rows) and ok.all():      # every row has a token here (the common case): one indexing op
+        if (items >= 0).all():
+            return x[dev(items), dev(pos)]
+        if (items < 0).all():
+            return x.reshape(-1, d)[dev(pos)]
+    out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
     if not ok.any():
         return out
-    dev = lambda a: torch.as_tensor(a, dtype=torch.long, device=x.device)  # noqa: E731
     flat = ok & (items < 0)
     if flat.any():
         out[dev(np.flatnonzero(flat))] = x.reshape(-1, d)[dev(pos[flat])]
@@ -77,13 +82,26 @@ def gather(x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> 
     return out
 
 
-def _frame(rows: list[dict] | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+def _frame(rows: list[dict] | dict | pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """A TokenMap table with exactly ``columns`` (int64 but ``role``), from rows (list of dicts)
+    or columns (dict of arrays: the fast path layouts take, no per-row Python)."""
+    if isinstance(rows, dict):
+        n = len(next(iter(rows.values()))) if rows else 0
+        ints = [c for c in columns if c != "role"]
+        block = np.full((n, len(ints)), -1, dtype=np.int64)     # one int64 block: no per-column consolidation
+        for k, c in enumerate(ints):
+            if rows.get(c) is not None:
+                block[:, k] = rows[c]
+        df = pd.DataFrame(block, columns=ints)
+        if "role" in columns:
+            df.insert(columns.index("role"), "role", np.asarray(rows.get("role", [None] * n), dtype=object))
+        return df
     df = pd.DataFrame(rows)
     if "patch" in columns and "patch" not in df.columns:
         df["patch"] = -1                       # filled from the grids in TokenMap.__post_init__
     df = df.reindex(columns=columns)
     for c in columns:
-        if c != "role":
+        if c != "role" and df[c].dtype != np.int64:
             df[c] = df[c].astype("int64")
     return df.reset_index(drop=True)
 

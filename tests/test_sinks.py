@@ -395,3 +395,16 @@ def test_detect_dataset_on_a_folder_and_a_dataset(planted_model, planted_images,
     pd.testing.assert_frame_equal(one.norms.frame, two.norms.frame)
     last = one.norms.table().iloc[-1]
     assert last["layer"] == planted_model.n_vit_layers - 1 and last["frac_images_with_outlier"] == 1.0
+
+
+def test_relative_rule_judges_equal_groups_at_once_exactly_as_one_by_one():
+    from mechsink.sinks import rules
+    rng = np.random.default_rng(0)
+    s = rng.gamma(4.0, 5.0, size=(7, 36))
+    s[np.arange(7), rng.integers(0, 36, 7)] *= rng.uniform(1, 30, 7)      # some groups get a sink, some not
+    s[3] = 2.0                                                             # a constant group (the scale floor)
+    params = {"ratio": 5.0, "z": 8.0}
+    at_once = rules.apply("relative", s, params)
+    one_by_one = np.stack([rules.apply("relative", row, params) for row in s])
+    assert at_once.shape == s.shape and np.array_equal(at_once, one_by_one)
+    assert 0 < at_once.sum() < 7

@@ -135,41 +135,86 @@ def _check_args(model, sites: Sequence[str], tokens: Sequence[str]) -> tuple[lis
 
 
 # -- rows ------------------------------------------------------------------------------------------
+_ROW_COLUMNS = ["sample", "token_role", "image", "tile", "row", "col", *_AXES, "norm", "is_sink"]
+_SRC = {"special": 0, "patch": 1, "llm": 2}
+
+
+def _table(token_map, tokens: Sequence[str]) -> pd.DataFrame:
+    """Every row a selection may hold in this batch, whatever the sinks turn out to be (a "sinks"
+    selection holds every patch here), in the order of ``token_rows``, with ``src`` (special /
+    patch / llm) and ``idx`` (the row in the TokenMap table it comes from). Built from numpy
+    columns: this runs once per batch of every extraction."""
+    parts: list[dict[str, np.ndarray]] = []
+    sp = token_map.special
+    want = [r for r in ("cls", "register") if r in tokens]
+    if want and len(sp):
+        idx = np.flatnonzero(sp["role"].isin(want).to_numpy())
+        parts.append({"token_role": sp["role"].to_numpy()[idx], "row": -1, "col": -1, "src": _SRC["special"], "idx": idx,
+                      **{c: sp[c].to_numpy()[idx] for c in ("sample", "image", "tile", *_AXES)}})
+    if "image" in tokens or "sinks" in tokens:
+        pt = token_map.patches
+        parts.append({"token_role": "image", "src": _SRC["patch"], "idx": np.arange(len(pt)),
+                      **{c: pt[c].to_numpy() for c in ("sample", "image", "tile", "row", "col", *_AXES)}})
+    llm_roles = [r for r in ("newline", "text", "answer") if r in tokens]
+    if llm_roles:
+        llm: list[dict] = []
+        if "newline" in llm_roles:
+            lt = token_map.llm_tokens
+            nl = np.flatnonzero((lt["role"] == "newline").to_numpy())
+            llm.append({"token_role": "newline", **{c: lt[c].to_numpy()[nl] for c in ("sample", "llm_pos", "image", "tile",
+                                                                                     "row", "col")}})
+        for r in ("text", "answer"):
+            if r in llm_roles:
+                smp, pos = np.nonzero(token_map.roles == ROLE[r])
+                llm.append({"token_role": r, "sample": smp, "llm_pos": pos})
+        cat = _concat(llm)
+        order = np.lexsort((cat["llm_pos"], cat["sample"]))
+        parts.append({**{k: v[order] for k, v in cat.items()}, "src": _SRC["llm"], "idx": -1})
+    t = _concat(parts)
+    order = np.argsort(t["sample"], kind="stable")
+    return pd.DataFrame({c: t[c][order] for c in [*_ROW_COLUMNS[:-2], "src", "idx"]})
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    """Column-wise concatenation of {column: array or scalar} parts; a missing column is -1."""
+    cols = [*_ROW_COLUMNS[:-2], "src", "idx"]
+    n = [len(next(v for v in p.values() if isinstance(v, np.ndarray))) for p in parts]
+    out = {}
+    for c in cols:
+        vals = [np.broadcast_to(np.asarray(p.get(c, -1), dtype=object if c == "token_role" else np.int64), (k,))
+                for p, k in zip(parts, n)]
+        out[c] = np.concatenate(vals) if vals else np.zeros(0, dtype=object if c == "token_role" else np.int64)
+    return out
+
+
+def _pick(table: pd.DataFrame, sinks, tokens: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """(the rows of ``token_rows``, their positions in ``table``): scores and sink flags from the
+    SinkSet (row-aligned with the TokenMap), sink-only selections cut to the sinks."""
+    src, idx = table["src"].to_numpy(), table["idx"].to_numpy()
+    norm = np.full(len(table), np.nan)
+    flag = np.zeros(len(table), dtype=bool)
+    for code, frame in ((_SRC["special"], sinks.special), (_SRC["patch"], sinks.patches)):
+        at = src == code
+        if at.any():
+            norm[at] = frame["norm"].to_numpy(dtype=np.float64)[idx[at]]
+            flag[at] = frame["is_sink"].to_numpy(dtype=bool)[idx[at]]
+    keep = np.ones(len(table), dtype=bool)
+    if "sinks" in tokens and "image" not in tokens:
+        keep = (src != _SRC["patch"]) | flag
+    at = np.flatnonzero(keep)
+    rows = table.drop(columns=["src", "idx"])
+    rows["norm"], rows["is_sink"] = norm, flag
+    if not keep.all():
+        rows = rows.iloc[at].reset_index(drop=True)
+    return rows, at
+
+
 def token_rows(token_map, sinks, tokens: Sequence[str]) -> pd.DataFrame:
     """One row per selected token of a batch: sample (in the batch), token_role, image, tile,
     patch_row, patch_col, llm_pos (batch position), the axis columns of mechsink.tokens, norm
     (the sink score at the detection site), is_sink. Order: per sample, special tokens, patches,
     then LLM-only tokens by position."""
-    frames = []
-    special = sinks.special
-    want = [r for r in ("cls", "register") if r in tokens]
-    if want and len(special):
-        f = special[special["role"].isin(want)]
-        frames.append(f.assign(token_role=f["role"], row=-1, col=-1))
-    if "image" in tokens or "sinks" in tokens:
-        p = sinks.patches if "image" in tokens else sinks.patches[sinks.patches["is_sink"]]
-        frames.append(p.assign(token_role="image"))
-    llm_roles = [r for r in ("newline", "text", "answer") if r in tokens]
-    if llm_roles:
-        lt = token_map.llm_tokens
-        nl = lt[lt["role"] == "newline"] if "newline" in llm_roles else lt.iloc[:0]
-        parts = [nl.assign(token_role="newline")]
-        for r in ("text", "answer"):
-            if r in llm_roles:
-                s, pos = np.nonzero(token_map.roles == ROLE[r])
-                parts.append(pd.DataFrame({"sample": s, "llm_pos": pos, "token_role": r, "image": -1, "tile": -1,
-                                           "row": -1, "col": -1}))
-        f = pd.concat(parts, ignore_index=True).sort_values(["sample", "llm_pos"], kind="stable")
-        frames.append(f.assign(norm=np.nan, is_sink=False))
-    cols = ["sample", "token_role", "image", "tile", "row", "col", *_AXES, "norm", "is_sink"]
-    frames = [f.reindex(columns=cols) for f in frames if len(f)]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype="int64") for c in cols})
-    out = pd.concat(frames, ignore_index=True)
-    for c in ["sample", "image", "tile", "row", "col", *_AXES]:
-        out[c] = out[c].fillna(-1).astype("int64")
-    out["is_sink"] = out["is_sink"].fillna(False).astype(bool)
-    return out.sort_values("sample", kind="stable", ignore_index=True)
+    return _pick(_table(token_map, tokens), sinks, tokens)[0]
 
 
 def _label_value(v: Any) -> Any:
@@ -201,8 +246,8 @@ def _sample_frame(rows: pd.DataFrame, token_map, samples: list, idxs: list[int],
     llm = llm_classes if llm_classes is not None else np.zeros(len(rows), dtype=bool)
     out = pd.DataFrame({
         "sample_idx": np.asarray(idxs, dtype=np.int64)[b],
-        "sample_id": [samples[i].id for i in b],
-        "image_path": [samples[i].image_path or "" for i in b],
+        "sample_id": np.array([s.id for s in samples], dtype=object)[b],
+        "image_path": np.array([s.image_path or "" for s in samples], dtype=object)[b],
         "token_role": rows["token_role"].to_numpy(),
         "image": rows["image"].to_numpy(),
         "tile": rows["tile"].to_numpy(),
@@ -233,7 +278,7 @@ def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: 
     need = list(dict.fromkeys([*sites, *whole]))
     if any(model.locate(s)[1] not in ("input", "output") for s in need):
         return model.run(batch, read=need), None
-    cand = _candidate_rows(batch.token_map, tokens)
+    cand = _table(batch.token_map, tokens)
     axis = {s: Site.parse(s).axis for s in sites}
 
     def take(site: str, x: torch.Tensor):
@@ -242,19 +287,11 @@ def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: 
     return ({s: got[s][1] for s in whole}, (cand, {s: got[s][0] for s in sites}))
 
 
-def _candidate_rows(token_map, tokens: Sequence[str]) -> pd.DataFrame:
-    """Every row ``token_rows`` may select for this batch, whatever the sinks turn out to be."""
-    from types import SimpleNamespace
-    placeholder = SimpleNamespace(patches=token_map.patches.assign(norm=np.nan, is_sink=True),
-                                  special=token_map.special.assign(norm=np.nan, is_sink=False))
-    return token_rows(token_map, placeholder, tokens)
-
-
 _KEY = ["sample", "token_role", *_AXES]
 
 
 def _positions(cand: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
-    """Index into ``cand`` of every row of ``rows`` (matched on sample, role and token positions)."""
+    """Index into ``cand`` (from ``read_rows``) of every row of ``rows`` (matched on sample, role and token positions)."""
     if len(rows) == len(cand) and all(np.array_equal(cand[c].to_numpy(), rows[c].to_numpy()) for c in _KEY):
         return np.arange(len(rows))      # nothing was left out (no "sinks"-only selection)
     at = {k: i for i, k in enumerate(cand[_KEY].itertuples(index=False, name=None))}
@@ -383,7 +420,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
             if batch is not None:
                 acts, taken = read_rows(model, batch, sites, tokens, whole, cast)
                 sinks = detect_acts(acts, batch.token_map, spec)
-                rows = token_rows(batch.token_map, sinks, tokens)
+                rows, at = _pick(taken[0] if taken is not None else _table(batch.token_map, tokens), sinks, tokens)
                 llm_flags = None
                 if llm_site is not None:
                     h = gather(acts[llm_site], "llm", rows)
@@ -393,9 +430,10 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                 if taken is None:
                     tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(cast) for s in sites}
                 else:
-                    cand, got = taken
-                    at = torch.as_tensor(_positions(cand, rows))
-                    tensors = {s: got[s][at.to(got[s].device)] for s in sites}   # the writer copies to host
+                    got = taken[1]
+                    at = torch.as_tensor(at)
+                    tensors = {s: got[s] if len(at) == len(taken[0]) else got[s][at.to(got[s].device)]
+                               for s in sites}   # the writer copies to host
                 writer.add(frame, tensors, samples=[i for i, _, _ in loaded],
                            keys={i: k for i, s, _ in loaded if (k := image_key(s)) is not None})
             if bar is not None:

@@ -658,7 +658,7 @@ class _ShardMeta:
         self.num_rows = md.num_rows
         sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
         self.group_starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if sizes else np.zeros(1, np.int64)
-        self.schema = md.schema.to_arrow_schema().remove_metadata()
+        self.schema: pa.Schema | None = md.schema.to_arrow_schema().remove_metadata()
 
 
 def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
@@ -1194,17 +1194,13 @@ def merge(path: str | os.PathLike, clean: bool = False) -> "Store":
 
 
 def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
+    _trim()                            # what the extraction loop freed, before the merge adds its own
     sites, dtype = tuple(cfg["sites"]), cfg["dtype"]
-    metas = [_ShardMeta(root, name) for name in names]
-    all_samples = np.concatenate([m.samples for m in metas]) if metas else np.zeros(0, dtype=np.int64)
-    uniq, counts = np.unique(all_samples, return_counts=True)
-    if (counts > 1).any():
-        s = int(uniq[np.argmax(counts > 1)])
-        two = [m.name for m in metas if s in m.samples][:2]
-        raise StoreError(f"sample {s} is in both shards {two[0]} and {two[1]}; remove one of them")
+    metas: list[_ShardMeta] = []
+    schemas: list[pa.Schema] = []      # the distinct ones (one, unless a column's type changed)
     dims: dict[str, int] = {}
-    columns = None
-    for m in metas:
+    for name in names:
+        m = _ShardMeta(root, name)
         sd = _shard_dims(m.tensors, sites, dtype)
         n_t = {read_safetensors_header(m.tensors)[1][s]["shape"][0] for s in sites}
         if n_t != {m.num_rows}:
@@ -1212,21 +1208,31 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
         if dims and sd != dims:
             raise StoreError(f"{m.name} has site widths {sd}, other shards {dims}")
         dims = sd
-        if columns is None:
-            columns = m.schema.names
-        elif m.schema.names != columns:
-            raise StoreError(f"{m.name} has columns {m.schema.names}, other shards {columns}")
+        if schemas and m.schema.names != schemas[0].names:
+            raise StoreError(f"{m.name} has columns {m.schema.names}, other shards {schemas[0].names}")
+        if not schemas or not m.schema.equals(schemas[-1]):
+            schemas.append(m.schema)
+        m.schema = None                # a schema per shard would pin memory in a store of thousands
         size = m.tensors.stat().st_size
         if size != m.tensor_bytes:
             raise StoreCorrupt(f"{m.tensors} has {size} bytes, {m.tensor_bytes} were written (truncated or "
                                f"altered); {_repair_shard(m.tensors)}")
-    if metas:
+        metas.append(m)
+    all_samples = np.concatenate([m.samples for m in metas]) if metas else np.zeros(0, dtype=np.int64)
+    uniq, counts = np.unique(all_samples, return_counts=True)
+    if (counts > 1).any():
+        s = int(uniq[np.argmax(counts > 1)])
+        two = [m.name for m in metas if s in m.samples][:2]
+        raise StoreError(f"sample {s} is in both shards {two[0]} and {two[1]}; remove one of them")
+    del uniq, counts
+    if schemas:
         try:
-            schema = pa.unify_schemas([m.schema for m in metas], promote_options="permissive")
+            schema = pa.unify_schemas(schemas, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise StoreError(f"shards disagree on column types: {_first_line(e)}") from None
     else:
         schema = _rows_table([_batch_table(_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []})))]).schema
+    _trim()
     runs = [_shard_runs(m.parquet, code) for code, m in enumerate(metas)]
     sample, code, srow, length = (np.concatenate([r[i] for r in runs]) if runs else np.zeros(0, dtype=np.int64)
                                   for i in range(4))

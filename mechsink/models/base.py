@@ -98,6 +98,7 @@ class Model:
         self.name = name
         self.source = source or name
         self._nn = None
+        self._located: dict[str, tuple[str, str, int | None]] = {}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, family={self.adapter.family!r}, vit_layers={self.n_vit_layers}, llm_layers={self.n_llm_layers})"
@@ -127,7 +128,13 @@ class Model:
 
     def locate(self, site: Site | str) -> tuple[str, str, int | None]:
         """(module path, "input"|"output", tuple index or None) holding a site's tensor."""
-        s = Site.parse(site)
+        key = str(site)
+        got = self._located.get(key)
+        if got is None:        # asked for on every batch of every analysis: computed once per site
+            got = self._located[key] = self._locate(Site.parse(site))
+        return got
+
+    def _locate(self, s: Site) -> tuple[str, str, int | None]:
         a = self.adapter
         n = self.n_vit_layers if s.part == "vit" else self.n_llm_layers
         if s.is_block and not 0 <= s.layer < n:

@@ -32,28 +32,36 @@ def llava_layout(model, inputs, images) -> TokenMap:
     vc = cfg.vision_config
     g = vc.image_size // vc.patch_size
     full = cfg.vision_feature_select_strategy == "full"
+    off = int(full)   # with the "full" strategy the CLS token also enters the LLM first
     roles = llm_roles(inputs["input_ids"], inputs.get("attention_mask"), [cfg.image_token_id])
-    patches, special, llm = [], [], []
-    item = 0
+    p = np.arange(g * g, dtype=np.int64)
+    r, c = np.divmod(p, g)
+    keys, runs = [], []
     for s, group in enumerate(images):
         for i, run in enumerate(image_runs(roles[s], len(group), s)):
-            expected = g * g + int(full)
-            if len(run) != expected:
+            if len(run) != g * g + off:
                 from ..errors import PromptError
-                raise PromptError(f"sample {s} image {i}: {len(run)} image tokens, expected {expected}")
-            off = int(full)   # with the "full" strategy the CLS token also enters the LLM first
-            special.append(dict(sample=s, image=i, tile=0, role="cls", vit_item=item, vit_pos=0,
-                                out_item=item if full else -1, out_pos=0 if full else -1,
-                                proj_item=item if full else -1, proj_pos=0 if full else -1,
-                                llm_pos=int(run[0]) if full else -1))
-            for p in range(g * g):
-                r, c = divmod(p, g)
-                patches.append(dict(sample=s, image=i, tile=0, row=r, col=c, vit_item=item, vit_pos=1 + p,
-                                    out_item=item, out_pos=off + p, proj_item=item, proj_pos=off + p,
-                                    llm_pos=int(run[off + p])))
-                llm.append(dict(sample=s, llm_pos=int(run[off + p]), role="image", image=i, tile=0, row=r, col=c))
-            item += 1
-    grids = {(s, i, 0): (g, g) for s, group in enumerate(images) for i in range(len(group))}
+                raise PromptError(f"sample {s} image {i}: {len(run)} image tokens, expected {g * g + off}")
+            keys.append((s, i))
+            runs.append(run)
+    n = len(keys)
+    sample = np.array([k[0] for k in keys], dtype=np.int64)
+    image = np.array([k[1] for k in keys], dtype=np.int64)
+    item = np.arange(n, dtype=np.int64)
+    llm_pos = np.array(runs, dtype=np.int64).reshape(n, g * g + off) if n else np.zeros((0, g * g + off), np.int64)
+    each = lambda a: np.repeat(a, g * g)  # noqa: E731 - per image -> per patch
+    grid = lambda a: np.tile(a, n)        # noqa: E731 - per grid cell -> per patch
+    patches = dict(sample=each(sample), image=each(image), tile=np.zeros(n * g * g, np.int64), row=grid(r), col=grid(c),
+                   patch=grid(p), vit_item=each(item), vit_pos=grid(p + 1), out_item=each(item), out_pos=grid(p + off),
+                   proj_item=each(item), proj_pos=grid(p + off), llm_pos=llm_pos[:, off:].reshape(-1))
+    no = np.full(n, -1, dtype=np.int64)
+    special = dict(sample=sample, image=image, tile=np.zeros(n, np.int64), role=np.full(n, "cls", dtype=object),
+                   vit_item=item, vit_pos=np.zeros(n, np.int64), out_item=item if full else no,
+                   out_pos=np.zeros(n, np.int64) if full else no, proj_item=item if full else no,
+                   proj_pos=np.zeros(n, np.int64) if full else no, llm_pos=llm_pos[:, 0] if full else no)
+    llm = dict(sample=patches["sample"], llm_pos=patches["llm_pos"], role=np.full(n * g * g, "image", dtype=object),
+               image=patches["image"], tile=patches["tile"], row=patches["row"], col=patches["col"])
+    grids = {(int(s), int(i), 0): (g, g) for s, i in keys}
     return TokenMap(patches, special, llm, roles, grids)
 
 

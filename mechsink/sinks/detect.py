@@ -155,23 +155,25 @@ def score_tokens(x: torch.Tensor, spec: SinkSpec) -> torch.Tensor:
     return x[..., list(spec.dims)].abs().amax(dim=-1)
 
 
-def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkSpec) -> np.ndarray:
+def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkSpec,
+                 scores: torch.Tensor | None = None) -> np.ndarray:
     """The score of each row of a TokenMap frame (patches or special) on a site tensor of the given
-    axis; NaN where the row has no token on that axis. acts: [items, seq, d] or [seq, d] (flat)."""
+    axis; NaN where the row has no token on that axis. acts: [items, seq, d] or [seq, d] (flat).
+    ``scores``: ``score_tokens(acts, spec)`` when the caller has it already."""
     item_col, pos_col = _AXIS_COLUMNS[axis]
     out = np.full(len(frame), np.nan)
     pos = frame[pos_col].to_numpy()
     ok = pos >= 0
     if not ok.any():
         return out
-    scores = score_tokens(acts, spec).cpu()
+    scores = (score_tokens(acts, spec) if scores is None else scores).cpu()
     items = frame[item_col].to_numpy()[ok]
     try:
         if (items < 0).all():   # flat axis (Qwen2-VL's ViT): one sequence for the whole batch
             flat = scores.reshape(-1) if scores.dim() == 2 and scores.shape[0] == 1 else scores
-            vals = flat[torch.tensor(pos[ok])]
+            vals = flat[torch.from_numpy(pos[ok])]
         else:
-            vals = scores[torch.tensor(items), torch.tensor(pos[ok])]
+            vals = scores[torch.from_numpy(items), torch.from_numpy(pos[ok])]
     except (IndexError, RuntimeError):
         raise SinkError(f"activations of shape {tuple(acts.shape)} do not match the token map on axis {axis!r} "
                         f"(largest {pos_col} = {int(pos.max())}); were they read at {spec.site} for this batch?") from None
@@ -179,15 +181,22 @@ def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkS
     return out
 
 
-def _flag(cands: pd.DataFrame, spec: SinkSpec) -> np.ndarray:
+def _flag(cands: Mapping[str, Any], spec: SinkSpec) -> np.ndarray:
     """Apply the rule to candidate scores (column 'norm'), per group for relative rules."""
-    flags = np.zeros(len(cands), dtype=bool)
-    if len(cands) == 0:
-        return flags
-    s = cands["norm"].to_numpy()
+    s = np.asarray(cands["norm"], dtype=np.float64)
+    if len(s) == 0:
+        return np.zeros(0, dtype=bool)
     if not RULES[spec.rule].per_group:
         return rules.apply(spec.rule, s, spec.params)
-    for idx in cands.groupby(GROUPS[spec.per], sort=False).indices.values():
+    flags = np.zeros(len(s), dtype=bool)
+    keys = np.stack([np.asarray(cands[c], dtype=np.int64) for c in GROUPS[spec.per]], axis=1)
+    group = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(group, kind="stable")
+    sizes = np.bincount(group)
+    if RULES[spec.rule].rows and (sizes == sizes[0]).all():     # equal tiles: every group in one call
+        flags[order] = rules.apply(spec.rule, s[order].reshape(len(sizes), -1), spec.params).reshape(-1)
+        return flags
+    for idx in np.split(order, np.cumsum(sizes)[:-1]):
         flags[idx] = rules.apply(spec.rule, s[idx], spec.params)
     return flags
 
@@ -345,23 +354,27 @@ def _site_tensor(acts, spec: SinkSpec) -> torch.Tensor:
 
 def _scored(acts, token_map: TokenMap, spec: SinkSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
     x = _site_tensor(acts, spec)
+    scores = score_tokens(x, spec)
     patches = token_map.patches.copy()
-    patches["norm"] = frame_scores(x, patches, spec.axis, spec)
+    patches["norm"] = frame_scores(x, patches, spec.axis, spec, scores)
     special = token_map.special.copy()
-    special["norm"] = frame_scores(x, special, spec.axis, spec)
-    if patches["norm"].isna().all() and len(patches):
+    special["norm"] = frame_scores(x, special, spec.axis, spec, scores)
+    if len(patches) and np.isnan(patches["norm"].to_numpy()).all():
         raise SinkError(f"no image patch has a token at {spec.site}")
     return patches, special
 
 
-def _candidates(patches: pd.DataFrame, special: pd.DataFrame, spec: SinkSpec) -> pd.DataFrame:
-    cols = GROUPS["tile"] + ["norm"]
-    parts = [patches.loc[patches["norm"].notna(), cols].assign(src=0)]
-    if spec.include_special:
-        parts.append(special.loc[special["norm"].notna(), cols].assign(src=1))
-    c = pd.concat(parts)
-    c["idx"] = c.index
-    return c.reset_index(drop=True)
+def _candidates(patches: pd.DataFrame, special: pd.DataFrame, spec: SinkSpec) -> dict[str, np.ndarray]:
+    """Columns of the scored tokens a rule judges: the patches (and special tokens with
+    ``include_special``) that have a token at the site; ``src`` (0 patch, 1 special) and ``idx``
+    (its row there) say where each comes from. Numpy only: this runs on every batch of a cache."""
+    parts = []
+    for src, f in [(0, patches), *([(1, special)] if spec.include_special else [])]:
+        norm = f["norm"].to_numpy(dtype=np.float64)
+        idx = np.flatnonzero(~np.isnan(norm))
+        parts.append({"norm": norm[idx], "src": np.full(len(idx), src), "idx": idx,
+                      **{c: f[c].to_numpy()[idx] for c in GROUPS["tile"]}})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: TokenMap, sinks: SinkSpec | None = None,
@@ -371,11 +384,10 @@ def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: Toke
     patches, special = _scored(acts, token_map, spec)
     cands = _candidates(patches, special, spec)
     flags = _flag(cands, spec)
-    patches["is_sink"] = False
-    special["is_sink"] = False
     for src, frame in ((0, patches), (1, special)):
-        hit = cands.loc[(cands["src"] == src).to_numpy() & flags, "idx"]
-        frame.loc[hit.to_numpy(), "is_sink"] = True
+        hit = np.zeros(len(frame), dtype=bool)
+        hit[cands["idx"][(cands["src"] == src) & flags]] = True
+        frame["is_sink"] = hit
     if ids is not None and len(ids) != token_map.roles.shape[0]:
         raise SinkError(f"{len(ids)} ids for a batch of {token_map.roles.shape[0]} samples")
     return SinkSet(spec, patches, special, list(ids) if ids is not None else None, token_map)
@@ -391,7 +403,7 @@ def detect(model, batch, sinks: SinkSpec | None = None, *, ids: Sequence | None 
 def candidate_scores(acts, token_map: TokenMap, spec: SinkSpec) -> np.ndarray:
     """Scores of every candidate token (patches, plus special tokens with include_special) -> [n]."""
     patches, special = _scored(acts, token_map, spec)
-    return _candidates(patches, special, spec)["norm"].to_numpy()
+    return _candidates(patches, special, spec)["norm"]
 
 
 def calibrate_acts(pairs: Iterable[tuple[Any, TokenMap]], sinks: SinkSpec | None = None, q: float = 0.99,

@@ -33,11 +33,11 @@ class SinkError(MechsinkError, ValueError):
     """Bad sink-detection input: unknown rule or parameter, missing calibration, mismatched shapes."""
 
 
-def _robust_scale(s: np.ndarray, med: float) -> float:
+def _robust_scale(s: np.ndarray, med):
     # Floor at 0.1 % of the median: a group whose majority is constant would otherwise make every
-    # deviation infinitely significant.
-    mad = float(np.median(np.abs(s - med)))
-    return max(MAD_SCALE * mad, 1e-3 * abs(med), 1e-12)
+    # deviation infinitely significant. s: [n] or [groups, n] (med: [groups, 1]).
+    mad = np.median(np.abs(s - med), axis=-1, keepdims=s.ndim > 1)
+    return np.maximum(np.maximum(MAD_SCALE * mad, 1e-3 * np.abs(med)), 1e-12)
 
 
 def fixed(s: np.ndarray, *, tau: float) -> np.ndarray:
@@ -89,9 +89,10 @@ def quantile(s: np.ndarray, *, q: float = 0.99, tau: float | None = None) -> np.
 
 def relative(s: np.ndarray, *, ratio: float = 5.0, z: float = 8.0) -> np.ndarray:
     """Both a multiple of the median and a robust z-score: the ratio keeps bright content (object
-    patches a few times the background norm) out, the z-score keeps out the top of a wide spread."""
-    med = float(np.median(s))
-    return s >= max(ratio * med, med + z * _robust_scale(s, med))
+    patches a few times the background norm) out, the z-score keeps out the top of a wide spread.
+    s: one group's scores [n], or equal-sized groups [groups, n] judged row by row."""
+    med = np.median(s, axis=-1, keepdims=s.ndim > 1)
+    return s >= np.maximum(ratio * med, med + z * _robust_scale(s, med))
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,11 @@ class Rule:
     defaults: dict
     per_group: bool
     required: tuple[str, ...] = ()
+    rows: bool = False      # fn also judges equal-sized groups as the rows of one [groups, n] array
 
 
 RULES: dict[str, Rule] = {
-    "relative": Rule(relative, {"ratio": 5.0, "z": 8.0}, True),
+    "relative": Rule(relative, {"ratio": 5.0, "z": 8.0}, True, rows=True),
     "fixed": Rule(fixed, {}, False, ("tau",)),
     "sigma": Rule(sigma, {"k": 2.0}, True),
     "robust_z": Rule(robust_z, {"z": 3.5}, True),
