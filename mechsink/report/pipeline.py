@@ -186,7 +186,11 @@ def _context(name: str, data: str | None, config: ReportConfig, work: Path, key:
     from ..data import default_data, open_dataset
     from ..sinks import SinkSpec
     offline_if_hub_unreachable(name)
-    model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
+    from ..distributed import world
+    device = config.device
+    if device == "cuda" and world() > 1:        # under torchrun: each rank its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = load(name, device=None if config.device_map else device, dtype=config.dtype,
                  device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
     spec = SinkSpec.from_dict(config.sinks) if config.sinks else SinkSpec()
