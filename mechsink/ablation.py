@@ -34,7 +34,7 @@ import torch
 
 from .batching import batches
 from .config import Config, coerce
-from .distributed import gather_frames, rank, world
+from .distributed import fail_together, gather_frames, rank, world
 from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
 from .metrics import Metric
@@ -271,12 +271,13 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
         means = cell_means(model, (c.batch for c in batches(model, data, cfg.batch_size, errors=ErrorLog())), cfg.site)
     frames: list[tuple[int, pd.DataFrame]] = []       # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", "")}
-    for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
-                         min_batch=2 if cfg.mode == "resample" else 1,     # resample pairs images in a batch
-                         progress=f"ablate {cfg.mode}" if progress else False):
-        frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
-        if out is not None and world() == 1:
-            AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+    with fail_together():                              # an error on one rank is raised on every rank
+        for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
+                             min_batch=2 if cfg.mode == "resample" else 1,     # resample pairs images in a batch
+                             progress=f"ablate {cfg.mode}" if progress else False):
+            frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
+            if out is not None and world() == 1:
+                AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
     frame = gather_frames(frames)
     if frame.empty:
         raise AblationError("no data to ablate")

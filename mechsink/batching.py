@@ -67,10 +67,10 @@ def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", p
     none). shuffle: a random.Random that draws the samples in random order. shard: under torchrun
     this rank yields only its chunks (``distributed.mine(chunk.number)``); every rank reads every
     image, so chunks and global indices are those of a single process (a sample the processor
-    refuses keeps its index, so indices may skip it). min_batch: a last group smaller than this
+    refuses keeps its index, so indices may skip it); the progress bar is then rank 0's. min_batch: a last group smaller than this
     joins the one before (analyses that pair images within a batch need two).
     """
-    from .distributed import mine
+    from .distributed import mine, rank
     if batch_size < 1:
         raise BatchingError(f"batch_size must be at least 1, got {batch_size}")
     if _is_batches(data):
@@ -90,7 +90,7 @@ def batches(model, data, batch_size: int = 8, *, answers: bool | str = "auto", p
         shuffle.shuffle(samples)
     errors = errors if errors is not None else ErrorLog()
     desc = progress if isinstance(progress, str) else getattr(model, "name", "model")
-    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress or (shard and rank() != 0), leave=False)
     start, number = 0, 0
     try:
         for buf in _groups(iter_images(samples, errors=errors), batch_size, min_batch):

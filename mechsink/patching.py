@@ -28,7 +28,7 @@ import torch
 
 from .batching import batches
 from .config import Config, coerce
-from .distributed import gather_frames, rank, world
+from .distributed import fail_together, gather_frames, rank, world
 from .engine import Plan, Write, clean, execute, source_run
 from .metrics import Metric
 from .results import Result
@@ -383,19 +383,20 @@ def patch_dataset(model, data, config: PatchConfig | dict | None = None, *, sour
         data = [s for s in base_samples if id(s) in src_images]
     frames = []                                    # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", ""), "source": "dataset" if source is not None else corruption, "data": name}
-    for chunk in batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch", shard=True,
-                         min_batch=2 if source is None and corruption == "shuffle" else 1):   # shuffling needs two
-        b = chunk.batch
-        if src_images is not None:
-            imgs = [src_images[id(s)] for s in chunk.samples]
-        else:
-            imgs = corrupt([g[0] for g in b.images], corruption, cfg.seed + chunk.start)
-        res = patch(model, b, with_images(model, b, imgs), cfg, sinks=sinks, sample_ids=chunk.indices)
-        ids = dict(zip(chunk.indices, chunk.ids))
-        frames.append((chunk.number, res.frame.assign(id=res.frame["sample"].map(ids).astype(str))))
-        cfg = res.config
-        if out is not None and world() == 1:
-            PatchResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+    with fail_together():                          # an error on one rank is raised on every rank
+        for chunk in batches(model, data, cfg.batch_size, errors=errors, progress=progress and "patch", shard=True,
+                             min_batch=2 if source is None and corruption == "shuffle" else 1):   # shuffling needs two
+            b = chunk.batch
+            if src_images is not None:
+                imgs = [src_images[id(s)] for s in chunk.samples]
+            else:
+                imgs = corrupt([g[0] for g in b.images], corruption, cfg.seed + chunk.start)
+            res = patch(model, b, with_images(model, b, imgs), cfg, sinks=sinks, sample_ids=chunk.indices)
+            ids = dict(zip(chunk.indices, chunk.ids))
+            frames.append((chunk.number, res.frame.assign(id=res.frame["sample"].map(ids).astype(str))))
+            cfg = res.config
+            if out is not None and world() == 1:
+                PatchResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
     frame = gather_frames(frames)
     if frame.empty:
         raise PatchError("no data to patch")

@@ -125,31 +125,41 @@ def subset_scores(model, batch, sinks, subsets: Sequence[str] = SUBSETS, mode: s
     return {"correct": correct.numpy(), "logprob": out["value"].numpy(), "removed": removed}
 
 
+def _subset_rows(model, chunk, config: SubsetConfig) -> list[dict]:
+    from ..sinks.detect import detect
+    batch = chunk.batch
+    found = detect(model, batch, config.sinks)
+    res = subset_scores(model, batch, found, config.subsets, config.mode)
+    visual = np.isin(batch.token_map.roles, [ROLE["image"], ROLE["newline"]]).sum(1)
+    n_sinks = found.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
+    rows = []
+    for c, name in enumerate(config.subsets):
+        kept = visual - res["removed"][c].sum(1).numpy()
+        for b, s in enumerate(chunk.samples):
+            rows.append({"id": s.id, "question_type": s.question_type, "subset": name,
+                         "correct": bool(res["correct"][c, b]), "logprob": float(res["logprob"][c, b]),
+                         "n_visual": int(kept[b]), "n_sinks": int(n_sinks.iloc[b])})
+    return rows
+
+
 def visual_subsets(model, data, sinks=None, *, config: SubsetConfig | Mapping | None = None,
                    **settings) -> SubsetResult:
     """Accuracy of ``model`` on ``data`` (Samples with prompt, answer and question_type) given every
     image token, its sinks only, or its non-sinks only. Sinks are detected per batch with ``sinks``
     (a SinkSpec; default rule when None). Settings: ``config`` and/or its fields as keywords
     (subsets, mode, batch_size, limit). Images that cannot be read are skipped and listed in
-    ``meta["errors"]``."""
-    from ..sinks.detect import detect
+    ``meta["errors"]`` (under ``torchrun``, where chunks are shared out by rank and every rank
+    returns the frame of a single process, a processor's refusals are listed on the rank that met them)."""
+    from ..distributed import fail_together, gather
     if sinks is not None:
         settings["sinks"] = sinks
     config = coerce(SubsetConfig, config)
     config = config.replace(**settings) if settings else config
     samples = list(data)[:config.limit]
-    rows, errors = [], ErrorLog()
-    for chunk in batches(model, samples, config.batch_size, answers=True, errors=errors):
-        batch = chunk.batch
-        found = detect(model, batch, config.sinks)
-        res = subset_scores(model, batch, found, config.subsets, config.mode)
-        visual = np.isin(batch.token_map.roles, [ROLE["image"], ROLE["newline"]]).sum(1)
-        n_sinks = found.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
-        for c, name in enumerate(config.subsets):
-            kept = visual - res["removed"][c].sum(1).numpy()
-            for b, s in enumerate(chunk.samples):
-                rows.append({"id": s.id, "question_type": s.question_type, "subset": name,
-                             "correct": bool(res["correct"][c, b]), "logprob": float(res["logprob"][c, b]),
-                             "n_visual": int(kept[b]), "n_sinks": int(n_sinks.iloc[b])})
+    parts, errors = [], ErrorLog()             # (chunk number, rows): merged over torchrun ranks
+    with fail_together():
+        for chunk in batches(model, samples, config.batch_size, answers=True, errors=errors, shard=True):
+            parts.append((chunk.number, _subset_rows(model, chunk, config)))
+    rows = [r for part in gather(parts) for r in part]
     frame = pd.DataFrame(rows, columns=["id", "question_type", "subset", "correct", "logprob", "n_visual", "n_sinks"])
     return SubsetResult(frame, config, {"n_samples": len(samples), "errors": errors.summary()})

@@ -69,6 +69,9 @@ def _report_run(overrides: dict | None, out: Path, as_json: bool, *, from_manife
                 typer.echo(f"error: {len(diffs)} number(s) differ from {from_manifest}: {', '.join(diffs[:5])}", err=True)
         return res
     res = guarded(body)
+    from ..distributed import rank
+    if rank() != 0:             # under torchrun every rank ran the report; rank 0 wrote and prints it
+        return
     emit(res, as_json, lambda r: f"report: {r['index']}\nmanifest: {r['manifest']} ({len(r['numbers'])} numbers)"
          + ("" if "reproduced" not in r else f"\nreproduced: {r['reproduced']}"))
     if res.get("reproduced") is False:

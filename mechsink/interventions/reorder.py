@@ -201,6 +201,23 @@ class ReorderResult(Result):
                 **{r["condition"]: {k: r[k] for k in cols if k in r} for _, r in t.iterrows()}}
 
 
+def _reorder_rows(model, chunk, spec, conds) -> list[dict]:
+    from ..sinks.detect import detect
+    batch = chunk.batch
+    found = detect(model, batch, spec)
+    n_sinks = found.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
+    inputs = llm_inputs(model, batch)
+    rows = []
+    for label, order, pos in conds:
+        logits = reordered_logits(model, batch, found, order, pos, inputs=inputs)
+        correct, logprob = answer_scores(model, batch, logits)
+        for i, s in enumerate(chunk.samples):
+            rows.append({"id": s.id, "question_type": s.question_type, "condition": label, "order": order,
+                         "positions": pos, "correct": bool(correct[i]), "logprob": float(logprob[i]),
+                         "n_sinks": int(n_sinks.iloc[i])})
+    return rows
+
+
 def evaluate_reorder(model, data, sinks=None, *, config: ReorderConfig | Mapping | None = None,
                      **settings) -> ReorderResult:
     """Accuracy of ``model`` on ``data`` (a Dataset or list of Samples with prompt and answer) with
@@ -208,27 +225,20 @@ def evaluate_reorder(model, data, sinks=None, *, config: ReorderConfig | Mapping
 
     Sinks are detected per batch with ``sinks`` (a SinkSpec; default rule when None). Settings:
     ``config`` and/or its fields as keywords (orders, positions, batch_size, limit). Images that
-    cannot be read are skipped and listed in ``meta["errors"]``."""
-    from ..sinks.detect import detect
+    cannot be read are skipped and listed in ``meta["errors"]``. Under ``torchrun`` the chunks are
+    shared out by rank and every rank returns the frame of a single process."""
+    from ..distributed import fail_together, gather
     if sinks is not None:
         settings["sinks"] = sinks
     config = coerce(ReorderConfig, config)
     config = config.replace(**settings) if settings else config
     samples = list(data)[:config.limit]
     conds = conditions(config.orders, config.positions)
-    rows, errors = [], ErrorLog()
-    for chunk in batches(model, samples, config.batch_size, answers=True, errors=errors):
-        batch = chunk.batch
-        found = detect(model, batch, config.sinks)
-        n_sinks = found.llm_tokens().groupby("sample")["is_sink"].sum().reindex(range(batch.size), fill_value=0)
-        inputs = llm_inputs(model, batch)
-        for label, order, pos in conds:
-            logits = reordered_logits(model, batch, found, order, pos, inputs=inputs)
-            correct, logprob = answer_scores(model, batch, logits)
-            for i, s in enumerate(chunk.samples):
-                rows.append({"id": s.id, "question_type": s.question_type, "condition": label, "order": order,
-                             "positions": pos, "correct": bool(correct[i]), "logprob": float(logprob[i]),
-                             "n_sinks": int(n_sinks.iloc[i])})
+    parts, errors = [], ErrorLog()             # (chunk number, rows): merged over torchrun ranks
+    with fail_together():
+        for chunk in batches(model, samples, config.batch_size, answers=True, errors=errors, shard=True):
+            parts.append((chunk.number, _reorder_rows(model, chunk, config.sinks, conds)))
+    rows = [r for part in gather(parts) for r in part]
     frame = pd.DataFrame(rows, columns=["id", "question_type", "condition", "order", "positions", "correct", "logprob",
                                         "n_sinks"])
     return ReorderResult(frame, config, {"n_samples": len(samples), "errors": errors.summary()})

@@ -12,29 +12,44 @@ from .context import ReportConfig, _Ctx, _num, _subset
 
 
 def _image_batches(ctx: _Ctx, config: ReportConfig, n: int, answers=False):
+    """The first ``n`` distinct images and this rank's chunks of them (all chunks without torchrun;
+    the sections merge what the ranks made with ``distributed.gather``, in chunk order)."""
     from ..batching import batches
     from .findings import unique_images
     samples = unique_images(list(_subset(ctx, config.limit)))[:n]
-    return samples, batches(ctx.model, samples, config.batch_size, answers=answers)
+    return samples, batches(ctx.model, samples, config.batch_size, answers=answers, shard=True)
+
+
+def _numbered(parts) -> list[pd.DataFrame]:
+    """Per-chunk frames (their ``sample`` counted in the chunk) with ``sample`` counted over all the
+    chunks' samples, in chunk order: (frame, samples in the chunk) pairs."""
+    out, offset = [], 0
+    for frame, n in parts:
+        out.append(frame.assign(sample=frame["sample"] + offset))
+        offset += n
+    return out
 
 
 def _relevance(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..analyses import RelevanceConfig, RelevanceMaps, relevance_maps
+    from ..distributed import fail_together, gather
     from ..sinks import detect
     from ..stats import compare_paired
     from . import findings
     from .figures import relevance_figure
     m = ctx.model
     rep.section(f"Relevance maps ({m.name})")
-    frames, maps, first = [], [], None
+    parts, first = [], None                     # (chunk number, (rows, maps)); the figure shows rank 0's first chunk
+    cfg = RelevanceConfig(layer=-1, direction="row", tokens="image")
     samples, chunks = _image_batches(ctx, config, min(config.limit, 32))
-    for chunk in chunks:
-        rm = relevance_maps(m, chunk.batch, detect(m, chunk.batch, ctx.causal_spec),
-                            config=RelevanceConfig(layer=-1, direction="row", tokens="image"))
-        first = first or (rm, chunk.batch.images)
-        frames.append(rm.frame.assign(sample=rm.frame["sample"] + chunk.start))
-        maps.append(rm.maps)
-    res = RelevanceMaps(pd.concat(frames, ignore_index=True), first[0].config, {}, maps=np.concatenate(maps))
+    with fail_together():
+        for chunk in chunks:
+            rm = relevance_maps(m, chunk.batch, detect(m, chunk.batch, ctx.causal_spec), config=cfg)
+            first = first or (rm, chunk.batch.images)
+            parts.append((chunk.number, (rm.frame, rm.maps, chunk.batch.size)))
+    parts = gather(parts)
+    res = RelevanceMaps(pd.concat(_numbered([(f, n) for f, _, n in parts]), ignore_index=True), cfg, {},
+                        maps=np.concatenate([x for _, x, _ in parts]))
     t = res.table().assign(token_set=lambda d: d["token_set"].map(ctx.name))
     per = res.frame.groupby(["sample", "is_sink"])["spread"].mean().unstack().dropna()
     c = compare_paired(per[True].to_numpy(), per[False].to_numpy(), n_boot=1000, method="percentile",
@@ -44,9 +59,11 @@ def _relevance(rep, ctx: _Ctx, config: ReportConfig) -> None:
              f"images, each once." + (f" Spread of the {ctx.label} minus the other tokens, per image: "
                                        f"{c.diff.mean:.3g} [{c.diff.ci_low:.3g}, {c.diff.ci_high:.3g}], "
                                        f"p = {c.p_value:.3g} over {c.n} images." if c is not None else ""))
-    fig = relevance_figure(first[0], first[1], per_set=3, names=(ctx.label, ctx.name("nonsinks")))
-    rep.figure(fig, f"Relevance maps: attention of {ctx.label} tokens (top row) and other tokens (bottom row) over "
-                    f"their image in the last ViT layer; brighter = more attention, the marker is the token itself.")
+    if first is not None:                       # a rank with no chunk of its own draws nothing (it writes nothing)
+        fig = relevance_figure(first[0], first[1], per_set=3, names=(ctx.label, ctx.name("nonsinks")))
+        rep.figure(fig, f"Relevance maps: attention of {ctx.label} tokens (top row) and other tokens (bottom row) "
+                        f"over their image in the last ViT layer; brighter = more attention, the marker is the token "
+                        f"itself.")
     rep.table(t, f"Spread numbers of the {ctx.label} and the other tokens, 95 % bootstrap CI over tokens.", index=False)
     for r in t.itertuples(index=False):
         _num(rep, f"{ctx.key}.relevance.{r.token_set}.{r.measure}", r.mean)
@@ -59,18 +76,21 @@ def _relevance(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 def _decoding(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..analyses import decode_isolated
+    from ..distributed import fail_together, gather
     from ..sinks import detect
     from . import findings
     m = ctx.model
     rep.section(f"Word decoding ({m.name})")
-    frames, labels = [], []
+    parts = []                                  # (chunk number, (rows, answers)): merged over torchrun ranks
     samples, chunks = _image_batches(ctx, config, min(config.limit, 16))
-    for chunk in chunks:
-        res = decode_isolated(m, chunk.batch, detect(m, chunk.batch, ctx.causal_spec), tokens="image", k=3)
-        frames.append(res.frame.assign(sample=res.frame["sample"] + chunk.start))
-        labels += [s.answer for s in chunk.samples]
+    with fail_together():
+        for chunk in chunks:
+            res = decode_isolated(m, chunk.batch, detect(m, chunk.batch, ctx.causal_spec), tokens="image", k=3)
+            parts.append((chunk.number, (res.frame, [s.answer for s in chunk.samples])))
+    parts = gather(parts)
+    labels = [a for _, answers in parts for a in answers]
     from ..analyses.decoding import decoding_summary
-    words = pd.concat(frames, ignore_index=True)
+    words = pd.concat(_numbered([(f, len(answers)) for f, answers in parts]), ignore_index=True)
     have = all(lab is not None for lab in labels)
     t = decoding_summary(words, labels if have else None, top=1)
     t = t.assign(token_set=t["token_set"].map(ctx.name))

@@ -34,26 +34,43 @@ def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report",
 
     Intermediate results (activation caches) go to ``out/work``, which is started afresh unless
     ``resume`` is set, so a re-run (``report --from``) never silently reuses old work. A run that
-    fails removes what it created (all of ``out`` when it made it) and logs what it left."""
+    fails removes what it created (all of ``out`` when it made it) and logs what it left.
+
+    Under ``torchrun`` every rank runs every section on its share of the chunks and gets the
+    merged results (the numbers of a single process); rank 0 alone prepares ``out/work``, draws the
+    figures and writes the report, the others write only their part of the shared activation cache.
+    Every rank returns once index.html is written. A failure in an analysis is raised on every rank
+    (``distributed.fail_together``); a crash ends its process and torchrun stops the others."""
     import shutil
+    from ..distributed import barrier, fail_together, rank
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MechsinkError(f"report directory {out} exists and is not a directory")
-    created = not out.exists()
+    lead = rank() == 0
+    created = False
+    with fail_together():                      # rank 0 checks and prepares; the others wait for it
+        if lead:
+            if out.exists() and not out.is_dir():
+                raise MechsinkError(f"report directory {out} exists and is not a directory")
+            created = not out.exists()
     work = out / "work"
-    if work.exists() and not resume:
-        if not (work / WORK_MARK).exists():
-            raise MechsinkError(f"{work} exists and was not written by mechsink; choose another --out")
-        shutil.rmtree(work)
     try:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / WORK_MARK).write_text("intermediate results of a mechsink report; safe to delete\n")
-        return _run(config, out, work, sections, control_sections)
+        with fail_together():
+            if lead:
+                if work.exists() and not resume:
+                    if not (work / WORK_MARK).exists():
+                        raise MechsinkError(f"{work} exists and was not written by mechsink; choose another --out")
+                    shutil.rmtree(work)
+                work.mkdir(parents=True, exist_ok=True)
+                (work / WORK_MARK).write_text("intermediate results of a mechsink report; safe to delete\n")
+        index = _run(config, out, work, sections, control_sections)
+        barrier()                              # index.html is there for every rank
+        return index
     except BaseException:
+        if not lead:
+            raise
         if created:
             shutil.rmtree(out, ignore_errors=True)
             log.warning("report failed: removed %s, which it had created", out)
-        else:
+        elif (work / WORK_MARK).exists():
             shutil.rmtree(work, ignore_errors=True)
             log.warning("report failed: removed %s; the rest of %s is as it was before the run", work, out)
         raise
@@ -61,8 +78,12 @@ def run_report(config: ReportConfig, out: str | os.PathLike = "mechsink-report",
 
 def _run(config: ReportConfig, out: Path, work: Path, sections, control_sections) -> Path:
     from .. import __version__
+    from ..distributed import rank
     from . import findings
     from .html import Report
+    lead = rank() == 0
+    if not lead:                # the other ranks compute every number but draw and write nothing
+        Report = _unwritten()   # noqa: N806
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     t0 = time.perf_counter()
@@ -86,13 +107,16 @@ def _run(config: ReportConfig, out: Path, work: Path, sections, control_sections
         run_sections(rep, ctl, config, control_sections or config.control_sections or CONTROL_SECTIONS)
     findings.write(rep, main.findings + (ctl.findings if config.control else []))
     rep.section("Run")
-    rep.text(f"Finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU thread(s)"
+    from ..distributed import world
+    ranks = f" x {world()} ranks (torchrun)" if world() > 1 else ""
+    rep.text(f"Finished in {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU thread(s){ranks}"
              f"{' / ' + str(main.model.device) if main.model.device.type != 'cpu' else ''}.")
-    return rep.write(out)
+    return rep.write(out) if lead else out / "index.html"
 
 
 def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
     from tqdm.auto import tqdm
+    from ..distributed import rank
     from .paper_sections import _decoding, _diysink, _relevance
     from .sections import _ablation, _attention, _detection, _patching, _probes, _reorder, _subsets
     table = {"detection": _detection, "attention": _attention, "probes": _probes, "ablation": _ablation,
@@ -101,8 +125,10 @@ def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
     bad = set(sections) - set(table)
     if bad:
         raise MechsinkError(f"unknown report section(s) {sorted(bad)}; sections: {', '.join(table)}")
-    for name in tqdm(list(sections), desc=f"report {ctx.model.name}", unit="section"):
-        log.info("%s: %s", ctx.model.name, name)
+    lead = rank() == 0                  # progress and log lines: rank 0's under torchrun
+    for name in tqdm(list(sections), desc=f"report {ctx.model.name}", unit="section", disable=not lead):
+        if lead:
+            log.info("%s: %s", ctx.model.name, name)
         try:
             table[name](rep, ctx, config)
         except MechsinkError as e:      # an analysis this model cannot run: said, recorded, not hidden
@@ -110,10 +136,26 @@ def run_sections(rep, ctx: _Ctx, config: ReportConfig, sections) -> None:
                 raise
             from .findings import add
             why = str(e).strip().splitlines()[0]
-            log.warning("%s: section %s not run: %s", ctx.model.name, name, why)
+            (log.warning if lead else log.debug)("%s: section %s not run: %s", ctx.model.name, name, why)
             rep.text(f"**Section `{name}` not run on {ctx.model.name}:** {why}")
             rep.number(f"{ctx.key}.sections.{name}.not_run", 1)
             add(ctx.findings, f"{ctx.key}.findings.{name}", ctx.model.name, f"not run: {why}")
+
+
+def _unwritten():
+    """The Report class of a rank other than 0: numbers and findings kept, figures closed undrawn."""
+    import sys
+    from .html import Report
+
+    class Unwritten(Report):
+        def figure(self, fig, caption=None, **kw):
+            if "matplotlib.pyplot" in sys.modules:
+                sys.modules["matplotlib.pyplot"].close(fig)
+            return self
+
+        def write(self, out_dir):
+            raise MechsinkError("only rank 0 writes the report")
+    return Unwritten
 
 
 # -- set-up -----------------------------------------------------------------------------------------
@@ -144,7 +186,11 @@ def _context(name: str, data: str | None, config: ReportConfig, work: Path, key:
     from ..data import default_data, open_dataset
     from ..sinks import SinkSpec
     offline_if_hub_unreachable(name)
-    model = load(name, device=None if config.device_map else config.device, dtype=config.dtype,
+    from ..distributed import world
+    device = config.device
+    if device == "cuda" and world() > 1:        # under torchrun: each rank its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = load(name, device=None if config.device_map else device, dtype=config.dtype,
                  device_map=config.device_map)
     ds = open_dataset(data or default_data(Path(name).name if Path(name).is_dir() else name))
     spec = SinkSpec.from_dict(config.sinks) if config.sinks else SinkSpec()

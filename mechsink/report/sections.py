@@ -129,6 +129,7 @@ def _attention(rep, ctx: _Ctx, config: ReportConfig) -> None:
 
 def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
     from ..cache.extract import extract
+    from ..distributed import rank
     from ..probing import ProbeConfig, probe
     from . import findings
     from .figures import probe_figure
@@ -145,7 +146,7 @@ def _probes(rep, ctx: _Ctx, config: ReportConfig) -> None:
     mid = max(0, m.n_vit_layers // 2 - 1)
     sites = list(dict.fromkeys([f"vit.blocks.{mid}.hook_resid_post", "vit.out", "proj.out"]))
     store = extract(m, data, sites=sites, tokens=("image", "cls"), out=ctx.work / "activations", store_dtype="float32",
-                    batch_size=config.batch_size, sinks=ctx.causal_spec, progress=True)
+                    batch_size=config.batch_size, sinks=ctx.causal_spec, progress=rank() == 0)
     rep.text(f"Cache: {len(store.index)} token rows at {', '.join(f'`{s}`' for s in sites)} "
              f"(token sets: `{ctx.label}`, the other patches, CLS, mean-pooled patches).")
     for i, label in enumerate(labels):

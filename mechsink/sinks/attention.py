@@ -326,19 +326,25 @@ class AttentionStats(Result):
 def attention_stats(model, data, sinks: SinkSpec | None = None, config: AttentionConfig | None = None, *,
                     errors=None, progress: bool | str = False) -> AttentionStats:
     """Attention received by visual tokens over a dataset, by sink status and ViT norm: one forward
-    per batch reads the patterns (and detects sinks with ``sinks``, default SinkSpec())."""
+    per batch reads the patterns (and detects sinks with ``sinks``, default SinkSpec()). ``sample``
+    is the sample's place in ``data``; under ``torchrun`` the chunks are shared out by rank and every
+    rank returns the frame of a single process."""
     from ..batching import batches
+    from ..distributed import fail_together, gather_frames
     from ..stats import image_keys
     cfg = config or AttentionConfig()
     spec = sinks if sinks is not None else SinkSpec()
-    frames = []
-    for chunk in batches(model, data, cfg.batch_size, answers="auto", errors=errors, progress=progress):
-        if cfg.part == "llm":
-            f = llm_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
-        else:
-            f = vit_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
-        keys = np.asarray(image_keys(chunk.batch.images))
-        frames.append(f.assign(sample=f["sample"] + chunk.start, image_key=keys[f["sample"].to_numpy()]))
-    if not frames:
+    frames = []                              # (chunk number, rows): merged over torchrun ranks
+    with fail_together():
+        for chunk in batches(model, data, cfg.batch_size, answers="auto", errors=errors, progress=progress, shard=True):
+            if cfg.part == "llm":
+                f = llm_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
+            else:
+                f = vit_attention(model, chunk.batch, spec, queries=cfg.queries, layers=cfg.layers, per_head=cfg.per_head)
+            keys = np.asarray(image_keys(chunk.batch.images))
+            local = f["sample"].to_numpy()
+            frames.append((chunk.number, f.assign(sample=np.asarray(chunk.indices)[local], image_key=keys[local])))
+    frame = gather_frames(frames)
+    if frame.empty:
         raise SinkError("no readable images to measure attention on")
-    return AttentionStats(pd.concat(frames, ignore_index=True), cfg, {"model": model.name, "sinks": spec.to_dict()})
+    return AttentionStats(frame, cfg, {"model": model.name, "sinks": spec.to_dict()})

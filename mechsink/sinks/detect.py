@@ -434,37 +434,60 @@ def detect_dataset(model, data, sinks: SinkSpec | None = None, *, batch_size: in
     question. The quantile rule without ``tau`` is calibrated on the same images first (one more
     pass). Unreadable images are skipped and listed in ``errors``. ``norms``: a
     ``mechsink.sinks.norms.NormConfig``; the same forwards then also profile every ViT layer's
-    token norms into ``result.norms`` (a NormProfile).
+    token norms into ``result.norms`` (a NormProfile). Under ``torchrun`` the chunks are shared
+    out by rank (calibration too: the ranks' sketches are merged) and every rank returns the
+    SinkSet of a single process.
     """
     from ..batching import batches
+    from ..distributed import fail_together, gather
     spec = sinks if sinks is not None else SinkSpec()
     if not isinstance(spec, SinkSpec):
         raise SinkError(f"sinks must be a SinkSpec to detect on a dataset, got {type(spec).__name__}")
     data = list(data) if not hasattr(data, "__getitem__") else data
 
     def chunks(label):
-        return batches(model, data, batch_size, answers=False, prompt=prompt, errors=errors, progress=label)
+        return batches(model, data, batch_size, answers=False, prompt=prompt, errors=errors, progress=label, shard=True)
 
     if spec.rule == "quantile" and spec.params.get("tau") is None:
-        spec = calibrate(model, (c.batch for c in chunks("calibrate" if progress else False)),
-                         spec.replace(rule="relative"), q=spec.params["q"])
+        spec = _calibrated(model, chunks("calibrate" if progress else False), spec)
         log.info("calibrated the quantile rule: tau = %.4g over %d tokens", spec.params["tau"], spec.params["n_calib"])
         errors = None        # the calibration pass has listed the unreadable images already
     profile = None
     if norms is not None:
         from .norms import NormProfiler
         profile = NormProfiler(model, norms)
-    sets = []
-    for chunk in chunks("detect" if progress is True else progress):
-        reads = [spec.site, *(profile.sites if profile is not None else [])]
-        acts = model.run(chunk.batch, read=list(dict.fromkeys(reads)))
-        ids = [s.image_path or s.id for s in chunk.samples] if chunk.samples is not None else chunk.ids
-        sets.append(detect_acts(acts, chunk.batch.token_map, spec, ids=ids))
-        if profile is not None:
-            profile.add(acts, chunk.batch.token_map, chunk.start)
+    sets, rows = [], []                          # (chunk number, ...): merged over torchrun ranks
+    with fail_together():
+        for chunk in chunks("detect" if progress is True else progress):
+            reads = [spec.site, *(profile.sites if profile is not None else [])]
+            acts = model.run(chunk.batch, read=list(dict.fromkeys(reads)))
+            ids = [s.image_path or s.id for s in chunk.samples] if chunk.samples is not None else chunk.ids
+            sets.append((chunk.number, detect_acts(acts, chunk.batch.token_map, spec, ids=ids)))
+            if profile is not None:
+                n = len(profile.rows)
+                profile.add(acts, chunk.batch.token_map, chunk.start)
+                rows.append((chunk.number, profile.rows[n:]))
+    sets = gather(sets)
     if not sets:
         raise SinkError("no readable images to detect sinks in")
     out = SinkSet.concat(sets) if len(sets) > 1 else sets[0]
     if profile is not None:
+        profile.rows = [f for part in gather(rows) for f in part]
         out.norms = profile.result()
     return out
+
+
+def _calibrated(model, chunks, spec: SinkSpec) -> SinkSpec:
+    """The quantile rule with ``tau`` set, as ``calibrate`` sets it, from every rank's chunks: each
+    rank's sketch holds its chunks' scores, and the sketches merge exactly (counts add up)."""
+    from ..distributed import fail_together, gather
+    relative = spec.replace(rule="relative")
+    mine = QuantileSketch()
+    with fail_together():
+        for c in chunks:
+            mine.update(candidate_scores(model.run(c.batch, read=[relative.site]), c.batch.token_map, relative))
+    sketch = QuantileSketch()
+    for part in gather([(0, mine)]):
+        sketch.merge(part)
+    q = spec.params["q"]
+    return relative.replace(rule="quantile", params={"q": q, "tau": sketch.quantile(q), "n_calib": sketch.n})
