@@ -41,6 +41,7 @@ from mechsink.cache.store import (
 from mechsink.errors import SiteError
 from mechsink.sites import Site
 from mechsink.batching import prepare
+from mechsink.distributed import fail_together
 from mechsink.tokens import _AXIS_COLUMNS, ROLE, gather
 from mechsink.trace import capture
 
@@ -414,7 +415,8 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"cache {Path(out).name}", unit="sample")
-    with writer:
+    # a rank that fails raises on every rank, instead of leaving the others at finalize's barrier
+    with fail_together(), writer:
         for chunk in _batches(todo, batch_size):
             loaded, batch = prepared(load_images(chunk))
             if batch is not None:
