@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> dict:
         work = args.workdir or Path(tmp)
         for s in args.sections:
             t = time.perf_counter()
-            own = s in ("sweep", "ablation", "projection")      # the sections that run the twin so far
-            rows += modules[s].section(models if own else {k: v for k, v in models.items() if k != "twin-llava"}, args, work)
+            rows += modules[s].section(models, args, work)
             print(f"[{s}: {time.perf_counter() - t:.0f} s]", file=sys.stderr)
     load = max(load0, os.getloadavg()[0])
     clock, why = choose_clock(args.clock, load)
