@@ -131,14 +131,14 @@ PROBE = dict(label="label", sites=("vit.out", "llm.blocks.1.hook_resid_post"), t
              n_boot=200)
 
 
-def probe_only(store: str) -> dict:
+def probe_only(store: str, **overrides) -> dict:
     """Peak memory of the probe driver over a whole store (fresh process), after a warm-up fit."""
     import numpy as np
 
     from mechsink.probing import ProbeConfig, fit_linear, probe
 
     from .harness import peak_rss_kb, reset_peak
-    cfg = ProbeConfig(**PROBE)
+    cfg = ProbeConfig(**{**PROBE, **overrides})
     rng = np.random.default_rng(0)
     fit_linear(rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 2, 2, cfg)   # imports, first fit
     start = reset_peak()
