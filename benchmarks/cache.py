@@ -10,6 +10,11 @@ peers keep one batch's outputs in memory until the next batch replaces them (wha
 uses and drops them costs at least); mechsink writes them to disk:
 
 - ``bare``: the HF forward alone (the denominator); nothing is kept.
+- ``bare_body``: the same without the LM head (``model.hf.model``: ViT, projector and LLM blocks,
+  no logits). ``mechsink.cache.extract`` stops the forward after its last site, so when the last
+  cached site is the last LLM block it skips the head too; on the twin the head (32000 x 4096 over
+  every position) is a sizeable share of the forward, and this row shows how much of mechsink's
+  ratio that is. Not a peer of any goal.
 - ``torch_hooks``: plain ``register_forward_hook`` on every ViT and LLM block (and a pre-hook on
   the projector for ``vit.out``), outputs kept in memory.
 - ``nnsight``: ``NNsight(model).trace`` with ``.save()`` on every ViT and LLM block output and the
@@ -35,7 +40,7 @@ import torch
 from . import lens
 from .data import batches, image_set, image_size
 
-VARIANTS = ("bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "tl_all", "mechsink")
+VARIANTS = ("bare", "bare_body", "torch_hooks", "nnsight", "nnsight_disk", "tl", "tl_all", "mechsink")
 TARGET = 1.03          # mechsink / bare at real widths (vitb-llava), and below nnsight and TL
 TARGET_TINY = 1.5      # on tiny-llava (fixed per-batch costs dominate); reported in the row's extra
 
@@ -90,6 +95,14 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
             with torch.no_grad():
                 for chunk in batches(data, bs):
                     model.hf(**hf_inputs(model, chunk, prompt))
+        return run, noop
+    if variant == "bare_body":
+        body = model.hf.model          # LlavaForConditionalGeneration.model: everything but the LM head
+
+        def run(data=dataset, bs=batch_size):
+            with torch.no_grad():
+                for chunk in batches(data, bs):
+                    body(**hf_inputs(model, chunk, prompt))
         return run, noop
     if variant == "torch_hooks":
         mods = [model.module(p) for p in block_paths(model)]

@@ -43,7 +43,7 @@ def rows(result, section):
 
 
 def test_every_section_reports_its_variants(result):
-    assert set(rows(result, "cache")) == {"bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
+    assert set(rows(result, "cache")) == {"bare", "bare_body", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
     assert set(rows(result, "sweep")) == {"exact", "reference", "attribution", "tl"}
     assert set(rows(result, "ablation")) == {"mechsink", "naive"}
     assert len(rows(result, "streaming")) == 3
