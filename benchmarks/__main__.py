@@ -119,7 +119,7 @@ def table(result: dict) -> str:
         for k, v in e.items():
             if k.startswith(("run_peak_mb_", "merge_peak_mb_", "loop_peak_mb_", "read_peak_mb_")) or \
                     k.startswith(("probe_peak_mb_", "ablate_peak_mb_", "result_mb_")) or \
-                    k in ("read_peak_ratio", "checksum_read_ratio", "verify_mb_per_s", "ratio_without_result"):
+                    k in ("read_peak_ratio", "checksum_read_ratio", "verify_mb_per_s", "growth_mb", "result_growth_mb"):
                 notes.append(f"{k}={v:.1f}")
         if "ratio_cpu_vs_exact" in e:
             notes.append(f"vs exact {e['ratio_wall_vs_exact']:.3g} wall / {e['ratio_cpu_vs_exact']:.3g} cpu")

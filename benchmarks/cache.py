@@ -148,7 +148,9 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
                         kept.extend([_envoy(nn, p).output.save() for p in paths[nv:]])
                     assert len(kept) == len(names) and torch.is_tensor(kept[0])
                     if variant == "nnsight_disk":
-                        save_file({p: (x[0] if isinstance(x, tuple) else x).contiguous() for p, x in zip(names, kept)},
+                        # vit.out can be a view of a ViT block's output (CLS dropped), which safetensors
+                        # refuses to write twice: it gets its own copy (as .contiguous() makes for batches > 1)
+                        save_file({p: _own(x[0] if isinstance(x, tuple) else x, p == names[nv]) for p, x in zip(names, kept)},
                                   out / f"batch{k:05d}.safetensors")
             return kept
         return run, lambda: shutil.rmtree(out, ignore_errors=True)
@@ -174,6 +176,10 @@ def make(variant: str, model, dataset, batch_size: int, workdir: Path) -> tuple[
             return extract(model, data, sites=sites, tokens=("image",), out=out, store_dtype="float16", batch_size=bs)
         return run, lambda: shutil.rmtree(out, ignore_errors=True)
     raise ValueError(f"unknown cache variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _own(x: torch.Tensor, copy: bool) -> torch.Tensor:
+    return x.clone(memory_format=torch.contiguous_format) if copy and x.is_contiguous() else x.contiguous()
 
 
 def _envoy(nn, path: str):
