@@ -24,6 +24,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds per comparison (default 3 quick, 4 full)")
     p.add_argument("--draws", type=int, default=32, help="random draws in the ablation section")
     p.add_argument("--stream-images", help="N,10N images of the streaming section (default 40,400 quick, 200,2000 full)")
+    p.add_argument("--twin-stream-images", default="20,200",
+                   help="N,10N images of the twin (cut depth) in the streaming section (default 20,200)")
     p.add_argument("--clock", default="auto", choices=("auto", "wall", "cpu"),
                    help="clock the targets are judged on; auto: CPU time when the machine is busy with other work")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
@@ -40,8 +42,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         a.stream_images = tuple(int(x) for x in (a.stream_images or ("40,400" if a.quick else "200,2000")).split(","))
         assert len(a.stream_images) == 2 and 0 < a.stream_images[0] < a.stream_images[1]
+        a.twin_stream_images = tuple(int(x) for x in a.twin_stream_images.split(","))
+        assert len(a.twin_stream_images) == 2 and 0 < a.twin_stream_images[0] < a.twin_stream_images[1]
     except (ValueError, AssertionError):
-        p.error("--stream-images takes two increasing counts, e.g. 200,2000")
+        p.error("--stream-images / --twin-stream-images take two increasing counts, e.g. 200,2000")
     return a
 
 
@@ -82,8 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         work = args.workdir or Path(tmp)
         for s in args.sections:
             t = time.perf_counter()
-            own = s in ("sweep", "ablation", "projection")      # the sections that run the twin so far
-            rows += modules[s].section(models if own else {k: v for k, v in models.items() if k != "twin-llava"}, args, work)
+            rows += modules[s].section(models, args, work)
             print(f"[{s}: {time.perf_counter() - t:.0f} s]", file=sys.stderr)
     load = max(load0, os.getloadavg()[0])
     clock, why = choose_clock(args.clock, load)
@@ -115,8 +118,11 @@ def table(result: dict) -> str:
             notes.append(f"rss+{e['run_peak_mb']:.0f}MB")
         for k, v in e.items():
             if k.startswith(("run_peak_mb_", "merge_peak_mb_", "loop_peak_mb_", "read_peak_mb_")) or \
-                    k in ("read_peak_ratio", "checksum_read_ratio", "verify_mb_per_s"):
+                    k.startswith(("probe_peak_mb_", "ablate_peak_mb_", "result_mb_")) or \
+                    k in ("read_peak_ratio", "checksum_read_ratio", "verify_mb_per_s", "growth_mb", "result_growth_mb"):
                 notes.append(f"{k}={v:.1f}")
+        if "ratio_cpu_vs_exact" in e:
+            notes.append(f"vs exact {e['ratio_wall_vs_exact']:.3g} wall / {e['ratio_cpu_vs_exact']:.3g} cpu")
         if r["variant"] == "tl" and r["section"] == "sweep":
             notes.append(f"timed {e['tl_cells_timed']}/{e['cells']} cells")
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")

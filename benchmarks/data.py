@@ -7,9 +7,11 @@ from mechsink.data import Dataset, Sample
 from mechsink.testing import test_image
 
 
-def image_set(folder: str | Path, n: int, size: int = 64) -> Dataset:
+def image_set(folder: str | Path, n: int, size: int = 64, labels: bool = False) -> Dataset:
     """``n`` seeded test images (``size`` px) under ``folder`` as a Dataset; files already there are
-    reused. Every variant reads and decodes them from disk, as a run over a real dataset would."""
+    reused. Every variant reads and decodes them from disk, as a run over a real dataset would.
+    labels: give every sample an image-level ``label`` (k mod 2; becomes an index column of a cache,
+    for the probe driver)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     samples = []
@@ -19,7 +21,7 @@ def image_set(folder: str | Path, n: int, size: int = 64) -> Dataset:
             tmp = path.with_name(f".{path.name}.tmp")
             test_image(size=size, seed=k).save(tmp, format="PNG")
             tmp.replace(path)
-        samples.append(Sample(f"img{k:05d}", str(path)))
+        samples.append(Sample(f"img{k:05d}", str(path), labels={"label": k % 2} if labels else {}))
     return Dataset(samples, name=f"bench-{size}px-{n}")
 
 

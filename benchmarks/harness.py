@@ -28,6 +28,7 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_MODEL = "vitb-llava"     # the targets are stated for the ViT-B/16-sized model
+GOAL_MODELS = (TARGET_MODEL, "twin-llava")   # the cache goal holds at real widths: also the LLaVA-1.5 twin
 
 
 @dataclass

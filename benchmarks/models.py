@@ -18,6 +18,7 @@ VITB_TEXT = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, n
                  num_key_value_heads=8, max_position_embeddings=1024)
 MODELS = ("tiny-llava", "vitb-llava", "twin-llava")
 TWIN = "twin-llava-1.5-7b:vit=24,llm=2"
+TWIN_CUT = "twin-llava-1.5-7b:vit=2,llm=1"     # ``twin-cut``: the streaming section's twin (real widths, cut deep)
 
 
 class Skip(Exception):
@@ -37,12 +38,12 @@ def build(name: str, seed: int = 0) -> mechsink.Model:
         return vitb_llava(seed)
     if name == "tiny-llava":
         return mechsink.load("tiny-llava", seed=seed)
-    if name == "twin-llava":
+    if name in ("twin-llava", "twin-cut"):
         from mechsink.zoo.twins import TwinError
         try:
-            m = mechsink.load(TWIN, seed=seed)
+            m = mechsink.load(TWIN if name == "twin-llava" else TWIN_CUT, seed=seed)
         except TwinError as e:
             raise Skip(str(e)) from None
-        m.name = "twin-llava"
+        m.name = name
         return m
     raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")

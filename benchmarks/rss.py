@@ -1,9 +1,11 @@
 """Peak memory of one variant, measured in this (fresh) process; prints one JSON line.
 
     python -m benchmarks.rss cache VARIANT MODEL IMAGES_DIR N BATCH WORKDIR
-    python -m benchmarks.rss stream MODEL IMAGES_DIR N BATCH WORKDIR
+    python -m benchmarks.rss stream MODEL IMAGES_DIR N BATCH WORKDIR [SITES [SHARD_MB]]
     python -m benchmarks.rss merge STORE_DIR
     python -m benchmarks.rss read STORE_DIR
+    python -m benchmarks.rss probe STORE_DIR
+    python -m benchmarks.rss ablate MODEL IMAGES_DIR N BATCH DRAWS
 
 The variant is set up (a TL bridge, an nnsight wrapper) and runs once on one image (lazy imports
 and set-up), then the peak-RSS mark is reset and it runs on the whole set; ``run_peak_mb`` is
@@ -15,7 +17,13 @@ so memory a previous step freed but kept does not hide it), and for ``read``, wh
 reading the whole store back the way a probe over a large cache does (every site in blocks, the
 index in blocks; ``read_peak_mb``), and what the checksums cost: the first read (which checks the
 crc32 of every file it touches) against a second read of the same files (checked already), and
-``verify`` of the whole store in MB/s.
+``verify`` of the whole store in MB/s. ``stream`` caches every block of the model (``SITES`` =
+``all``) or only its ViT sites (``vit``: the forward stops after the last of them), in shards of
+``SHARD_MB`` (default: the store's 256 MiB).
+``probe`` runs the probe driver (``mechsink.probing.probe``, label ``label``, see ``PROBE``) over a
+store made by ``stream`` of a labelled image set; ``ablate`` runs ``mechsink.ablation.ablate``
+(zero at ``proj.out``, fixed patches, DRAWS random draws) over N images read from disk. Both warm
+up on a small input first (lazy imports, first fit or forward), then the peak mark is reset.
 """
 from __future__ import annotations
 
@@ -39,12 +47,17 @@ def main(argv: list[str]) -> dict:
         return merge_only(argv[1])
     if kind == "read":
         return read_only(argv[1])
+    if kind == "probe":
+        return probe_only(argv[1])
+    if kind == "ablate":
+        return ablate_only(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
+    if kind == "stream":
+        return stream_only(argv[1], argv[2], int(argv[3]), int(argv[4]), Path(argv[5]),
+                           argv[6] if len(argv) > 6 else "all", float(argv[7]) if len(argv) > 7 else None)
     if kind == "cache":
         variant, name, folder, n, bs, work = argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), Path(argv[6])
-    elif kind == "stream":
-        variant, (name, folder, n, bs, work) = "mechsink", (argv[1], argv[2], int(argv[3]), int(argv[4]), Path(argv[5]))
     else:
-        raise SystemExit(f"unknown memory run {kind!r}; use cache, stream, merge or read")
+        raise SystemExit(f"unknown memory run {kind!r}; use cache, stream, merge, read, probe or ablate")
     device = os.environ.get("MECHSINK_BENCH_DEVICE", "cpu")
     model = build(name)
     model.hf.to(device)
@@ -54,10 +67,7 @@ def main(argv: list[str]) -> dict:
     from . import cache
     run, reset = cache.make(variant, model, data, bs, work)
     # a small warm-up does the lazy set-up without leaving a full run's memory with the allocator
-    if kind == "cache":
-        run(data[:1], 1)
-    else:
-        run(data[:bs], bs)
+    run(data[:1], 1)
     reset()
     gpu = device != "cpu"
     if gpu:
@@ -75,11 +85,91 @@ def main(argv: list[str]) -> dict:
            "rss_wall_s": wall, "rss_images": n}
     if gpu:
         out["gpu_peak_mb"] = (torch.cuda.max_memory_allocated() - gpu_start) / 2**20
-    if kind == "stream":
-        out["store"] = str(work / "store")     # left for the ``merge`` run
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def stream_only(name: str, folder: str, n: int, bs: int, work: Path, sites: str = "all",
+                shard_mb: float | None = None) -> dict:
+    """Peak memory of ``mechsink.cache.extract`` of n (labelled) images after a warm-up extract of
+    ``bs`` of them; the store is left for the ``merge``, ``read`` and ``probe`` runs."""
+    import torch
+
+    from mechsink.cache.extract import extract
+
+    from . import cache
+    from .data import image_set, image_size
+    from .harness import peak_rss_kb, reset_peak
+    from .models import build
+    device = os.environ.get("MECHSINK_BENCH_DEVICE", "cpu")
+    model = build(name)
+    model.hf.to(device)
+    data = image_set(folder, n, image_size(model), labels=True)
+    chosen = cache.cache_sites(model)
+    if sites == "vit":
+        chosen = [s for s in chosen if s.startswith("vit")]
+    work = work / f"stream-{name}-{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    kw = {"shard_bytes": int(shard_mb * 2**20)} if shard_mb else {}
+
+    def run(d, out):
+        return extract(model, d, sites=chosen, tokens=("image",), out=out, store_dtype="float16", batch_size=bs, **kw)
+    run(data[:bs], work / "warm")
+    shutil.rmtree(work / "warm")
+    start = reset_peak()
+    t = time.perf_counter()
+    run(data, work / "store")
+    if device != "cpu":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    peak = peak_rss_kb()
+    return {"start_mb": start / 1024, "run_peak_mb": (peak - start) / 1024, "peak_mb": peak / 1024,
+            "rss_wall_s": wall, "rss_images": n, "sites": chosen, "store": str(work / "store")}
+
+
+PROBE = dict(label="label", sites=("vit.out", "llm.blocks.1.hook_resid_post"), token_sets=("image", "nonsinks", "mean"),
+             n_boot=200)
+
+
+def probe_only(store: str, **overrides) -> dict:
+    """Peak memory of the probe driver over a whole store (fresh process), after a warm-up fit."""
+    import numpy as np
+
+    from mechsink.probing import ProbeConfig, fit_linear, probe
+
+    from .harness import peak_rss_kb, reset_peak
+    cfg = ProbeConfig(**{**PROBE, **overrides})
+    rng = np.random.default_rng(0)
+    fit_linear(rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 2, 2, cfg)   # imports, first fit
+    start = reset_peak()
+    t = time.perf_counter()
+    res = probe(store, cfg)
+    wall = time.perf_counter() - t
+    return {"probe_peak_mb": (peak_rss_kb() - start) / 1024, "probe_s": wall, "probes": len(res.frame),
+            "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
+
+
+ABLATE_SINKS = (0, 5, 10)
+
+
+def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
+    """Peak memory of ``mechsink.ablation.ablate`` over n images from disk (fresh process), after a
+    warm-up over ``bs`` of them."""
+    from mechsink.ablation import AblationConfig, ablate
+
+    from .data import image_set, image_size
+    from .harness import peak_rss_kb, reset_peak
+    from .models import build
+    model = build(name)
+    data = image_set(folder, n, image_size(model))
+    cfg = AblationConfig(site="proj.out", mode="zero", metric="logit_diff", n_draws=draws, batch_size=bs)
+    ablate(model, data[:bs], cfg, sinks=list(ABLATE_SINKS))
+    start = reset_peak()
+    t = time.perf_counter()
+    res = ablate(model, data, cfg, sinks=list(ABLATE_SINKS))
+    wall = time.perf_counter() - t
+    return {"ablate_peak_mb": (peak_rss_kb() - start) / 1024, "ablate_s": wall, "ablate_rows": len(res.frame),
+            "ablate_result_mb": float(res.frame.memory_usage(deep=True).sum()) / 2**20}
 
 
 def merge_only(store: str) -> dict:

@@ -1,13 +1,24 @@
-"""Streaming memory: peak RSS of ``mechsink.cache.extract`` over N and 10 N images (tiny-llava).
+"""Streaming memory: peak RSS of ``mechsink.cache.extract`` over N and 10 N images, and of the probe
+and ablation drivers over N and 10 N images.
 
-Every ViT and LLM block is cached at the image tokens, as in the cache section. Each N runs in a
-fresh process (see benchmarks.rss); the figure is ``run_peak_mb`` at 10 N over that at N, which
-must stay about 1 (shards go to disk as they fill, so memory must not grow with the dataset).
-The last step of an extract rebuilds the store's index (one row of metadata per cached token), so
-its peak is also measured alone (``merge_peak_mb``); it streams the index in row groups, so it
-must not grow with the rows either. Reading the store back (every site and the index, in blocks)
-is measured the same way (``read_peak_mb_*``, ``read_peak_ratio``), with the cost of the crc32
-checks of a first read (``checksum_read_ratio``: first read / a second read of the same files).
+- tiny-llava (default N = 200): every ViT and LLM block and ``vit.out`` cached at the image tokens,
+  as in the cache section. Each N runs in a fresh process (see benchmarks.rss); the figure is
+  ``run_peak_mb`` at 10 N over that at N, which must stay about 1 (shards go to disk as they fill,
+  so memory must not grow with the dataset). The last step of an extract rebuilds the store's index
+  (one row of metadata per cached token), so its peak is also measured alone (``merge_peak_mb``).
+  Reading the store back (every site and the index, in blocks) is measured the same way
+  (``read_peak_mb_*``, ``read_peak_ratio``), with the cost of the crc32 checks of a first read
+  (``checksum_read_ratio``: first read / a second read of the same files).
+- the probe driver (``mechsink.probing.probe``, ``benchmarks.rss.PROBE``: an image-level label,
+  two sites, token sets image / nonsinks / mean) over the tiny-llava stores of N and 10 N images.
+- the ablation driver (``mechsink.ablation.ablate``: zero at ``proj.out``, 3 fixed patches, 32
+  random draws, batches of 16) over N and 10 N tiny-llava images read from disk. Its result (one
+  row per image and condition) is returned, so it grows with N by construction: its size is
+  reported (``result_mb_*``, ``result_growth_mb`` against the peak's ``growth_mb``).
+- the twin at cut depth (``twin-cut``: LLaVA-1.5-7B twin, ViT-L/14-336 cut to 2 blocks, one
+  4096-wide LLM block), with the twin-llava model in the run: ``vit.out`` and both ViT blocks at the
+  576 image patches (the forward stops after the last ViT site), in 32 MiB shards so that N already
+  spans shards, N = 20 and 200 (``--twin-stream-images``).
 """
 from __future__ import annotations
 
@@ -16,30 +27,33 @@ from pathlib import Path
 TARGET = 1.10      # peak at 10 N within 10 % of the peak at N
 
 
-def _measure(folder, n: int, bs: int, workdir) -> dict:
-    """Peak of a whole extract of n images, then of its index merge alone (fresh processes)."""
+TWIN_STREAM = dict(sites="vit", shard_mb=32, batch_size=4)
+
+
+def _measure(model: str, folder, n: int, bs: int, workdir, sites: str = "all", shard_mb: float | None = None,
+             probe: bool = False) -> dict:
+    """Peak of a whole extract of n images, then of its index merge alone, of reading it back and
+    (``probe``) of the probe driver over it (fresh processes)."""
     import shutil
 
     from .harness import measure_rss
-    got = measure_rss(["stream", "tiny-llava", str(folder), str(n), str(bs), str(workdir)])
+    extra = [sites] + ([str(shard_mb)] if shard_mb else [])
+    got = measure_rss(["stream", model, str(folder), str(n), str(bs), str(workdir), *extra], timeout=1800)
     try:
         got.update(measure_rss(["merge", got["store"]]))
         got.update(measure_rss(["read", got["store"]]))
+        if probe:
+            got.update(measure_rss(["probe", got["store"]]))
     finally:
         shutil.rmtree(Path(got["store"]).parent, ignore_errors=True)
     return got
 
 
-def section(models: dict, args, workdir) -> list:
-    from .data import image_set
+def _extract_rows(model: str, small: dict, large: dict, n_small: int, n_large: int, bs: int, **note) -> list:
     from .harness import Row
-    n_small, n_large = args.stream_images
-    bs = 16
-    folder = workdir / "stream-images"
-    image_set(folder, n_large, 32)          # written once, read by both runs
-    small, large = (_measure(folder, n, bs, workdir) for n in (n_small, n_large))
     grow = large["run_peak_mb"] / max(small["run_peak_mb"], 1e-9)
-    extra = {"batch_size": bs, f"run_peak_mb_{n_small}": small["run_peak_mb"], f"run_peak_mb_{n_large}": large["run_peak_mb"],
+    extra = {"batch_size": bs, **note, f"run_peak_mb_{n_small}": small["run_peak_mb"],
+             f"run_peak_mb_{n_large}": large["run_peak_mb"],
              f"peak_mb_{n_small}": small["peak_mb"], f"peak_mb_{n_large}": large["peak_mb"],
              f"merge_peak_mb_{n_small}": small["merge_peak_mb"], f"merge_peak_mb_{n_large}": large["merge_peak_mb"],
              f"rows_{n_large}": large["rows"],
@@ -47,15 +61,61 @@ def section(models: dict, args, workdir) -> list:
              f"read_peak_mb_{n_small}": small["read_peak_mb"], f"read_peak_mb_{n_large}": large["read_peak_mb"],
              "read_peak_ratio": large["read_peak_mb"] / max(small["read_peak_mb"], 1e-9),
              "checksum_read_ratio": large["checksum_read_ratio"], "verify_mb_per_s": large["verify_mb_per_s"],
-             f"store_mb_{n_large}": large["store_mb"]}
+             f"store_mb_{n_large}": large["store_mb"], "sites": large["sites"]}
     # what the extraction loop itself adds is about the whole run's peak less the merge's (an
     # estimate: two peaks, not one trace)
     loop = [max(x["run_peak_mb"] - x["merge_peak_mb"], 1e-9) for x in (small, large)]
     extra.update({f"loop_peak_mb_{n_small}": loop[0], f"loop_peak_mb_{n_large}": loop[1]})
-    return [Row("streaming", "tiny-llava", f"peak RSS {n_large} / {n_small} images", None, None, grow, grow,
+    merge = large["merge_peak_mb"] / max(small["merge_peak_mb"], 1e-9)
+    return [Row("streaming", model, f"peak RSS {n_large} / {n_small} images", None, None, grow, grow,
                 f"{n_small} images", f"<= {TARGET}", extra=extra),
-            Row("streaming", "tiny-llava", "merge peak, same ratio", None, None,
-                large["merge_peak_mb"] / small["merge_peak_mb"], large["merge_peak_mb"] / small["merge_peak_mb"],
+            Row("streaming", model, "merge peak, same ratio", None, None, merge, merge,
                 f"{n_small} images", extra={"rows_per_image": large["rows"] / n_large}),
-            Row("streaming", "tiny-llava", "loop peak (run - merge), same ratio", None, None, loop[1] / loop[0],
+            Row("streaming", model, "loop peak (run - merge), same ratio", None, None, loop[1] / loop[0],
                 loop[1] / loop[0], f"{n_small} images", extra={})]
+
+
+def section(models: dict, args, workdir) -> list:
+    from .data import image_set
+    from .harness import Row, measure_rss
+    from .rss import PROBE
+    n_small, n_large = args.stream_images
+    bs = 16
+    folder = workdir / "stream-images"
+    image_set(folder, n_large, 32, labels=True)          # written once, read by every run
+    drivers = not args.quick                              # the probe and ablation runs (about a minute)
+    small, large = (_measure("tiny-llava", folder, n, bs, workdir, probe=drivers) for n in (n_small, n_large))
+    rows = _extract_rows("tiny-llava", small, large, n_small, n_large, bs)
+    if drivers:
+        ratio = large["probe_peak_mb"] / max(small["probe_peak_mb"], 1e-9)
+        rows.append(Row("streaming", "tiny-llava", f"probe driver peak {n_large} / {n_small} images", None, None,
+                        ratio, ratio, f"{n_small} images", f"<= {TARGET}",
+                        extra={f"probe_peak_mb_{n_small}": small["probe_peak_mb"],
+                               f"probe_peak_mb_{n_large}": large["probe_peak_mb"],
+                               f"probe_tokens_{n_small}": small["probe_tokens"],
+                               f"probe_tokens_{n_large}": large["probe_tokens"],
+                               f"probe_s_{n_large}": large["probe_s"], "probes": large["probes"],
+                               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in PROBE.items()}}))
+        abl = {n: measure_rss(["ablate", "tiny-llava", str(folder), str(n), str(bs), "32"], timeout=1800)
+               for n in (n_small, n_large)}
+        a, b = abl[n_small], abl[n_large]
+        ratio = b["ablate_peak_mb"] / max(a["ablate_peak_mb"], 1e-9)
+        rows.append(Row("streaming", "tiny-llava", f"ablate driver peak {n_large} / {n_small} images", None, None,
+                        ratio, ratio, f"{n_small} images", f"<= {TARGET}",
+                        extra={f"ablate_peak_mb_{n_small}": a["ablate_peak_mb"],
+                               f"ablate_peak_mb_{n_large}": b["ablate_peak_mb"],
+                               f"result_mb_{n_small}": a["ablate_result_mb"], f"result_mb_{n_large}": b["ablate_result_mb"],
+                               "growth_mb": b["ablate_peak_mb"] - a["ablate_peak_mb"],
+                               "result_growth_mb": b["ablate_result_mb"] - a["ablate_result_mb"],
+                               f"ablate_rows_{n_large}": b["ablate_rows"],
+                               f"ablate_s_{n_large}": b["ablate_s"], "draws": 32, "batch_size": bs}))
+    if "twin-llava" in models and not args.quick:
+        tn_small, tn_large = args.twin_stream_images
+        tfolder = workdir / "stream-twin-images"
+        image_set(tfolder, tn_large, 336, labels=True)
+        c = TWIN_STREAM
+        tsmall, tlarge = (_measure("twin-cut", tfolder, n, c["batch_size"], workdir, c["sites"], c["shard_mb"])
+                          for n in (tn_small, tn_large))
+        rows += _extract_rows("twin-cut", tsmall, tlarge, tn_small, tn_large, c["batch_size"],
+                              shard_mb=c["shard_mb"], model_spec="twin-llava-1.5-7b:vit=2,llm=1")
+    return rows

@@ -43,7 +43,7 @@ def rows(result, section):
 
 
 def test_every_section_reports_its_variants(result):
-    assert set(rows(result, "cache")) == {"bare", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
+    assert set(rows(result, "cache")) == {"bare", "bare_body", "torch_hooks", "nnsight", "nnsight_disk", "tl", "mechsink"}
     assert set(rows(result, "sweep")) == {"exact", "reference", "attribution", "tl"}
     assert set(rows(result, "ablation")) == {"mechsink", "naive"}
     assert len(rows(result, "streaming")) == 3
@@ -132,3 +132,15 @@ def test_hook_read_falls_back_for_derived_sites():
     assert taken is None                                       # resid_mid is computed, not hooked
     ref = m.run(batch, read=["llm.blocks.0.hook_resid_mid"])["llm.blocks.0.hook_resid_mid"]
     np.testing.assert_array_equal(acts["llm.blocks.0.hook_resid_mid"].numpy(), ref.numpy())
+
+
+def test_driver_memory_runs_report_their_peaks(tmp_path):
+    """The streaming section's probe and ablation memory runs (in this process here; fresh ones in
+    the benchmark): structure only."""
+    from benchmarks import rss
+    got = rss.stream_only("tiny-llava", str(tmp_path / "img"), 8, 4, tmp_path)
+    assert got["run_peak_mb"] >= 0 and "vit.out" in got["sites"]
+    probe = rss.probe_only(got["store"], token_sets=("mean",), sites=("vit.out",), k=2, n_boot=100, control=False)
+    assert probe["probes"] > 0 and probe["probe_peak_mb"] >= 0 and probe["probe_tokens"] > 0
+    abl = rss.ablate_only("tiny-llava", str(tmp_path / "img"), 4, 4, 2)
+    assert abl["ablate_rows"] == 4 * 3 and abl["ablate_result_mb"] > 0 and abl["ablate_peak_mb"] >= 0

@@ -123,11 +123,12 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig
     from sklearn.linear_model import LogisticRegression, RidgeClassifier
     from threadpoolctl import threadpool_limits
 
-    x = np.asarray(x, dtype=np.float64)
-    mu = x.mean(axis=0)
-    sigma = x.std(axis=0)
+    z = np.array(x, dtype=np.float64)        # one float64 copy, standardised in place (no temporaries of [n, d])
+    mu = z.mean(axis=0)
+    sigma = z.std(axis=0)
     sigma[sigma < 1e-12] = 1.0  # constant features carry nothing; leave them unscaled
-    z = (x - mu) / sigma
+    z -= mu
+    z /= sigma
     present = np.unique(y)
     weight = np.zeros((n_classes, x.shape[1]))
     bias = np.full(n_classes, -1e30)
