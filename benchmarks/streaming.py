@@ -61,7 +61,10 @@ def _extract_rows(model: str, small: dict, large: dict, n_small: int, n_large: i
              f"read_peak_mb_{n_small}": small["read_peak_mb"], f"read_peak_mb_{n_large}": large["read_peak_mb"],
              "read_peak_ratio": large["read_peak_mb"] / max(small["read_peak_mb"], 1e-9),
              "checksum_read_ratio": large["checksum_read_ratio"], "verify_mb_per_s": large["verify_mb_per_s"],
-             f"store_mb_{n_large}": large["store_mb"], "sites": large["sites"]}
+             f"store_mb_{n_large}": large["store_mb"], "sites": large["sites"],
+             # the whole process's peak (what a user's job sees) and what each extra image added
+             "process_peak_ratio": large["peak_mb"] / max(small["peak_mb"], 1e-9),
+             "growth_bytes_per_image": (large["run_peak_mb"] - small["run_peak_mb"]) * 2**20 / (n_large - n_small)}
     # what the extraction loop itself adds is about the whole run's peak less the merge's (an
     # estimate: two peaks, not one trace)
     loop = [max(x["run_peak_mb"] - x["merge_peak_mb"], 1e-9) for x in (small, large)]
