@@ -56,21 +56,21 @@ def patch_index(patches: pd.DataFrame, grids: dict) -> np.ndarray:
 
 
 def gather(x: Shaped[torch.Tensor, "*tok d"], axis: str, rows: pd.DataFrame) -> Shaped[torch.Tensor, "n d"]:
-    """Vectors [n, d] of ``rows`` (any frame with the axis columns) from a site tensor on ``axis``,
+    """Vectors [n, d] of ``rows`` (a frame or a dict of arrays with the axis columns) from a site tensor on ``axis``,
     NaN where a row has no token there. x: [items, seq, d], or [seq, d] / [1, seq, d] for a flat
     axis (item column -1)."""
     item_col, pos_col = axis_columns(axis)
     d = x.shape[-1]
-    pos = rows[pos_col].to_numpy()
-    items = rows[item_col].to_numpy()
+    pos = np.asarray(rows[pos_col])
+    items = np.asarray(rows[item_col])
     ok = pos >= 0
     dev = lambda a: torch.tensor(a, dtype=torch.long, device=x.device)  # noqa: E731 - a copy: pandas' arrays are read-only
-    if len(rows) and ok.all():      # every row has a token here (the common case): one indexing op
+    if len(pos) and ok.all():       # every row has a token here (the common case): one indexing op
         if (items >= 0).all():
             return x[dev(items), dev(pos)]
         if (items < 0).all():
             return x.reshape(-1, d)[dev(pos)]
-    out = torch.full((len(rows), d), float("nan"), dtype=x.dtype, device=x.device)
+    out = torch.full((len(pos), d), float("nan"), dtype=x.dtype, device=x.device)
     if not ok.any():
         return out
     flat = ok & (items < 0)

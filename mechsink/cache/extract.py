@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +140,11 @@ _ROW_COLUMNS = ["sample", "token_role", "image", "tile", "row", "col", *_AXES, "
 _SRC = {"special": 0, "patch": 1, "llm": 2}
 
 
-def _table(token_map, tokens: Sequence[str]) -> pd.DataFrame:
+def _table(token_map, tokens: Sequence[str]) -> dict[str, np.ndarray]:
     """Every row a selection may hold in this batch, whatever the sinks turn out to be (a "sinks"
     selection holds every patch here), in the order of ``token_rows``, with ``src`` (special /
-    patch / llm) and ``idx`` (the row in the TokenMap table it comes from). Built from numpy
-    columns: this runs once per batch of every extraction."""
+    patch / llm) and ``idx`` (the row in the TokenMap table it comes from). Numpy columns, no
+    DataFrame: this runs once per batch of every extraction."""
     parts: list[dict[str, np.ndarray]] = []
     sp = token_map.special
     want = [r for r in ("cls", "register") if r in tokens]
@@ -173,7 +173,7 @@ def _table(token_map, tokens: Sequence[str]) -> pd.DataFrame:
         parts.append({**{k: v[order] for k, v in cat.items()}, "src": _SRC["llm"], "idx": -1})
     t = _concat(parts)
     order = np.argsort(t["sample"], kind="stable")
-    return pd.DataFrame({c: t[c][order] for c in [*_ROW_COLUMNS[:-2], "src", "idx"]})
+    return {c: t[c][order] for c in [*_ROW_COLUMNS[:-2], "src", "idx"]}
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
@@ -188,26 +188,25 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def _pick(table: pd.DataFrame, sinks, tokens: Sequence[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    """(the rows of ``token_rows``, their positions in ``table``): scores and sink flags from the
-    SinkSet (row-aligned with the TokenMap), sink-only selections cut to the sinks."""
-    src, idx = table["src"].to_numpy(), table["idx"].to_numpy()
-    norm = np.full(len(table), np.nan)
-    flag = np.zeros(len(table), dtype=bool)
-    for code, frame in ((_SRC["special"], sinks.special), (_SRC["patch"], sinks.patches)):
-        at = src == code
+def _pick(table: dict[str, np.ndarray], found: Mapping[str, tuple[np.ndarray, np.ndarray]],
+          tokens: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(the columns of ``token_rows``, their positions in ``table``): scores and sink flags from
+    ``found`` ({"patch"/"special": (score, is_sink)}, row-aligned with the TokenMap, as
+    ``sinks.scores_and_flags`` gives them), sink-only selections cut to the sinks."""
+    src, idx = table["src"], table["idx"]
+    norm = np.full(len(src), np.nan)
+    flag = np.zeros(len(src), dtype=bool)
+    for kind in ("special", "patch"):
+        at = src == _SRC[kind]
         if at.any():
-            norm[at] = frame["norm"].to_numpy(dtype=np.float64)[idx[at]]
-            flag[at] = frame["is_sink"].to_numpy(dtype=bool)[idx[at]]
-    keep = np.ones(len(table), dtype=bool)
-    if "sinks" in tokens and "image" not in tokens:
-        keep = (src != _SRC["patch"]) | flag
-    at = np.flatnonzero(keep)
-    rows = table.drop(columns=["src", "idx"])
+            norm[at] = np.asarray(found[kind][0], dtype=np.float64)[idx[at]]
+            flag[at] = np.asarray(found[kind][1], dtype=bool)[idx[at]]
+    rows = {c: table[c] for c in _ROW_COLUMNS[:-2]}
     rows["norm"], rows["is_sink"] = norm, flag
-    if not keep.all():
-        rows = rows.iloc[at].reset_index(drop=True)
-    return rows, at
+    if "sinks" in tokens and "image" not in tokens:
+        at = np.flatnonzero((src != _SRC["patch"]) | flag)
+        return {c: v[at] for c, v in rows.items()}, at
+    return rows, np.arange(len(src))
 
 
 def token_rows(token_map, sinks, tokens: Sequence[str]) -> pd.DataFrame:
@@ -215,7 +214,9 @@ def token_rows(token_map, sinks, tokens: Sequence[str]) -> pd.DataFrame:
     patch_row, patch_col, llm_pos (batch position), the axis columns of mechsink.tokens, norm
     (the sink score at the detection site), is_sink. Order: per sample, special tokens, patches,
     then LLM-only tokens by position."""
-    return _pick(_table(token_map, tokens), sinks, tokens)[0]
+    found = {"patch": (sinks.patches["norm"].to_numpy(), sinks.patches["is_sink"].to_numpy()),
+             "special": (sinks.special["norm"].to_numpy(), sinks.special["is_sink"].to_numpy())}
+    return pd.DataFrame(_pick(_table(token_map, tokens), found, tokens)[0], columns=_ROW_COLUMNS)
 
 
 def _label_value(v: Any) -> Any:
@@ -236,32 +237,33 @@ def _label_columns(dataset) -> dict[str, str]:
     return {k: f"label_{k}" if k in taken else k for k in keys}
 
 
-def _sample_frame(rows: pd.DataFrame, token_map, samples: list, idxs: list[int], labels: dict[str, str],
-                  llm_classes: np.ndarray | None) -> pd.DataFrame:
-    """The store's row schema for a batch's token rows."""
-    b = rows["sample"].to_numpy()
+def _sample_frame(rows: Mapping[str, np.ndarray], token_map, samples: list, idxs: list[int], labels: dict[str, str],
+                  llm_classes: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The store's row schema (columns) for a batch's token rows."""
+    b = np.asarray(rows["sample"])
     pad = token_map.roles == ROLE["pad"]
     start = np.array([int(np.argmin(r)) if r.size and not r.all() else 0 for r in pad], dtype=np.int64)
-    llm_pos = rows["llm_pos"].to_numpy()
-    vit = rows["is_sink"].to_numpy()
-    llm = llm_classes if llm_classes is not None else np.zeros(len(rows), dtype=bool)
-    out = pd.DataFrame({
+    llm_pos = np.asarray(rows["llm_pos"])
+    vit = np.asarray(rows["is_sink"], dtype=bool)
+    llm = llm_classes if llm_classes is not None else np.zeros(len(b), dtype=bool)
+    out = {
         "sample_idx": np.asarray(idxs, dtype=np.int64)[b],
         "sample_id": np.array([s.id for s in samples], dtype=object)[b],
         "image_path": np.array([s.image_path or "" for s in samples], dtype=object)[b],
-        "token_role": rows["token_role"].to_numpy(),
-        "image": rows["image"].to_numpy(),
-        "tile": rows["tile"].to_numpy(),
-        "patch_row": rows["row"].to_numpy(),
-        "patch_col": rows["col"].to_numpy(),
+        "token_role": np.asarray(rows["token_role"], dtype=object),
+        "image": np.asarray(rows["image"]),
+        "tile": np.asarray(rows["tile"]),
+        "patch_row": np.asarray(rows["row"]),
+        "patch_col": np.asarray(rows["col"]),
         "llm_pos": np.where(llm_pos >= 0, llm_pos - start[b], -1),
-        "norm": rows["norm"].to_numpy(dtype=np.float32),
+        "norm": np.asarray(rows["norm"], dtype=np.float32),
         "is_sink": vit,
-        "sink_class": np.select([vit & llm, vit, llm], ["both", "vit", "llm"], "none"),
-    })
+        "sink_class": np.select([vit & llm, vit, llm], ["both", "vit", "llm"], "none").astype(object),
+    }
     for key, col in labels.items():
-        vals = [_label_value(s.question_type if key == "question_type" else s.labels.get(key)) for s in samples]
-        out[col] = pd.Series([vals[i] for i in b], dtype=object)
+        vals = np.empty(len(samples), dtype=object)
+        vals[:] = [_label_value(s.question_type if key == "question_type" else s.labels.get(key)) for s in samples]
+        out[col] = vals[b]
     return out
 
 
@@ -293,10 +295,13 @@ _KEY = ["sample", "token_role", *_AXES]
 
 def _positions(cand: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """Index into ``cand`` (from ``read_rows``) of every row of ``rows`` (matched on sample, role and token positions)."""
-    if len(rows) == len(cand) and all(np.array_equal(cand[c].to_numpy(), rows[c].to_numpy()) for c in _KEY):
-        return np.arange(len(rows))      # nothing was left out (no "sinks"-only selection)
-    at = {k: i for i, k in enumerate(cand[_KEY].itertuples(index=False, name=None))}
-    return np.fromiter((at[k] for k in rows[_KEY].itertuples(index=False, name=None)), dtype=np.int64, count=len(rows))
+    cand = {c: np.asarray(cand[c]) for c in _KEY}
+    rows = {c: np.asarray(rows[c]) for c in _KEY}
+    n = len(rows["sample"])
+    if n == len(cand["sample"]) and all(np.array_equal(cand[c], rows[c]) for c in _KEY):
+        return np.arange(n)              # nothing was left out (no "sinks"-only selection)
+    at = {k: i for i, k in enumerate(zip(*(cand[c].tolist() for c in _KEY)))}
+    return np.fromiter((at[k] for k in zip(*(rows[c].tolist() for c in _KEY))), dtype=np.int64, count=n)
 
 
 def _batches(todo: list[int], size: int):
@@ -334,7 +339,8 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
     """
     from mechsink import load
     from mechsink.data import ErrorLog, ImageError, open_dataset
-    from mechsink.sinks import SinkSpec, calibrate, detect_acts, kang_score
+    from mechsink.sinks import SinkSpec, calibrate, kang_score
+    from mechsink.sinks.detect import scores_and_flags
 
     if not hasattr(model, "prepare"):
         model = load(model)
@@ -421,8 +427,8 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
             loaded, batch = prepared(load_images(chunk))
             if batch is not None:
                 acts, taken = read_rows(model, batch, sites, tokens, whole, cast)
-                sinks = detect_acts(acts, batch.token_map, spec)
-                rows, at = _pick(taken[0] if taken is not None else _table(batch.token_map, tokens), sinks, tokens)
+                found = scores_and_flags(acts, batch.token_map, spec)
+                rows, at = _pick(taken[0] if taken is not None else _table(batch.token_map, tokens), found, tokens)
                 llm_flags = None
                 if llm_site is not None:
                     h = gather(acts[llm_site], "llm", rows)
@@ -433,8 +439,9 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
                     tensors = {s: gather(acts[s], Site.parse(s).axis, rows).to(cast) for s in sites}
                 else:
                     got = taken[1]
+                    whole_table = len(at) == len(taken[0]["sample"])
                     at = torch.as_tensor(at)
-                    tensors = {s: got[s] if len(at) == len(taken[0]) else got[s][at.to(got[s].device)]
+                    tensors = {s: got[s] if whole_table else got[s][at.to(got[s].device)]
                                for s in sites}   # the writer copies to host
                 writer.add(frame, tensors, samples=[i for i, _, _ in loaded],
                            keys={i: k for i, s, _ in loaded if (k := image_key(s)) is not None})

@@ -538,31 +538,38 @@ def _hold_all_locks(root: Path) -> list[_Lock]:
 # ----------------------------------------------------------------------------- rows
 
 
-def _normalise_rows(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+def _normalise_rows(rows: pd.DataFrame | Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Standard columns in order (defaults filled), then the extra columns as given, as numpy arrays.
 
-    Checks are vectorised; string columns stay object arrays (converted when the shard is written)."""
-    if not isinstance(rows, pd.DataFrame):
-        raise StoreError(f"rows must be a pandas DataFrame, got {type(rows).__name__}")
-    clash = [c for c in RESERVED_COLUMNS if c in rows.columns]
+    ``rows``: a DataFrame, or a dict of equal-length columns (what the extractor hands over: no
+    DataFrame per batch). Checks are vectorised; string columns stay object arrays (converted when
+    the shard is written)."""
+    if isinstance(rows, pd.DataFrame):
+        if rows.columns.duplicated().any():
+            raise StoreError(f"duplicate row columns {sorted(set(rows.columns[rows.columns.duplicated()]))}")
+        cols = {c: rows[c].to_numpy() for c in rows.columns}
+    elif isinstance(rows, Mapping):
+        cols = {str(c): np.asarray(v) for c, v in rows.items()}
+        if len({len(v) for v in cols.values()}) > 1:
+            raise StoreError(f"row columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+    else:
+        raise StoreError(f"rows must be a pandas DataFrame or a dict of columns, got {type(rows).__name__}")
+    clash = [c for c in RESERVED_COLUMNS if c in cols]
     if clash:
         raise StoreError(f"row columns {clash} are reserved by the store (grid position is patch_row/patch_col)")
-    if rows.columns.duplicated().any():
-        raise StoreError(f"duplicate row columns {sorted(set(rows.columns[rows.columns.duplicated()]))}")
     out: dict[str, np.ndarray] = {}
-    n = len(rows)
+    n = len(next(iter(cols.values()))) if cols else 0
     for name, (dtype, default) in ROW_COLUMNS.items():
-        if name in rows.columns:
-            col = rows[name]
+        if name in cols:
+            col = cols[name]
             if dtype == "str":
-                out[name] = col.to_numpy(dtype=object)
+                out[name] = col.astype(object, copy=False)
                 continue
-            if dtype in ("int64", "int32", "bool") and col.isna().any():
+            if dtype in ("int64", "int32", "bool") and col.dtype.kind in "fO" and pd.isna(col).any():
                 raise StoreError(f"row column {name!r} has missing values")
             try:
                 # an owned copy: a view would keep the caller's whole DataFrame block alive until the commit
-                out[name] = np.array(col.to_numpy() if col.dtype != object else col.astype(dtype).to_numpy(),
-                                     dtype=dtype, copy=True)
+                out[name] = np.array(col, dtype=dtype, copy=True)
             except (TypeError, ValueError):
                 raise StoreError(f"row column {name!r} cannot be read as {dtype}") from None
         elif default is None:
@@ -572,9 +579,9 @@ def _normalise_rows(rows: pd.DataFrame) -> dict[str, np.ndarray]:
     bad = set(pd.unique(out["sink_class"])) - set(SINK_CLASSES)
     if bad:
         raise StoreError(f"sink_class must be one of {SINK_CLASSES}, got {sorted(map(str, bad))}")
-    for c in rows.columns:
+    for c, v in cols.items():
         if c not in ROW_COLUMNS:
-            out[c] = rows[c].to_numpy()
+            out[c] = v
     return out
 
 
@@ -832,14 +839,14 @@ class StoreWriter:
 
     def add(
         self,
-        rows: pd.DataFrame,
+        rows: pd.DataFrame | Mapping[str, Any],
         tensors: Mapping[str, torch.Tensor | np.ndarray],
         samples: Iterable[int] | None = None,
         keys: Mapping[int, str] | None = None,
     ) -> None:
         """Buffer whole samples.
 
-        rows: one row per token (see ROW_COLUMNS; ``sample_idx`` and ``token_role`` required,
+        rows: one row per token, a DataFrame or a dict of columns (see ROW_COLUMNS; ``sample_idx`` and ``token_role`` required,
             other standard columns default, extra columns kept). Every call must carry the same columns.
         tensors: {site: [n_rows, d_site]}, row i of each belongs to row i of ``rows``; CPU or CUDA
             (a CUDA tensor is cast on the device and copied to a pinned buffer asynchronously).

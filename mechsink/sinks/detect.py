@@ -352,42 +352,47 @@ def _site_tensor(acts, spec: SinkSpec) -> torch.Tensor:
     return acts
 
 
-def _scored(acts, token_map: TokenMap, spec: SinkSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _scores(acts, token_map: TokenMap, spec: SinkSpec) -> dict[str, np.ndarray]:
     x = _site_tensor(acts, spec)
     scores = score_tokens(x, spec)
-    patches = token_map.patches.copy()
-    patches["norm"] = frame_scores(x, patches, spec.axis, spec, scores)
-    special = token_map.special.copy()
-    special["norm"] = frame_scores(x, special, spec.axis, spec, scores)
-    if len(patches) and np.isnan(patches["norm"].to_numpy()).all():
+    norm = {"patch": frame_scores(x, token_map.patches, spec.axis, spec, scores),
+            "special": frame_scores(x, token_map.special, spec.axis, spec, scores)}
+    if len(norm["patch"]) and np.isnan(norm["patch"]).all():
         raise SinkError(f"no image patch has a token at {spec.site}")
-    return patches, special
+    return norm
 
 
-def _candidates(patches: pd.DataFrame, special: pd.DataFrame, spec: SinkSpec) -> dict[str, np.ndarray]:
-    """Columns of the scored tokens a rule judges: the patches (and special tokens with
-    ``include_special``) that have a token at the site; ``src`` (0 patch, 1 special) and ``idx``
-    (its row there) say where each comes from. Numpy only: this runs on every batch of a cache."""
+def scores_and_flags(acts, token_map: TokenMap, spec: SinkSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"patch": (score, is_sink), "special": (score, is_sink)}, row-aligned with the TokenMap's
+    ``patches`` and ``special`` (score NaN where a row has no token at the site). Numpy only: the
+    activation cache calls this on every batch; ``detect_acts`` wraps it in a SinkSet."""
+    norm = _scores(acts, token_map, spec)
+    frames = {"patch": token_map.patches, "special": token_map.special}
+    judged = ["patch", *(["special"] if spec.include_special else [])]
     parts = []
-    for src, f in [(0, patches), *([(1, special)] if spec.include_special else [])]:
-        norm = f["norm"].to_numpy(dtype=np.float64)
-        idx = np.flatnonzero(~np.isnan(norm))
-        parts.append({"norm": norm[idx], "src": np.full(len(idx), src), "idx": idx,
-                      **{c: f[c].to_numpy()[idx] for c in GROUPS["tile"]}})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    for src, kind in enumerate(judged):
+        idx = np.flatnonzero(~np.isnan(norm[kind]))
+        parts.append({"norm": norm[kind][idx], "src": np.full(len(idx), src), "idx": idx,
+                      **{c: frames[kind][c].to_numpy()[idx] for c in GROUPS["tile"]}})
+    cands = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    flags = _flag(cands, spec)
+    out = {}
+    for src, kind in enumerate(("patch", "special")):
+        hit = np.zeros(len(norm[kind]), dtype=bool)
+        if kind in judged:
+            hit[cands["idx"][(cands["src"] == judged.index(kind)) & flags]] = True
+        out[kind] = (norm[kind], hit)
+    return out
 
 
 def detect_acts(acts: torch.Tensor | Mapping[str, torch.Tensor], token_map: TokenMap, sinks: SinkSpec | None = None,
                 *, ids: Sequence | None = None) -> SinkSet:
     """Sinks from activations already read at ``sinks.site`` (a tensor, or a dict holding that site)."""
     spec = sinks or SinkSpec()
-    patches, special = _scored(acts, token_map, spec)
-    cands = _candidates(patches, special, spec)
-    flags = _flag(cands, spec)
-    for src, frame in ((0, patches), (1, special)):
-        hit = np.zeros(len(frame), dtype=bool)
-        hit[cands["idx"][(cands["src"] == src) & flags]] = True
-        frame["is_sink"] = hit
+    got = scores_and_flags(acts, token_map, spec)
+    patches, special = token_map.patches.copy(), token_map.special.copy()
+    patches["norm"], patches["is_sink"] = got["patch"]
+    special["norm"], special["is_sink"] = got["special"]
     if ids is not None and len(ids) != token_map.roles.shape[0]:
         raise SinkError(f"{len(ids)} ids for a batch of {token_map.roles.shape[0]} samples")
     return SinkSet(spec, patches, special, list(ids) if ids is not None else None, token_map)
@@ -402,8 +407,9 @@ def detect(model, batch, sinks: SinkSpec | None = None, *, ids: Sequence | None 
 
 def candidate_scores(acts, token_map: TokenMap, spec: SinkSpec) -> np.ndarray:
     """Scores of every candidate token (patches, plus special tokens with include_special) -> [n]."""
-    patches, special = _scored(acts, token_map, spec)
-    return _candidates(patches, special, spec)["norm"]
+    norm = _scores(acts, token_map, spec)
+    kinds = ["patch", *(["special"] if spec.include_special else [])]
+    return np.concatenate([norm[k][~np.isnan(norm[k])] for k in kinds])
 
 
 def calibrate_acts(pairs: Iterable[tuple[Any, TokenMap]], sinks: SinkSpec | None = None, q: float = 0.99,
