@@ -25,6 +25,7 @@ the LLM, the ViT and projector run once per batch and the copies run the LLM alo
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
@@ -46,6 +47,7 @@ from .tokens import axis_columns
 from .trace import capture, llm_inputs
 
 MODES = ("zero", "mean", "resample", "drop", "knockout")
+CHECKPOINT_S = 30.0     # how often ``ablate(out=...)`` saves the rows finished so far
 
 
 class AblationError(MechsinkError, ValueError):
@@ -257,8 +259,8 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     sinks: the sink rule -- a SinkSpec (default SinkSpec()), a SinkSet, fixed patch indices or a
     callable (see ``selection.sink_table``). foreground: (model, batch) -> bool per patch, for
     ``match=("foreground",)`` (e.g. ``contrast_foreground()``). errors: a mechsink.data.ErrorLog
-    that records skipped images. out: a directory; results are saved there after every batch, so an
-    interrupted run keeps what it finished.
+    that records skipped images. out: a directory; results are saved there every ``CHECKPOINT_S``
+    seconds and when the run ends, stops on an error or is interrupted, so it keeps what it finished.
     """
     cfg = coerce(AblationConfig, config)
     cfg = cfg.replace(**overrides) if overrides else cfg
@@ -271,13 +273,24 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
         means = cell_means(model, (c.batch for c in batches(model, data, cfg.batch_size, errors=ErrorLog())), cfg.site)
     frames: list[tuple[int, pd.DataFrame]] = []       # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", "")}
-    with fail_together():                              # an error on one rank is raised on every rank
-        for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
-                             min_batch=2 if cfg.mode == "resample" else 1,     # resample pairs images in a batch
-                             progress=f"ablate {cfg.mode}" if progress else False):
-            frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
-            if out is not None and world() == 1:
-                AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+    def checkpoint() -> None:
+        if out is not None and world() == 1 and frames:
+            AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
+
+    saved = time.monotonic()
+    try:
+        with fail_together():                          # an error on one rank is raised on every rank
+            for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
+                                 min_batch=2 if cfg.mode == "resample" else 1,  # resample pairs images in a batch
+                                 progress=f"ablate {cfg.mode}" if progress else False):
+                frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
+                # every CHECKPOINT_S, not every batch: rewriting the whole frame per batch is quadratic
+                if time.monotonic() - saved >= CHECKPOINT_S:
+                    checkpoint()
+                    saved = time.monotonic()
+    except BaseException:
+        checkpoint()                                   # an interrupt or an error keeps what was finished
+        raise
     frame = gather_frames(frames)
     if frame.empty:
         raise AblationError("no data to ablate")

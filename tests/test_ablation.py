@@ -391,3 +391,28 @@ def test_null_twin_with_three_questions_per_image_is_calibrated_by_image_only():
     fpr_img, fpr_q = np.mean(np.asarray(p_img) < 0.05), np.mean(np.asarray(p_q) < 0.05)
     assert 0.03 <= fpr_img <= 0.07, fpr_img
     assert fpr_q > 0.09, fpr_q                                   # pseudo-replication: too many false positives
+
+
+def test_an_interrupted_run_keeps_the_batches_it_finished(planted, tmp_path):
+    """The rows are saved every CHECKPOINT_S seconds, and also when the run stops: a KeyboardInterrupt
+    in the third batch leaves the first two batches' rows in ``out``, equal to a full run's."""
+    m, _ = planted
+    from mechsink.selection import sink_table
+    images, rows = P.load_eval(16)
+    halves = [m.prepare(images[k:k + 4], [r["prompt"] for r in rows[k:k + 4]], answers=[r["answer"] for r in rows[k:k + 4]])
+              for k in range(0, 16, 4)]
+    calls = []
+
+    def sinks(model, batch):                        # the planted sinks, until the third batch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return sink_table(model, batch, SINKS)
+
+    cfg = AblationConfig(n_draws=2, batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        ablate(m, halves, cfg, sinks=sinks, out=tmp_path / "run")
+    kept = AblationResult.load(tmp_path / "run").frame
+    full = ablate(m, halves[:2], cfg, sinks=SINKS).frame
+    assert len(kept) == len(full) > 0
+    pd.testing.assert_frame_equal(kept.reset_index(drop=True), full.reset_index(drop=True))
