@@ -340,3 +340,23 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path, reference):
     stems = Store.open(out).summary["shards"]
     assert {s[:3] for s in stems} == {"r00", "r01"}
     assert_same_store(Store.open(out), reference)
+
+
+def test_sample_set_behaves_like_a_set_of_indices():
+    from mechsink.cache import SampleSet
+    rng = np.random.default_rng(0)
+    ref: set[int] = set()
+    s = SampleSet()
+    for _ in range(50):                                        # random updates, duplicates included
+        add = rng.integers(0, 3000, rng.integers(0, 40)).tolist()
+        s.update(add)
+        ref.update(add)
+        assert len(s) == len(ref) and s == ref
+    assert list(s) == sorted(ref)
+    probe = np.arange(-2, 3100)
+    assert np.array_equal(s.contains(probe), np.array([int(i) in ref for i in probe]))
+    assert (s | [5000, 1]) == ref | {5000, 1} and s == ref    # | copies
+    assert set(range(100)) - s == set(range(100)) - ref
+    assert "x" not in s and -1 not in s
+    with pytest.raises(StoreError):
+        s.update([-3])

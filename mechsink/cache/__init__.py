@@ -3,6 +3,7 @@ activations, and the extractor that fills one from a model and a dataset."""
 
 from mechsink.cache.extract import TOKENS, extract, model_fingerprint
 from mechsink.cache.store import (
+    SampleSet,
     ROW_COLUMNS,
     Store,
     StoreConfig,
@@ -18,6 +19,7 @@ from mechsink.cache.store import (
 
 __all__ = [
     "ROW_COLUMNS",
+    "SampleSet",
     "TOKENS",
     "Store",
     "StoreConfig",

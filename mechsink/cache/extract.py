@@ -304,9 +304,9 @@ def _positions(cand: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     return np.fromiter((at[k] for k in zip(*(rows[c].tolist() for c in _KEY))), dtype=np.int64, count=n)
 
 
-def _batches(todo: list[int], size: int):
+def _batches(todo, size: int):
     for k in range(0, len(todo), size):
-        yield todo[k : k + size]
+        yield [int(i) for i in todo[k : k + size]]
 
 
 # -- the extractor ---------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         return [e for e in loaded if id(e[1]) in kept], chunk.batch
 
     if spec.rule == "quantile" and spec.params.get("tau") is None:
-        all_idx = list(range(len(dataset)))
+        all_idx = np.arange(len(dataset), dtype=np.int64)
         batches = (b for c in _batches(all_idx, batch_size) if (kept := load_images(c))
                    for b in [prepared(kept)[1]] if b is not None)
         spec = calibrate(model, batches, spec.replace(rule="relative"), q=spec.params["q"])
@@ -414,7 +414,8 @@ def extract(model, dataset, *, sites: Sequence[str], tokens: Sequence[str] = ("i
         raise StoreError(
             f"{len(changed)} image(s) changed since they were cached in {out} (first: sample {first.id!r}, "
             f"{first.image_path or 'in-memory image'}); restore them, or cache into a new directory")
-    todo = [i for i in range(writer.rank, len(dataset), writer.world_size) if i not in done]
+    mine = np.arange(writer.rank, len(dataset), writer.world_size, dtype=np.int64)
+    todo = mine[~done.contains(mine)]          # an int64 array: a list of ints costs ~36 bytes per sample
     whole = [spec.site, *([llm_site] if llm_site else [])]     # read in full: detection needs every token
     cast = DTYPES[store_dtype]
     bar = None

@@ -632,6 +632,21 @@ def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
     return _crc_hex(zlib.crc32(tensors, zlib.crc32(keys, zlib.crc32(samples)))).encode()
 
 
+def _int_list(raw: bytes) -> np.ndarray:
+    """A JSON list of integers as an int64 array, without a Python object per element (a merge
+    holds one such list per shard, and per-element objects left ~150 kB of heap pinned per shard)."""
+    body = raw.strip()
+    inner = body[1:-1].strip() if body[:1] == b"[" and body[-1:] == b"]" else None
+    if inner is None or inner.translate(None, b"0123456789-, \n") != b"":
+        raise ValueError("not a JSON list of integers")
+    if not inner:
+        return np.zeros(0, dtype=np.int64)
+    out = np.fromstring(inner, dtype=np.int64, sep=",")
+    if len(out) != inner.count(b",") + 1:
+        raise ValueError("not a JSON list of integers")
+    return out
+
+
 class _ShardMeta:
     """What a committed shard's parquet footer says (checked against its own crc)."""
 
@@ -655,7 +670,7 @@ class _ShardMeta:
         if _meta_crc(*raw) != meta[_META_CRC_KEY]:
             raise StoreCorrupt(f"{self.parquet} is corrupt (its metadata fails its crc32); {_repair_shard(self.parquet)}")
         try:
-            self.samples = np.array(json.loads(raw[0]), dtype=np.int64)
+            self.samples = _int_list(raw[0])
             self._keys_raw = raw[1] if keys else b"{}"   # a merge does not need them
             tensors = json.loads(raw[2])
             self.tensor_crc: str = tensors["crc32"]
@@ -665,7 +680,8 @@ class _ShardMeta:
         self.num_rows = md.num_rows
         sizes = [md.row_group(k).num_rows for k in range(md.num_row_groups)]
         self.group_starts = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64) if sizes else np.zeros(1, np.int64)
-        self.schema: pa.Schema | None = md.schema.to_arrow_schema().remove_metadata()
+        # not md.schema: each ParquetSchema pins ~240 kB that is never handed back (pyarrow 26)
+        self.schema: pa.Schema | None = pq.read_schema(self.parquet).remove_metadata()
 
 
 def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
@@ -698,6 +714,81 @@ def _first_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- writer
+
+
+class SampleSet:
+    """Sample indices as a bitmap: one bit per index, where a Python set costs ~70 bytes per
+    sample (a writer holds every sample it was given; 10^6 images would be 70 MB). Set-like:
+    ``in``, ``len``, sorted iteration, ``add``/``update``, ``|``, and equality with a set."""
+
+    def __init__(self, items: Iterable[int] = ()) -> None:
+        self._bits = np.zeros(0, dtype=bool)
+        self._n = 0
+        self.update(items)
+
+    def update(self, items: Iterable[int]) -> None:
+        idx = np.fromiter((int(i) for i in items), dtype=np.int64) if not isinstance(items, np.ndarray) \
+            else items.astype(np.int64, copy=False)
+        if not len(idx):
+            return
+        if idx.min() < 0:
+            raise StoreError(f"sample_idx must be >= 0, got {int(idx.min())}")
+        idx = np.unique(idx)
+        top = int(idx[-1]) + 1
+        if top > len(self._bits):
+            grown = np.zeros(max(top, 2 * len(self._bits)), dtype=bool)
+            grown[: len(self._bits)] = self._bits
+            self._bits = grown
+        self._n += int((~self._bits[idx]).sum())
+        self._bits[idx] = True
+
+    def contains(self, idx: np.ndarray) -> np.ndarray:
+        """Membership of every index of an int array, as a bool array."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.zeros(len(idx), dtype=bool)
+        ok = (idx >= 0) & (idx < len(self._bits))
+        out[ok] = self._bits[idx[ok]]
+        return out
+
+    def add(self, i: int) -> None:
+        self.update((i,))
+
+    def __contains__(self, i: object) -> bool:
+        try:
+            k = int(i)                           # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+        return 0 <= k < len(self._bits) and bool(self._bits[k])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.flatnonzero(self._bits).tolist())
+
+    def __or__(self, other: Iterable[int]) -> "SampleSet":
+        out = SampleSet()
+        out._bits, out._n = self._bits.copy(), self._n
+        out.update(other._indices() if isinstance(other, SampleSet) else other)
+        return out
+
+    def _indices(self) -> np.ndarray:
+        return np.flatnonzero(self._bits)
+
+    def __rsub__(self, other: Iterable[int]) -> set[int]:
+        return {i for i in other if i not in self}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SampleSet):
+            return np.array_equal(self._indices(), other._indices())
+        if isinstance(other, (set, frozenset)):
+            return len(other) == self._n and all(i in self for i in other)
+        return NotImplemented
+
+    __hash__ = None                              # type: ignore[assignment] - mutable
+
+    def __repr__(self) -> str:
+        return f"SampleSet({len(self)} samples)"
 
 
 class StoreWriter:
@@ -766,13 +857,13 @@ class StoreWriter:
             self.id = self._claim_config()
             self._prefix = f"r{self.rank:02d}-"
             _clean_debris(self.shards, self._prefix)
-            self._done: set[int] = set()
+            self._done = SampleSet()
             self._keys: dict[int, str] = {}
             self._dims: dict[str, int] = {}
             seq = -1
             for name in _shard_names(self.shards):
                 meta = _ShardMeta(self.path, name, keys=True)
-                self._done.update(meta.samples.tolist())
+                self._done.update(meta.samples)
                 self._keys.update({int(k): v for k, v in _shard_keys(meta).items()})
                 if name.startswith(self._prefix):
                     seq = max(seq, int(_SHARD_RE.match(name).group(2)))
@@ -783,7 +874,7 @@ class StoreWriter:
             raise
         self._seq = seq + 1
         self._reset_buffer()
-        self._added: set[int] = set()  # every sample handed to this writer, buffered or written
+        self._added = SampleSet()      # every sample handed to this writer, buffered or written
         self._columns: list[str] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mechsink-store")
         self._pending: deque[Future] = deque()
@@ -829,7 +920,7 @@ class StoreWriter:
 
     # -- writing
 
-    def done_samples(self) -> set[int]:
+    def done_samples(self) -> SampleSet:
         """sample_idx committed by any rank before this writer opened, plus those added to it (skip these)."""
         return self._done | self._added
 
@@ -1104,8 +1195,9 @@ def _shard_dims(path: Path, sites: tuple[str, ...], dtype: str) -> dict[str, int
 def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
     """(sample, code, shard_row, length) of the runs of one shard's rows in (sample, writing) order."""
     try:
-        s = pq.read_table(table_path, columns=["sample_idx"], page_checksum_verification=True,
-                          use_threads=False)["sample_idx"]
+        # ParquetFile.read, not pq.read_table: the dataset reader keeps ~600 kB per file it opened
+        s = pq.ParquetFile(table_path, page_checksum_verification=True).read(
+            columns=["sample_idx"], use_threads=False)["sample_idx"]
     except (pa.ArrowException, OSError) as e:
         raise StoreCorrupt(f"{table_path} is corrupt ({_first_line(e)}); {_repair_shard(table_path)}") from None
     s = s.to_numpy()
@@ -1661,7 +1753,7 @@ def _verify(root: Path, cfg: dict, repair: bool) -> dict:
                 raise StoreCorrupt(f"{m.tensors} is corrupt (crc32 {crc[6:]} != {m.tensor_crc[6:]} written); "
                                    f"{_repair_shard(m.tensors)}")
             try:
-                pq.read_table(m.parquet, page_checksum_verification=True)
+                pq.ParquetFile(m.parquet, page_checksum_verification=True).read(use_threads=False)
             except (pa.ArrowException, OSError) as e:
                 raise StoreCorrupt(f"{m.parquet} is corrupt ({_first_line(e)}); {_repair_shard(m.parquet)}") from None
             pcrc, psize = file_crc32(m.parquet)
