@@ -70,12 +70,15 @@ class TLSweep:
         self.model = lens.Bound(self.br, base)
         self.tokens = base.inputs["input_ids"]
         t = Metric.coerce(metric).targets(model, base)
-        self.pos, self.cands = int(t.pos[0]), t.candidates
+        self.pos, self.cands, self.label = int(t.pos[0]), t.candidates, t.label[:1]
         self.source = source
 
     def metric(self, logits):
+        # mechsink's definition of the number (log-sum-exp over each answer's single-token forms,
+        # gold minus best other): the twin's real tokenizer gives "Yes" several forms
+        from mechsink.metrics import logit_diff
         nxt = logits[:, self.pos]
-        return (nxt[:, self.cands[0]] - nxt[:, self.cands[1]]).mean()
+        return logit_diff(nxt, self.cands.to(nxt.device), self.label.expand(len(nxt)).to(nxt.device)).mean()
 
     def __call__(self, cells: pd.DataFrame) -> np.ndarray:
         from transformer_lens import patching
