@@ -15,7 +15,6 @@ positions that carry image content (role ``image`` or ``newline``) with their to
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -86,6 +85,7 @@ def _frame(rows: list[dict] | dict | pd.DataFrame, columns: list[str]) -> pd.Dat
     """A TokenMap table with exactly ``columns`` (int64 but ``role``), from rows (list of dicts)
     or columns (dict of arrays: the fast path layouts take, no per-row Python)."""
     if isinstance(rows, dict):
+        rows = _columns(rows, columns)
         n = len(next(iter(rows.values()))) if rows else 0
         ints = [c for c in columns if c != "role"]
         block = np.full((n, len(ints)), -1, dtype=np.int64)     # one int64 block: no per-column consolidation
@@ -106,20 +106,74 @@ def _frame(rows: list[dict] | dict | pd.DataFrame, columns: list[str]) -> pd.Dat
     return df.reset_index(drop=True)
 
 
-@dataclass
-class TokenMap:
-    patches: pd.DataFrame
-    special: pd.DataFrame
-    llm_tokens: pd.DataFrame
-    roles: np.ndarray                      # [batch, seq] codes into ROLES
-    grids: dict[tuple[int, int, int], tuple[int, int]] = field(default_factory=dict)  # (sample, image, tile) -> (rows, cols); tile -1: any-res canvas
+def _columns(given: dict, columns: list[str]) -> dict[str, np.ndarray]:
+    """A table given as columns, each as the TokenMap stores it (int64, ``role`` as objects)."""
+    n = len(next(iter(given.values()))) if given else 0
+    out = {}
+    for c in columns:
+        v = given.get(c)
+        if v is None:
+            out[c] = np.full(n, None, dtype=object) if c == "role" else np.full(n, -1, dtype=np.int64)
+        else:
+            out[c] = np.asarray(v, dtype=object if c == "role" else np.int64)
+    return out
 
-    def __post_init__(self):
-        self.patches = _frame(self.patches, PATCH_COLUMNS)
-        if len(self.patches) and (self.patches["patch"] < 0).any():
-            self.patches["patch"] = patch_index(self.patches, self.grids).astype("int64")
-        self.special = _frame(self.special, SPECIAL_COLUMNS)
-        self.llm_tokens = _frame(self.llm_tokens, LLM_COLUMNS)
+
+_TABLES = {"patches": PATCH_COLUMNS, "special": SPECIAL_COLUMNS, "llm_tokens": LLM_COLUMNS}
+
+
+class TokenMap:
+    """``patches``, ``special`` and ``llm_tokens`` (DataFrames), ``roles`` ([batch, seq] codes into
+    ROLES) and ``grids`` ({(sample, image, tile): (rows, cols)}; tile -1: an any-res canvas).
+
+    Layouts may give the tables as dicts of numpy columns: they then stay columns until a table is
+    first read as a DataFrame, and ``column(table, name)`` reads them without building one (the
+    activation cache reads a few columns of every batch's map and never needs the frames)."""
+
+    def __init__(self, patches, special, llm_tokens, roles: np.ndarray,
+                 grids: dict[tuple[int, int, int], tuple[int, int]] | None = None) -> None:
+        self.roles = roles
+        self.grids = dict(grids or {})
+        self._cols: dict[str, dict[str, np.ndarray]] = {}
+        self._frames: dict[str, pd.DataFrame] = {}
+        for name, given in (("patches", patches), ("special", special), ("llm_tokens", llm_tokens)):
+            if isinstance(given, dict) and (name != "patches" or given.get("patch") is not None):
+                self._cols[name] = _columns(given, _TABLES[name])
+            else:
+                self._frames[name] = self._normalised(name, given)
+
+    def _normalised(self, name: str, given) -> pd.DataFrame:
+        f = _frame(given, _TABLES[name])
+        if name == "patches" and len(f) and (f["patch"] < 0).any():
+            f["patch"] = patch_index(f, self.grids).astype("int64")
+        return f
+
+    def _table(self, name: str) -> pd.DataFrame:
+        f = self._frames.get(name)
+        if f is None:
+            f = self._frames[name] = _frame(self._cols.pop(name), _TABLES[name])
+        return f
+
+    def column(self, table: str, name: str) -> np.ndarray:
+        """One column of ``patches``, ``special`` or ``llm_tokens`` as a numpy array."""
+        cols = self._cols.get(table)
+        return cols[name] if cols is not None else self._frames[table][name].to_numpy()
+
+    def size(self, table: str) -> int:
+        cols = self._cols.get(table)
+        return len(next(iter(cols.values()))) if cols is not None else len(self._frames[table])
+
+    patches = property(lambda self: self._table("patches"), lambda self, v: self._set("patches", v))
+    special = property(lambda self: self._table("special"), lambda self, v: self._set("special", v))
+    llm_tokens = property(lambda self: self._table("llm_tokens"), lambda self, v: self._set("llm_tokens", v))
+
+    def _set(self, name: str, value) -> None:
+        self._cols.pop(name, None)
+        self._frames[name] = self._normalised(name, value)
+
+    def __repr__(self) -> str:
+        return (f"TokenMap({self.size('patches')} patches, {self.size('special')} special, "
+                f"{self.size('llm_tokens')} llm tokens, roles {tuple(self.roles.shape)})")
 
     # -- selections -----------------------------------------------------------------------
     def index(self, axis: str, rows: pd.DataFrame) -> tuple[torch.Tensor, ...]:

@@ -146,24 +146,22 @@ def _table(token_map, tokens: Sequence[str]) -> dict[str, np.ndarray]:
     patch / llm) and ``idx`` (the row in the TokenMap table it comes from). Numpy columns, no
     DataFrame: this runs once per batch of every extraction."""
     parts: list[dict[str, np.ndarray]] = []
-    sp = token_map.special
+    col = token_map.column
     want = [r for r in ("cls", "register") if r in tokens]
-    if want and len(sp):
-        idx = np.flatnonzero(sp["role"].isin(want).to_numpy())
-        parts.append({"token_role": sp["role"].to_numpy()[idx], "row": -1, "col": -1, "src": _SRC["special"], "idx": idx,
-                      **{c: sp[c].to_numpy()[idx] for c in ("sample", "image", "tile", *_AXES)}})
+    if want and token_map.size("special"):
+        idx = np.flatnonzero(np.isin(col("special", "role"), want))
+        parts.append({"token_role": col("special", "role")[idx], "row": -1, "col": -1, "src": _SRC["special"],
+                      "idx": idx, **{c: col("special", c)[idx] for c in ("sample", "image", "tile", *_AXES)}})
     if "image" in tokens or "sinks" in tokens:
-        pt = token_map.patches
-        parts.append({"token_role": "image", "src": _SRC["patch"], "idx": np.arange(len(pt)),
-                      **{c: pt[c].to_numpy() for c in ("sample", "image", "tile", "row", "col", *_AXES)}})
+        parts.append({"token_role": "image", "src": _SRC["patch"], "idx": np.arange(token_map.size("patches")),
+                      **{c: col("patches", c) for c in ("sample", "image", "tile", "row", "col", *_AXES)}})
     llm_roles = [r for r in ("newline", "text", "answer") if r in tokens]
     if llm_roles:
         llm: list[dict] = []
         if "newline" in llm_roles:
-            lt = token_map.llm_tokens
-            nl = np.flatnonzero((lt["role"] == "newline").to_numpy())
-            llm.append({"token_role": "newline", **{c: lt[c].to_numpy()[nl] for c in ("sample", "llm_pos", "image", "tile",
-                                                                                     "row", "col")}})
+            nl = np.flatnonzero(col("llm_tokens", "role") == "newline")
+            llm.append({"token_role": "newline", **{c: col("llm_tokens", c)[nl] for c in ("sample", "llm_pos", "image",
+                                                                                         "tile", "row", "col")}})
         for r in ("text", "answer"):
             if r in llm_roles:
                 smp, pos = np.nonzero(token_map.roles == ROLE[r])

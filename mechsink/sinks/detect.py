@@ -155,19 +155,19 @@ def score_tokens(x: torch.Tensor, spec: SinkSpec) -> torch.Tensor:
     return x[..., list(spec.dims)].abs().amax(dim=-1)
 
 
-def frame_scores(acts: torch.Tensor, frame: pd.DataFrame, axis: str, spec: SinkSpec,
+def frame_scores(acts: torch.Tensor, frame: pd.DataFrame | Mapping[str, np.ndarray], axis: str, spec: SinkSpec,
                  scores: torch.Tensor | None = None) -> np.ndarray:
     """The score of each row of a TokenMap frame (patches or special) on a site tensor of the given
     axis; NaN where the row has no token on that axis. acts: [items, seq, d] or [seq, d] (flat).
     ``scores``: ``score_tokens(acts, spec)`` when the caller has it already."""
     item_col, pos_col = _AXIS_COLUMNS[axis]
-    out = np.full(len(frame), np.nan)
-    pos = frame[pos_col].to_numpy()
+    pos = np.asarray(frame[pos_col])
+    out = np.full(len(pos), np.nan)
     ok = pos >= 0
     if not ok.any():
         return out
     scores = (score_tokens(acts, spec) if scores is None else scores).cpu()
-    items = frame[item_col].to_numpy()[ok]
+    items = np.asarray(frame[item_col])[ok]
     try:
         if (items < 0).all():   # flat axis (Qwen2-VL's ViT): one sequence for the whole batch
             flat = scores.reshape(-1) if scores.dim() == 2 and scores.shape[0] == 1 else scores
@@ -355,8 +355,9 @@ def _site_tensor(acts, spec: SinkSpec) -> torch.Tensor:
 def _scores(acts, token_map: TokenMap, spec: SinkSpec) -> dict[str, np.ndarray]:
     x = _site_tensor(acts, spec)
     scores = score_tokens(x, spec)
-    norm = {"patch": frame_scores(x, token_map.patches, spec.axis, spec, scores),
-            "special": frame_scores(x, token_map.special, spec.axis, spec, scores)}
+    item, pos = _AXIS_COLUMNS[spec.axis]
+    norm = {kind: frame_scores(x, {c: token_map.column(table, c) for c in (item, pos)}, spec.axis, spec, scores)
+            for kind, table in (("patch", "patches"), ("special", "special"))}
     if len(norm["patch"]) and np.isnan(norm["patch"]).all():
         raise SinkError(f"no image patch has a token at {spec.site}")
     return norm
@@ -367,13 +368,13 @@ def scores_and_flags(acts, token_map: TokenMap, spec: SinkSpec) -> dict[str, tup
     ``patches`` and ``special`` (score NaN where a row has no token at the site). Numpy only: the
     activation cache calls this on every batch; ``detect_acts`` wraps it in a SinkSet."""
     norm = _scores(acts, token_map, spec)
-    frames = {"patch": token_map.patches, "special": token_map.special}
+    tables = {"patch": "patches", "special": "special"}
     judged = ["patch", *(["special"] if spec.include_special else [])]
     parts = []
     for src, kind in enumerate(judged):
         idx = np.flatnonzero(~np.isnan(norm[kind]))
         parts.append({"norm": norm[kind][idx], "src": np.full(len(idx), src), "idx": idx,
-                      **{c: frames[kind][c].to_numpy()[idx] for c in GROUPS["tile"]}})
+                      **{c: token_map.column(tables[kind], c)[idx] for c in GROUPS["tile"]}})
     cands = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     flags = _flag(cands, spec)
     out = {}
