@@ -632,21 +632,6 @@ def _meta_crc(samples: bytes, keys: bytes, tensors: bytes) -> bytes:
     return _crc_hex(zlib.crc32(tensors, zlib.crc32(keys, zlib.crc32(samples)))).encode()
 
 
-def _int_list(raw: bytes) -> np.ndarray:
-    """A JSON list of integers as an int64 array, without a Python object per element (a merge
-    holds one such list per shard, and per-element objects left ~150 kB of heap pinned per shard)."""
-    body = raw.strip()
-    inner = body[1:-1].strip() if body[:1] == b"[" and body[-1:] == b"]" else None
-    if inner is None or inner.translate(None, b"0123456789-, \n") != b"":
-        raise ValueError("not a JSON list of integers")
-    if not inner:
-        return np.zeros(0, dtype=np.int64)
-    out = np.fromstring(inner, dtype=np.int64, sep=",")
-    if len(out) != inner.count(b",") + 1:
-        raise ValueError("not a JSON list of integers")
-    return out
-
-
 class _ShardMeta:
     """What a committed shard's parquet footer says (checked against its own crc)."""
 
@@ -670,7 +655,7 @@ class _ShardMeta:
         if _meta_crc(*raw) != meta[_META_CRC_KEY]:
             raise StoreCorrupt(f"{self.parquet} is corrupt (its metadata fails its crc32); {_repair_shard(self.parquet)}")
         try:
-            self.samples = _int_list(raw[0])
+            self.samples = np.array(json.loads(raw[0]), dtype=np.int64)
             self._keys_raw = raw[1] if keys else b"{}"   # a merge does not need them
             tensors = json.loads(raw[2])
             self.tensor_crc: str = tensors["crc32"]
