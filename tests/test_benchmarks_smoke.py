@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ is 
 
 import mechsink  # noqa: E402
 from benchmarks.__main__ import main, parse  # noqa: E402
-from mechsink.cache.extract import _positions, gather, read_rows, token_rows  # noqa: E402
+from mechsink.cache.extract import _pick, gather, read_rows, token_rows  # noqa: E402
+from mechsink.sinks.detect import scores_and_flags  # noqa: E402
 from mechsink.sinks import SinkSpec, detect_acts  # noqa: E402
 from mechsink.sites import Site  # noqa: E402
 from mechsink.testing import test_image as make_image  # noqa: E402
@@ -116,8 +118,14 @@ def test_hook_read_is_identical_to_model_run(tokens):
     rows = token_rows(batch.token_map, sinks, tokens)
     assert torch.equal(kept[spec.site], acts[spec.site])
     if tokens == ("sinks",):
-        assert 0 < len(rows) < len(cand)                       # the planted sinks, out of every patch
-    at = torch.as_tensor(_positions(cand, rows))
+        assert 0 < len(rows) < len(cand["sample"])             # the planted sinks, out of every patch
+    # the extractor's own positions (detection on the kept site) equal an independent match on keys
+    picked, at = _pick(cand, scores_and_flags(kept, batch.token_map, spec), tokens)
+    pd.testing.assert_frame_equal(pd.DataFrame(picked, columns=rows.columns), rows)
+    keys = ["sample", "token_role", "vit_item", "vit_pos", "out_item", "out_pos", "proj_item", "proj_pos", "llm_pos"]
+    where = {k: i for i, k in enumerate(zip(*(np.asarray(cand[c]).tolist() for c in keys)))}
+    assert at.tolist() == [where[k] for k in zip(*(rows[c].tolist() for c in keys))]
+    at = torch.as_tensor(at)
     for s in sites:
         want = gather(acts[s], Site.parse(s).axis, rows).to(torch.float16)
         # bit for bit (compared as integers: NaN, where a row has no token at the site, equals itself)

@@ -288,20 +288,6 @@ def read_rows(model, batch, sites: Sequence[str], tokens: Sequence[str], whole: 
     return ({s: got[s][1] for s in whole}, (cand, {s: got[s][0] for s in sites}))
 
 
-_KEY = ["sample", "token_role", *_AXES]
-
-
-def _positions(cand: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
-    """Index into ``cand`` (from ``read_rows``) of every row of ``rows`` (matched on sample, role and token positions)."""
-    cand = {c: np.asarray(cand[c]) for c in _KEY}
-    rows = {c: np.asarray(rows[c]) for c in _KEY}
-    n = len(rows["sample"])
-    if n == len(cand["sample"]) and all(np.array_equal(cand[c], rows[c]) for c in _KEY):
-        return np.arange(n)              # nothing was left out (no "sinks"-only selection)
-    at = {k: i for i, k in enumerate(zip(*(cand[c].tolist() for c in _KEY)))}
-    return np.fromiter((at[k] for k in zip(*(rows[c].tolist() for c in _KEY))), dtype=np.int64, count=n)
-
-
 def _batches(todo, size: int):
     for k in range(0, len(todo), size):
         yield [int(i) for i in todo[k : k + size]]

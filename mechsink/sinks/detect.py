@@ -14,7 +14,6 @@ rules judge each tile (or image) against its own tokens; CLS/register tokens are
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
