@@ -360,3 +360,37 @@ def test_sample_set_behaves_like_a_set_of_indices():
     assert "x" not in s and -1 not in s
     with pytest.raises(StoreError):
         s.update([-3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merge_orders_any_interleaving_of_ranks_batches_and_shards(tmp_path, seed):
+    """3 ranks, samples dealt at random, added in random order and batch sizes (some batches list a
+    sample without rows), small shards: the merged store is the samples in order, row for row, and
+    the index points every row at its tensors (the runs a merge coalesces never skip a sample)."""
+    rng = np.random.default_rng(seed)
+    n = 30
+    owner = rng.integers(0, 3, n)
+    ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=3, shard_rows=int(rng.integers(3, 12))) for r in range(3)]
+    rowless = set(rng.choice(n, 4, replace=False).tolist())
+    for r in range(3):
+        mine = rng.permutation(np.flatnonzero(owner == r)).tolist()
+        while mine:
+            k = int(rng.integers(1, 4))
+            chunk, mine = mine[:k], mine[k:]
+            parts = [make_sample(i) for i in chunk if i not in rowless]
+            if not parts:
+                empty = make_sample(chunk[0])[0].iloc[:0]
+                ws[r].add(empty, {s: torch.zeros(0, DIMS[s]) for s in SITES}, samples=chunk)
+                continue
+            rows = pd.concat([p[0] for p in parts], ignore_index=True)
+            ws[r].add(rows, {s: torch.cat([p[1][s] for p in parts]) for s in SITES}, samples=chunk)
+    for w in ws:
+        w.close()
+    store = merge(tmp_path)
+    with_rows = [i for i in range(n) if i not in rowless and n_tokens(i) > 0]
+    rows, tensors = expected(with_rows, "float16")
+    assert store.summary["n_samples"] == n and store.summary["n_samples_with_rows"] == len(with_rows)
+    for c in rows.columns:
+        assert store.index[c].tolist() == rows[c].tolist(), c
+    for s in SITES:
+        assert torch.equal(store.get(s, as_="torch"), tensors[s])

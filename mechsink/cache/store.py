@@ -1177,8 +1177,11 @@ def _shard_dims(path: Path, sites: tuple[str, ...], dtype: str) -> dict[str, int
 # ----------------------------------------------------------------------------- merge
 
 
-def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
-    """(sample, code, shard_row, length) of the runs of one shard's rows in (sample, writing) order."""
+def _shard_runs(table_path: Path, code: int, samples: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(sample, code, shard_row, length, samples with rows) of the runs of one shard's rows in
+    (sample, writing) order. ``samples``: every sample of the store, sorted; runs of samples that
+    are next to each other there and to each other in the shard are one run, so a merge holds a
+    few runs per shard, not one per sample."""
     try:
         # ParquetFile.read, not pq.read_table: the dataset reader keeps ~600 kB per file it opened
         s = pq.ParquetFile(table_path, page_checksum_verification=True).read(
@@ -1188,12 +1191,18 @@ def _shard_runs(table_path: Path, code: int) -> tuple[np.ndarray, ...]:
     s = s.to_numpy()
     if not len(s):
         z = np.zeros(0, dtype=np.int64)
-        return z, z, z, z
+        return z, z, z, z, 0
     order = np.argsort(s, kind="stable")
     ss = s[order]
     starts = np.r_[0, np.flatnonzero((np.diff(ss) != 0) | (np.diff(order) != 1)) + 1]
     lengths = np.diff(np.r_[starts, len(s)])
-    return ss[starts].astype(np.int64), np.full(len(starts), code, dtype=np.int64), order[starts].astype(np.int64), lengths
+    first, srow = ss[starts].astype(np.int64), order[starts].astype(np.int64)
+    rank = np.searchsorted(samples, first)
+    joins = (np.diff(rank) <= 1) & (srow[:-1] + lengths[:-1] == srow[1:])
+    keep = np.r_[0, np.flatnonzero(~joins) + 1]
+    n_with_rows = int(np.count_nonzero(np.diff(ss)) + 1)
+    return (first[keep], np.full(len(keep), code, dtype=np.int64), srow[keep],
+            np.add.reduceat(lengths, keep).astype(np.int64), n_with_rows)
 
 
 def _coalesce(code: np.ndarray, srow: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -1308,7 +1317,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
         s = int(uniq[np.argmax(counts > 1)])
         two = [m.name for m in metas if s in m.samples][:2]
         raise StoreError(f"sample {s} is in both shards {two[0]} and {two[1]}; remove one of them")
-    del uniq, counts
+    del counts, all_samples
     if schemas:
         try:
             schema = pa.unify_schemas(schemas, promote_options="permissive")
@@ -1317,10 +1326,10 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     else:
         schema = _rows_table([_batch_table(_normalise_rows(pd.DataFrame({"sample_idx": [], "token_role": []})))]).schema
     _trim()
-    runs = [_shard_runs(m.parquet, code) for code, m in enumerate(metas)]
+    runs = [_shard_runs(m.parquet, code, uniq) for code, m in enumerate(metas)]
     sample, code, srow, length = (np.concatenate([r[i] for r in runs]) if runs else np.zeros(0, dtype=np.int64)
                                   for i in range(4))
-    n_with_rows = int(np.unique(sample).size)
+    n_with_rows = sum(r[4] for r in runs)            # shards hold disjoint samples
     order = np.lexsort((srow, sample))
     out_start, code, srow, length = _coalesce(code[order], srow[order], length[order])
     n_rows = int(length.sum())
@@ -1396,7 +1405,7 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     summary = {
         "id": cfg["id"],
         "n_rows": n_rows,
-        "n_samples": int(len(all_samples)),
+        "n_samples": int(len(uniq)),
         "n_samples_with_rows": n_with_rows,
         "sites": {s: int(dims.get(s, 0)) for s in sites},
         "dtype": dtype,
