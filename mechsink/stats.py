@@ -127,13 +127,17 @@ def bootstrap_ci(
     alpha: float = 0.05,
     seed: int = 0,
     method: Literal["bca", "percentile"] = "bca",
+    jackknife: np.ndarray | None = None,
+    max_elements: int | None = None,
 ) -> tuple[float, float, float]:
     """Bootstrap confidence interval of ``stat(x)`` over resampled samples.
 
     x: shape [n]. Returns (estimate, low, high) where estimate = stat(x). ``method="bca"``
     (bias-corrected and accelerated, as in scipy.stats.bootstrap) corrects the percentile
     interval for skew and bias at the cost of n jackknife evaluations; it falls back to the
-    percentile interval when the bootstrap distribution is degenerate.
+    percentile interval when the bootstrap distribution is degenerate. ``jackknife``: the n
+    leave-one-out values of ``stat``, when the caller has them cheaper than n evaluations.
+    ``max_elements``: resampled values held at once (the memory of a chunk of resamples).
     """
     x = _as_1d(x, "x")
     _check_alpha(alpha)
@@ -145,31 +149,35 @@ def bootstrap_ci(
     estimate = float(_apply_stat(stat, x[None, :])[0])
     rng = np.random.default_rng(seed)
     boot = np.empty(n_boot)
-    rows = max(1, _CHUNK_ELEMENTS // n)
+    rows = max(1, (max_elements or _CHUNK_ELEMENTS) // n)
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
         boot[start:stop] = _apply_stat(stat, x[rng.integers(0, n, size=(stop - start, n))])
 
     levels = np.array([alpha / 2, 1 - alpha / 2])
     if method == "bca":
-        levels = _bca_levels(x, stat, boot, estimate, levels)
+        levels = _bca_levels(x, stat, boot, estimate, levels, jackknife)
     low, high = np.quantile(boot, levels)
     return estimate, float(low), float(high)
 
 
-def _bca_levels(x: np.ndarray, stat: Callable, boot: np.ndarray, estimate: float, levels: np.ndarray) -> np.ndarray:
+def _bca_levels(x: np.ndarray, stat: Callable, boot: np.ndarray, estimate: float, levels: np.ndarray,
+                jack: np.ndarray | None = None) -> np.ndarray:
     """Adjusted quantile levels for the BCa interval (Efron 1987)."""
     below = np.mean(boot < estimate) + 0.5 * np.mean(boot == estimate)  # ties split evenly
     if not 0.0 < below < 1.0:
         return levels
     z0 = ndtri(below)
     n = x.shape[0]
-    jack = np.empty(n)
-    cols = np.arange(n - 1)
-    rows = max(1, _CHUNK_ELEMENTS // n)
-    for start in range(0, n, rows):
-        drop = np.arange(start, min(n, start + rows))[:, None]
-        jack[start : start + drop.shape[0]] = _apply_stat(stat, x[cols + (cols >= drop)])  # row i skips x[i]
+    if jack is None:
+        jack = np.empty(n)
+        cols = np.arange(n - 1)
+        rows = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, n, rows):
+            drop = np.arange(start, min(n, start + rows))[:, None]
+            jack[start : start + drop.shape[0]] = _apply_stat(stat, x[cols + (cols >= drop)])  # row i skips x[i]
+    elif np.shape(jack) != (n,):
+        raise StatsError(f"jackknife must hold one value per sample ({n}), got shape {np.shape(jack)}")
     dev = jack.mean() - jack
     denom = 6.0 * np.sum(dev**2) ** 1.5
     accel = np.sum(dev**3) / denom if denom > 0 else 0.0

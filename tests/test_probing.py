@@ -366,3 +366,39 @@ def test_ridge_probe_reads_sinks(store):
     # least squares on +-1 targets only approximates the argmax over the three label dims: 0.94 measured
     assert s["aggregate"] == "mean_score" and s["accuracy"] >= 0.9
     assert abs(n["accuracy"] - CHANCE) < NEAR and abs(s["control_accuracy"] - CHANCE) < NEAR
+
+
+@pytest.mark.parametrize("n_images, block", [(40, None), (150, 1000)])
+def test_image_bootstrap_of_balanced_accuracy_equals_the_generic_bootstrap(monkeypatch, n_images, block):
+    """The probe's CI (resamples drawn in blocks, jackknife from per-image totals) is exactly
+    ``stats.bootstrap_ci`` over images with the balanced accuracy as its statistic (whose jackknife
+    evaluates every leave-one-image-out resample): same estimate, same interval."""
+    import warnings
+
+    from mechsink.probing import scoring
+    from mechsink.stats import bootstrap_ci
+    if block is not None:
+        monkeypatch.setattr(scoring, "_BOOT_ELEMENTS", block)     # several blocks of resamples
+    rng = np.random.default_rng(n_images)
+    tokens = rng.integers(1, 6, n_images)                          # units per image
+    group = np.repeat(np.arange(n_images) * 7 + 3, tokens)         # image ids, not 0..n-1
+    y = np.repeat(rng.integers(0, 3, n_images), tokens)            # a label per image, 3 classes
+    correct = rng.random(len(y)) < np.where(y == 0, 0.8, 0.6)
+    got = scoring.balanced_accuracy_ci(group, y, correct, n_boot=400, seed=5, alpha=0.1)
+
+    g = np.unique(group, return_inverse=True)[1]
+    counts, hits = scoring._balanced_counts(g, y, correct, n_images, 3)
+
+    def stat(idx, axis=-1):                                        # resampled image indices -> [b]
+        idx = np.asarray(idx, dtype=np.int64)
+        b = idx.shape[0]
+        w = np.stack([np.bincount(row, minlength=n_images) for row in idx]).astype(float)
+        c, h = w @ counts, w @ hits
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nanmean(np.where(c > 0, h / c, np.nan), axis=1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = bootstrap_ci(np.arange(n_images, dtype=float), stat=stat, n_boot=400, seed=5, alpha=0.1)
+    assert np.allclose(got, want, rtol=0, atol=1e-12), (got, want)
+    assert got[1] < got[0] < got[2]

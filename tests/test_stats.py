@@ -282,3 +282,14 @@ def test_unit_means_and_counts():
     assert unit_means([1.0, 3.0, 10.0, 2.0], ["b", "b", "a", "c"]).tolist() == [2.0, 10.0, 2.0]
     c = compare_paired([1.0, 3.0, 10.0, 2.0, 5.0, 6.0], [0.0] * 6, units=[1, 1, 2, 3, 4, 4], n_boot=100, n_perm=50)
     assert (c.n, c.n_obs, c.unit) == (4, 6, "image") and c.sink.mean == pytest.approx((2 + 10 + 2 + 5.5) / 4)
+
+
+def test_bootstrap_ci_with_given_jackknife_equals_the_computed_one():
+    from mechsink.stats import StatsError, bootstrap_ci
+    x = np.random.default_rng(3).gamma(2.0, 1.0, 57)
+    loo = (x.sum() - x) / (len(x) - 1)                   # leave-one-out means, in closed form
+    want = bootstrap_ci(x, n_boot=500, seed=1)
+    assert np.allclose(bootstrap_ci(x, n_boot=500, seed=1, jackknife=loo), want, rtol=0, atol=1e-12)
+    assert np.allclose(bootstrap_ci(x, n_boot=500, seed=1, max_elements=100), want, rtol=0, atol=1e-12)
+    with pytest.raises(StatsError, match="one value per sample"):
+        bootstrap_ci(x, n_boot=500, seed=1, jackknife=loo[:-1])

@@ -34,58 +34,37 @@ def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0
 
     group, y, correct: [n] image id, true class code and whether the prediction was right, per
     evaluated unit (image or token). Images are resampled whole (a cluster bootstrap), so tokens
-    of one image never count as independent evidence. Returns (estimate, low, high): the BCa
-    interval (as ``mechsink.stats.bootstrap_ci``), its acceleration from the exact leave-one-image-out
-    jackknife.
+    of one image never count as independent evidence. Returns (estimate, low, high), the BCa
+    interval of ``mechsink.stats.bootstrap_ci``.
 
-    Memory does not grow with the number of images beyond O(images x classes): resamples are
-    drawn and reduced in blocks of at most ``_BOOT_ELEMENTS`` image ids, and the jackknife is the
-    totals less each image's own counts (a generic jackknife would evaluate n resamples of n - 1).
+    Memory stays O(images x classes): resamples are reduced in blocks of at most ``_BOOT_ELEMENTS``
+    image ids, and the jackknife is the totals less each image's own counts (the generic one would
+    evaluate n resamples of n - 1 images).
     """
-    from scipy.special import ndtr, ndtri
-
-    from ..stats import StatsError
+    from ..stats import bootstrap_ci
 
     gids, g = np.unique(np.asarray(group), return_inverse=True)
     y = np.asarray(y, dtype=np.int64)
     counts, hits = _balanced_counts(g.ravel(), y, np.asarray(correct, bool), len(gids), int(y.max()) + 1)
     n = len(gids)
-    est = _balanced(counts, hits)
     if n < 2:
-        return est, float("nan"), float("nan")
-    if n_boot < 100:
-        raise StatsError(f"n_boot must be at least 100 for a usable interval, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise StatsError(f"alpha must be in (0, 1), got {alpha}")
+        return _balanced(counts, hits), float("nan"), float("nan")
 
     def per_class(c, h):                     # [b, K] evaluated / correct units -> [b] balanced accuracy
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.nanmean(np.where(c > 0, h / c, np.nan), axis=1)
 
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_boot)
-    rows = max(1, _BOOT_ELEMENTS // n)
+    def stat(idx, axis=-1):                  # [b, m] resampled image indices -> [b]
+        idx = np.asarray(idx, dtype=np.int64)
+        b = idx.shape[0]
+        w = np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n).reshape(b, n).astype(float)
+        return per_class(w @ counts, w @ hits)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample can miss a class entirely
-        for start in range(0, n_boot, rows):
-            b = min(n_boot, start + rows) - start
-            idx = rng.integers(0, n, size=(b, n))
-            w = np.bincount((np.arange(b)[:, None] * n + idx).ravel(), minlength=b * n).reshape(b, n).astype(float)
-            boot[start:start + b] = per_class(w @ counts, w @ hits)
-        levels = np.array([alpha / 2, 1 - alpha / 2])
-        below = np.mean(boot < est) + 0.5 * np.mean(boot == est)     # BCa (Efron 1987), ties split evenly
-        if 0.0 < below < 1.0:
-            z0 = ndtri(below)
-            jack = per_class(counts.sum(0) - counts, hits.sum(0) - hits)   # [n]: each image left out
-            dev = np.nanmean(jack) - jack
-            denom = 6.0 * np.nansum(dev ** 2) ** 1.5
-            accel = np.nansum(dev ** 3) / denom if denom > 0 else 0.0
-            z = ndtri(levels)
-            adjusted = ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))
-            levels = adjusted if np.all(np.isfinite(adjusted)) else levels
-        boot = boot[np.isfinite(boot)] if not np.isfinite(boot).all() else boot
-        low, high = np.quantile(boot, levels)
-    return est, float(low), float(high)
+        return bootstrap_ci(np.arange(n, dtype=float), stat=stat, n_boot=n_boot, seed=seed, alpha=alpha,
+                            jackknife=per_class(counts.sum(0) - counts, hits.sum(0) - hits),
+                            max_elements=_BOOT_ELEMENTS)
 
 
 def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
