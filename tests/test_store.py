@@ -394,3 +394,23 @@ def test_merge_orders_any_interleaving_of_ranks_batches_and_shards(tmp_path, see
         assert store.index[c].tolist() == rows[c].tolist(), c
     for s in SITES:
         assert torch.equal(store.get(s, as_="torch"), tensors[s])
+
+
+@pytest.mark.parametrize("groups, least, most", [(3, 1, 1 << 16), (1000, 1, 5), (64, 1 << 16, 1 << 16)])
+def test_index_row_groups_are_bounded_in_number_and_size(tmp_path, monkeypatch, groups, least, most):
+    """The index is written in about INDEX_GROUPS row groups (a parquet writer holds metadata per
+    group until it closes) of INDEX_MIN_ROWS to INDEX_ROW_GROUP rows, and reads back row for row."""
+    import mechsink.cache.store as store_mod
+    monkeypatch.setattr(store_mod, "INDEX_GROUPS", groups)
+    monkeypatch.setattr(store_mod, "INDEX_MIN_ROWS", least)
+    monkeypatch.setattr(store_mod, "INDEX_ROW_GROUP", most)
+    write(tmp_path, list(range(N)))
+    store = merge(tmp_path)
+    n_rows = store.summary["n_rows"]
+    size = min(most, max(least, -(-n_rows // groups)))
+    md = pq.read_metadata(tmp_path / "index.parquet")
+    assert n_rows > 3 * 5 and md.num_row_groups == -(-n_rows // size)
+    assert [md.row_group(k).num_rows for k in range(md.num_row_groups - 1)] == [size] * (md.num_row_groups - 1)
+    rows, _ = expected(range(N), "float16")
+    assert store.index["sample_idx"].tolist() == rows["sample_idx"].tolist()
+    assert store.index["row"].tolist() == list(range(n_rows))

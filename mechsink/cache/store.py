@@ -84,6 +84,8 @@ _NP_OF_ST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
 SINK_CLASSES = ("vit", "llm", "both", "none")
 DEFAULT_SHARD_BYTES = 256 << 20     # tensor bytes per shard (a sample is never split, so one may exceed it)
 INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores)
+INDEX_GROUPS = 64                   # row groups the index aims at: a parquet writer holds ~15 kB per group until it closes
+INDEX_MIN_ROWS = 2048               # fewest rows per index row group (but the last)
 SHARD_ROW_GROUP = 2048              # rows per row group of a shard's parquet (what a merge holds per rank)
 _PENDING_BATCHES = 3                # batches that may wait in memory for the disk thread
 
@@ -1339,10 +1341,11 @@ def _merge(root: Path, cfg: dict, names: list[str]) -> "Store":
     tmp = root / ".index.parquet.tmp"
     roles: dict[str, int] = {}
     classes: dict[str, int] = {}
-    # one shard table per rank at a time suffices (runs interleave by rank); row groups of at most
-    # INDEX_ROW_GROUP rows, fewer in small stores, so that the memory of a merge stops growing early
+    # one shard table per rank at a time suffices (runs interleave by rank). Row groups: about
+    # INDEX_GROUPS of them (the writer's metadata grows per group, the group's table with its rows),
+    # at least INDEX_MIN_ROWS and at most INDEX_ROW_GROUP rows, so that neither grows with the store for long
     cache = _TableCache(metas, schema, size=len({n.split("-")[0] for n in names}) + 1)
-    group = int(min(INDEX_ROW_GROUP, max(2048, n_rows // 1024)))
+    group = int(min(INDEX_ROW_GROUP, max(INDEX_MIN_ROWS, -(-n_rows // INDEX_GROUPS))))
     try:
         with pq.ParquetWriter(tmp, out_schema, write_page_checksum=True) as writer:
             pieces: list[tuple[int, int, int]] = []
