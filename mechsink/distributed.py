@@ -4,7 +4,7 @@ Analyses shard their data by chunk (``batching.batches(..., shard=True)``: chunk
 ``j % world()``) and merge what the ranks made with ``gather``/``gather_frames``, ordered by the
 chunk number, so a run on any number of ranks gives exactly the numbers of a single process. Under
 ``torchrun`` without a process group, a CPU (gloo) group is started on first use. A model split over
-several GPUs of one rank (``device_map="auto"``) is left as it is.
+several GPUs (``device_map="auto"``) takes its rank's share of the node's GPUs (``local_gpus``).
 
 Failures: a sharded loop runs inside ``fail_together()``, so an error on one rank is raised on every
 rank (the others raise ``RankFailed``; a MechsinkError stays one, with the same message) instead of leaving
@@ -43,6 +43,20 @@ def world() -> int:
     """How many ranks share the work (1 without torchrun)."""
     d = _dist()
     return d.get_world_size() if d else 1
+
+
+def local_gpus(n_gpus: int) -> list[int]:
+    """The GPUs of this node that this process may use: all of them without torchrun, else an equal,
+    contiguous share per local rank (``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``), so that ranks that each
+    spread a model over several GPUs do not all spread it over the same ones."""
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if procs <= 1:
+        return list(range(n_gpus))
+    if n_gpus < procs:
+        raise MechsinkError(f"{procs} processes on this node share {n_gpus} GPU(s): a model spread over GPUs "
+                            "(device_map='auto') needs at least one GPU per process; start fewer processes")
+    per, local = n_gpus // procs, int(os.environ.get("LOCAL_RANK", "0"))
+    return list(range(local * per, (local + 1) * per))
 
 
 def mine(number: int) -> bool:

@@ -113,3 +113,33 @@ except MechsinkError as e:
     assert "rank 1 raised MechsinkError: chunk 1 cannot be analysed" in r.stdout
     assert "rank 0 raised RankFailedError: chunk 1 cannot be analysed" in r.stdout
     assert "no error" not in r.stdout
+
+
+@pytest.mark.parametrize("procs, gpus, want", [
+    (1, 8, [list(range(8))]),
+    (2, 8, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+    (4, 8, [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    (3, 8, [[0, 1], [2, 3], [4, 5]]),          # the odd GPU out is left unused, not shared
+    (8, 8, [[k] for k in range(8)]),
+])
+def test_each_local_rank_gets_its_own_gpus_for_device_map_auto(monkeypatch, procs, gpus, want):
+    """Under torchrun, device_map="auto" spreads each rank's model over that rank's share of the
+    node's GPUs: disjoint, contiguous, equal shares."""
+    from mechsink.distributed import local_gpus
+    got = []
+    for local in range(procs):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(procs))
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        got.append(local_gpus(gpus))
+    assert got == want
+    flat = [g for share in got for g in share]
+    assert len(flat) == len(set(flat))
+
+
+def test_more_processes_than_gpus_for_device_map_auto_is_one_line(monkeypatch):
+    from mechsink.distributed import local_gpus
+    from mechsink.errors import MechsinkError
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(MechsinkError, match="4 processes on this node share 2 GPU"):
+        local_gpus(2)

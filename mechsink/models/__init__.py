@@ -78,6 +78,8 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
         load_kw["dtype"] = _dtype(dtype)
     if device_map is not None:
         load_kw["device_map"] = device_map
+        if device_map == "auto":
+            load_kw.update(_rank_memory())
     if attn_implementation is not None:
         load_kw["attn_implementation"] = attn_implementation
     try:   # safetensors only: a pickled checkpoint is never unpickled (it can run code)
@@ -93,6 +95,17 @@ def load(model: str | os.PathLike, *, device: str | None = None, dtype=None, dev
         processor = transformers.AutoProcessor.from_pretrained(name)
     m = Model(hf, processor, adapter, path.name if path.is_dir() else name, source=str(path.resolve()) if path.is_dir() else name)
     return m if device_map is not None else _place(m, device, None)
+
+
+def _rank_memory() -> dict:
+    """``max_memory`` for ``device_map="auto"`` under torchrun: this rank's share of the node's GPUs
+    (free memory of each), so that every rank spreads its copy of the model over its own GPUs."""
+    import torch
+
+    from ..distributed import local_gpus
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= 1 or not torch.cuda.is_available():
+        return {}
+    return {"max_memory": {g: torch.cuda.mem_get_info(g)[0] for g in local_gpus(torch.cuda.device_count())}}
 
 
 def _first_line(e: BaseException) -> str:
