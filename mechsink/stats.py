@@ -20,7 +20,7 @@ from mechsink.errors import MechsinkError
 Alternative = Literal["greater", "less", "two-sided"]
 
 EXACT_MAX_N = 16  # 2**16 sign patterns: exact enumeration is cheaper than Monte Carlo
-_CHUNK_ELEMENTS = 4_000_000  # bound on the sign matrix held in memory at once
+_CHUNK_ELEMENTS = 1 << 18      # resampled values or signs held at once (a few MB, whatever n is)
 
 
 class StatsError(MechsinkError, ValueError):
@@ -156,6 +156,8 @@ def bootstrap_ci(
 
     levels = np.array([alpha / 2, 1 - alpha / 2])
     if method == "bca":
+        if jackknife is None and stat is np.mean:     # leave-one-out means in closed form: O(n), not O(n^2)
+            jackknife = (x.sum() - x) / (n - 1)
         levels = _bca_levels(x, stat, boot, estimate, levels, jackknife)
     low, high = np.quantile(boot, levels)
     return estimate, float(low), float(high)
@@ -237,7 +239,8 @@ def paired_permutation_test(
     rows = max(1, _CHUNK_ELEMENTS // n)
     for start in range(0, n_perm, rows):
         m = min(n_perm, start + rows) - start
-        signs = rng.integers(0, 2, size=(m, n), dtype=np.int8) * 2.0 - 1.0
+        # int32 draws: the same signs however the flips are chunked (int8 draws are not)
+        signs = rng.integers(0, 2, size=(m, n), dtype=np.int32) * 2.0 - 1.0
         count += count_extreme(signs)
     return (1 + count) / (1 + n_perm)
 

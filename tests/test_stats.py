@@ -293,3 +293,25 @@ def test_bootstrap_ci_with_given_jackknife_equals_the_computed_one():
     assert np.allclose(bootstrap_ci(x, n_boot=500, seed=1, max_elements=100), want, rtol=0, atol=1e-12)
     with pytest.raises(StatsError, match="one value per sample"):
         bootstrap_ci(x, n_boot=500, seed=1, jackknife=loo[:-1])
+
+
+def test_mean_bootstrap_takes_the_closed_form_jackknife_and_gives_the_generic_interval():
+    """For np.mean the BCa's leave-one-out means come in closed form (O(n)); the interval equals
+    the one from n evaluations of a mean the bootstrap cannot recognise."""
+    x = np.random.default_rng(5).gamma(0.7, size=301)     # skewed: the acceleration matters
+    generic = lambda a, axis=-1: np.mean(a, axis=axis)    # noqa: E731 - not np.mean by identity
+    fast, slow = bootstrap_ci(x, n_boot=2000, seed=2), bootstrap_ci(x, stat=generic, n_boot=2000, seed=2)
+    assert fast == pytest.approx(slow, rel=1e-12, abs=1e-12)
+    assert fast != bootstrap_ci(x, n_boot=2000, seed=2, method="percentile")
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 18])
+def test_resamples_and_sign_flips_do_not_depend_on_the_chunk_size(monkeypatch, chunk):
+    """The bootstrap and the Monte Carlo sign flips draw the same numbers however they are chunked,
+    so bounding their memory changes no interval and no p-value."""
+    import mechsink.stats as st
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(0.2, 1, 203), rng.normal(0, 1, 203)
+    want = (bootstrap_ci(a - b, n_boot=500, seed=1), paired_permutation_test(a, b, n_perm=3001, seed=4))
+    monkeypatch.setattr(st, "_CHUNK_ELEMENTS", chunk)
+    assert (bootstrap_ci(a - b, n_boot=500, seed=1), paired_permutation_test(a, b, n_perm=3001, seed=4)) == want
