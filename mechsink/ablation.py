@@ -223,13 +223,17 @@ class AblationResult(Result):
         self._frame, self._rows = (None, Path(frame)) if lazy else (frame, None)
         self._samples = None
 
+    def __repr__(self) -> str:                      # without reading a streamed run's rows
+        rows = f"rows in {self._rows}" if self._frame is None else f"{len(self._frame)} rows"
+        return f"AblationResult({self.label}, {rows})"
+
     def _pieces(self, columns: list[str]) -> Iterable[pd.DataFrame]:
         """The rows in pieces holding every row of their samples: the frame, or a streamed run's
         batches (the row groups of its parts), with only ``columns`` (those that exist) read."""
         if self._frame is not None:
             yield self._frame[[c for c in columns if c in self._frame]]
             return
-        for part in _parts(self._rows):
+        for part in sorted(self._rows.glob("part-*.parquet")):        # in the order of their batches
             f = pq.ParquetFile(part)
             have = [c for c in columns if c in f.schema_arrow.names]
             for g in range(f.num_row_groups):
@@ -333,11 +337,6 @@ def _per_sample(f: pd.DataFrame) -> pd.DataFrame:
                          "random": mean, "n_draws": rand.shape[1]})
 
 
-def _parts(rows: Path) -> list[Path]:
-    """A streamed run's finished parts, in the order of their batches."""
-    return sorted(rows.glob("part-*.parquet"))
-
-
 def _frame(table: pa.Table) -> pd.DataFrame:
     """The frame of per-batch rows (a table of chunks), converted a column at a time as arrow lets
     go of it (never two copies of the rows); repeated strings as categoricals."""
@@ -345,10 +344,8 @@ def _frame(table: pa.Table) -> pd.DataFrame:
 
 
 def _read_rows(rows: Path) -> pd.DataFrame:
-    parts = _parts(rows)
-    if not parts:
-        return pd.DataFrame()
-    return _frame(pa.concat_tables([pq.read_table(p) for p in parts]))
+    parts = [pq.read_table(p) for p in sorted(rows.glob("part-*.parquet"))]
+    return _frame(pa.concat_tables(parts)) if parts else pd.DataFrame()
 
 
 def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: SinkSource = None,
