@@ -54,7 +54,7 @@ from .trace import capture, llm_inputs
 MODES = ("zero", "mean", "resample", "drop", "knockout")
 CHECKPOINT_S = 30.0     # how often ``ablate(out=...)`` closes a part of the rows it streams to disk
 ROWS = "rows"           # ``out/rows``: the Parquet parts of a streamed run, one row group per batch
-CATEGORICAL = ("id", "image_key", "condition", "reason")    # strings repeated on many rows
+ROW_GROUP = 8192        # rows per row group of a part: few groups, so a part's metadata stays small
 STATS = ["sample", "image_key", "condition", "draw", "n_tokens", "clean", "effect", "valid"]
 
 
@@ -213,7 +213,7 @@ class AblationResult(Result):
     @property
     def frame(self) -> pd.DataFrame:
         if self._frame is None:
-            self._frame = _read_rows(self._rows)
+            self._frame = _frame([pq.read_table(p) for p in sorted(self._rows.glob("part-*.parquet"))])
         return self._frame
 
     @frame.setter
@@ -245,8 +245,7 @@ class AblationResult(Result):
         of them; NaN for an invalid sample). What the statistics need: a few numbers per sample."""
         if self._samples is None:
             per = [_per_sample(f) for f in self._pieces(STATS)]
-            self._samples = pd.concat(per, ignore_index=True) if per else pd.DataFrame(
-                {"valid": np.zeros(0, bool), "clean": np.zeros(0), "n_tokens": np.zeros(0, np.int64)})
+            self._samples = pd.concat(per, ignore_index=True) if per else pd.DataFrame({"valid": np.zeros(0, bool)})
         return self._samples
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
@@ -337,15 +336,12 @@ def _per_sample(f: pd.DataFrame) -> pd.DataFrame:
                          "random": mean, "n_draws": rand.shape[1]})
 
 
-def _frame(table: pa.Table) -> pd.DataFrame:
-    """The frame of per-batch rows (a table of chunks), converted a column at a time as arrow lets
-    go of it (never two copies of the rows); repeated strings as categoricals."""
+def _frame(tables: list[pa.Table]) -> pd.DataFrame:
+    """One frame of per-batch rows (``tables``, emptied), converted a column at a time as arrow
+    lets go of it: never two copies of the rows. Repeated strings (arrow dictionaries) categorical."""
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    tables.clear()
     return table.to_pandas(self_destruct=True, split_blocks=True, use_threads=False)
-
-
-def _read_rows(rows: Path) -> pd.DataFrame:
-    parts = [pq.read_table(p) for p in sorted(rows.glob("part-*.parquet"))]
-    return _frame(pa.concat_tables(parts)) if parts else pd.DataFrame()
 
 
 def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: SinkSource = None,
@@ -393,45 +389,51 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
         if stream is not None:
             stream.close()                             # an interrupt or an error keeps what was finished
     if stream is not None:
-        if not stream.rows:
-            raise AblationError("no data to ablate")
-        result = stream.result
-    else:
+        result, n = stream.result, stream.rows
+    else:                                              # every rank's rows in chunk order, then one frame
         tables = gather(parts)
-        del parts
-        if not tables:
-            raise AblationError("no data to ablate")
-        result = AblationResult(_frame(pa.concat_tables(tables)), cfg, meta)
-        del tables
+        parts.clear()
+        n = sum(t.num_rows for t in tables)
+        result = AblationResult(_frame(tables), cfg, meta)
+    if not n:
+        raise AblationError("no data to ablate")
     if out is not None and rank() == 0:
         result.save(out)
     return result
 
 
 class _Stream:
-    """The rows of ``ablate(out=...)`` on disk as they are made: each batch is a row group of the
-    open part, ``out/rows/part-<first batch>.parquet``, which is moved into place every
-    CHECKPOINT_S and when the run ends or stops; nothing is rewritten, and a stopped run keeps
-    every batch it finished (and its partial result.json, written first)."""
+    """The rows of ``ablate(out=...)`` on disk as they are made: batches are appended to the open
+    part, ``out/rows/part-<first batch>.parquet``, in row groups of about ROW_GROUP rows, and the
+    part is moved into place every CHECKPOINT_S and when the run ends or stops; nothing is
+    rewritten, and a stopped run keeps every batch it finished (and its partial result.json,
+    written first)."""
 
     def __init__(self, out: Path, result: AblationResult):
         self.result, self.dir = result, out / ROWS
         shutil.rmtree(self.dir, ignore_errors=True)                 # an earlier run's rows
         self.dir.mkdir(parents=True)
         result.save(out, summary=False)
-        self.part, self.opened, self.rows = None, 0.0, 0
+        self.part, self.held, self.opened, self.rows = None, [], 0.0, 0
 
     def write(self, number: int, rows: pa.Table) -> None:
         if self.part is None:
-            self.part = ParquetAppend(self.dir / f"part-{number:09d}.parquet", rows.schema)
-            self.opened = time.monotonic()
-        self.part.write(rows)
+            self.part, self.opened = ParquetAppend(self.dir / f"part-{number:09d}.parquet", rows.schema), time.monotonic()
+        self.held.append(rows)
         self.rows += rows.num_rows
         if time.monotonic() - self.opened >= CHECKPOINT_S:
             self.close()
+        elif sum(t.num_rows for t in self.held) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.held:
+            self.part.write(pa.concat_tables(self.held))
+            self.held = []
 
     def close(self) -> None:
         if self.part is not None:
+            self._flush()
             self.part.close()
             self.part = None
 

@@ -33,12 +33,10 @@ class ParquetAppend:
     def __init__(self, path: str | os.PathLike, schema):
         import pyarrow.parquet as pq
         self.path = Path(path)
-        self.rows = 0
         self._writer = pq.ParquetWriter(_tmp(self.path), schema)
 
     def write(self, table) -> None:
         self._writer.write_table(table)
-        self.rows += table.num_rows
 
     def close(self) -> Path:
         self._writer.close()
