@@ -173,9 +173,9 @@ def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ablate(model, data[:bs], cfg, sinks=list(ABLATE_SINKS), out=Path(tmp) / "warm")
         start = reset_peak()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         res = ablate(model, data, cfg, sinks=list(ABLATE_SINKS), out=Path(tmp) / "run")
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.process_time() - cpu
         peak = peak_rss_kb()
         held = float(res.samples().memory_usage(deep=True).sum()) / 2**20
         parts = sorted((Path(tmp) / "run" / ROWS).glob("*.parquet"))
@@ -183,7 +183,7 @@ def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
         t = time.perf_counter()
         AblationResult.load(Path(tmp) / "run").summary()
         stats = {"summary_peak_mb": (peak_rss_kb() - start_stats) / 1024, "summary_s": time.perf_counter() - t}
-        return {"ablate_peak_mb": (peak - start) / 1024, "ablate_s": wall,
+        return {"ablate_peak_mb": (peak - start) / 1024, "ablate_s": wall, "ablate_cpu_s": cpu,
                 "ablate_rows": sum(pq.ParquetFile(p).metadata.num_rows for p in parts), "ablate_parts": len(parts),
                 "ablate_disk_mb": sum(p.stat().st_size for p in parts) / 2**20, "ablate_held_mb": held,
                 "ablate_result_mb": float(res.frame.memory_usage(deep=True).sum()) / 2**20, **stats}
