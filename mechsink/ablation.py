@@ -53,7 +53,7 @@ from .trace import capture, llm_inputs
 
 MODES = ("zero", "mean", "resample", "drop", "knockout")
 CHECKPOINT_S = 30.0     # how often ``ablate(out=...)`` closes a part of the rows it streams to disk
-ROWS = "rows"           # ``out/rows``: the Parquet parts of a streamed run, one row group per batch
+ROWS = "rows"           # ``out/rows``: the Parquet parts of a streamed run
 ROW_GROUP = 8192        # rows per row group of a part: few groups, so a part's metadata stays small
 STATS = ["sample", "image_key", "condition", "draw", "n_tokens", "clean", "effect", "valid"]
 
@@ -206,14 +206,14 @@ class AblationResult(Result):
     ``meta["model"]``: the model's name.
 
     The frame of a run streamed to disk (``ablate(out=...)``, or ``load`` of one) stays there until
-    ``frame`` is first read: the statistics read only their columns, a batch at a time, and keep
-    a few numbers per sample."""
+    ``frame`` is first read: the statistics read only their columns, a row group at a time, and
+    keep a few numbers per sample."""
     config_class: ClassVar[type | None] = AblationConfig
 
     @property
     def frame(self) -> pd.DataFrame:
         if self._frame is None:
-            self._frame = _frame([pq.read_table(p) for p in sorted(self._rows.glob("part-*.parquet"))])
+            self._frame = _frame([pq.ParquetFile(p).read() for p in sorted(self._rows.glob("part-*.parquet"))])
         return self._frame
 
     @frame.setter
@@ -355,7 +355,7 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     callable (see ``selection.sink_table``). foreground: (model, batch) -> bool per patch, for
     ``match=("foreground",)`` (e.g. ``contrast_foreground()``). errors: a mechsink.data.ErrorLog
     that records skipped images. out: a directory; the rows are written there as they are made
-    (``out/rows``: Parquet parts, one row group per batch, a part moved into place every
+    (``out/rows``: Parquet parts appended batch by batch, a part moved into place every
     ``CHECKPOINT_S`` seconds and when the run ends, stops on an error or is interrupted, so it keeps
     what it finished), and the result returned reads them from there when asked: its memory does not
     grow with the rows (the statistics keep a few numbers per sample). ``result.json`` holds the
