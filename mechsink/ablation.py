@@ -337,8 +337,8 @@ def _per_sample(f: pd.DataFrame) -> pd.DataFrame:
 
 
 def _frame(tables: list[pa.Table]) -> pd.DataFrame:
-    """One frame of per-batch rows (``tables``, emptied), converted a column at a time as arrow
-    lets go of it: never two copies of the rows. Repeated strings (arrow dictionaries) categorical."""
+    """One frame of per-batch rows (``tables``, emptied so that Arrow can let go of each column as
+    pandas takes it), built once; repeated strings (Arrow dictionaries) categorical."""
     table = pa.concat_tables(tables) if tables else pa.table({})
     tables.clear()
     return table.to_pandas(self_destruct=True, split_blocks=True, use_threads=False)
