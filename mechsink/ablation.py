@@ -25,29 +25,37 @@ the LLM, the ViT and projector run once per batch and the copies run the LLM alo
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .batching import batches
 from .config import Config, coerce
-from .distributed import fail_together, gather_frames, rank, world
+from .atomic import ParquetAppend
+from .distributed import fail_together, gather, rank, world
 from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
 from .metrics import Metric
-from .results import Result
+from .results import FRAME, Result
 from .selection import Selection, SinkSource, contrast_foreground, draw_random, sink_table
 from .sites import Site
-from .stats import image_keys
+from .stats import image_keys, summarize_draws
 from .tokens import axis_columns
 from .trace import capture, llm_inputs
 
 MODES = ("zero", "mean", "resample", "drop", "knockout")
-CHECKPOINT_S = 30.0     # how often ``ablate(out=...)`` saves the rows finished so far
+CHECKPOINT_S = 30.0     # how often ``ablate(out=...)`` closes a part of the rows it streams to disk
+ROWS = "rows"           # ``out/rows``: the Parquet parts of a streamed run
+ROW_GROUP = 8192        # rows per row group of a part: few groups, so a part's metadata stays small
+STATS = ["sample", "image_key", "condition", "draw", "n_tokens", "clean", "effect", "valid"]
 
 
 class AblationError(MechsinkError, ValueError):
@@ -193,42 +201,93 @@ def _values(model, batch, cfg: AblationConfig, means: dict | None, seed: int,
 class AblationResult(Result):
     """Tidy results: ``frame`` has one row per sample x condition ("sink", "random") x draw with
     columns batch, sample, id, image_key, condition, draw, n_tokens, patches, value, clean, effect,
-    valid, reason. ``image_key`` names the sample's image (questions on one image share it; the
-    statistics run over images). ``meta["model"]``: the model's name."""
+    valid, reason (id, image_key, condition and reason categorical). ``image_key`` names the
+    sample's image (questions on one image share it; the statistics run over images).
+    ``meta["model"]``: the model's name.
+
+    The frame of a run streamed to disk (``ablate(out=...)``, or ``load`` of one) stays there until
+    ``frame`` is first read: the statistics read only their columns, a row group at a time, and
+    keep a few numbers per sample."""
     config_class: ClassVar[type | None] = AblationConfig
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        if self._frame is None:
+            self._frame = _frame([pq.ParquetFile(p).read() for p in sorted(self._rows.glob("part-*.parquet"))])
+        return self._frame
+
+    @frame.setter
+    def frame(self, frame: pd.DataFrame | os.PathLike) -> None:
+        """A DataFrame, or the directory of a streamed run's Parquet parts (read when needed)."""
+        lazy = isinstance(frame, (str, os.PathLike))
+        self._frame, self._rows = (None, Path(frame)) if lazy else (frame, None)
+        self._samples = None
+
+    def __repr__(self) -> str:                      # without reading a streamed run's rows
+        rows = f"rows in {self._rows}" if self._frame is None else f"{len(self._frame)} rows"
+        return f"AblationResult({self.label}, {rows})"
+
+    def _pieces(self, columns: list[str]) -> Iterable[pd.DataFrame]:
+        """The rows in pieces holding every row of their samples: the frame, or a streamed run's
+        batches (the row groups of its parts), with only ``columns`` (those that exist) read."""
+        if self._frame is not None:
+            yield self._frame[[c for c in columns if c in self._frame]]
+            return
+        for part in sorted(self._rows.glob("part-*.parquet")):        # in the order of their batches
+            f = pq.ParquetFile(part)
+            have = [c for c in columns if c in f.schema_arrow.names]
+            for g in range(f.num_row_groups):
+                yield f.read_row_group(g, columns=have).to_pandas()
+
+    def samples(self) -> pd.DataFrame:
+        """One row per sample, in the frame's order: sample, image_key, clean, valid, n_tokens and
+        effect of its sink set, and ``random``, the mean effect of its random draws (``n_draws``
+        of them; NaN for an invalid sample). What the statistics need: a few numbers per sample."""
+        if self._samples is None:
+            per = [_per_sample(f) for f in self._pieces(STATS)]
+            self._samples = pd.concat(per, ignore_index=True) if per else pd.DataFrame({"valid": np.zeros(0, bool)})
+        return self._samples
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
         """(sink effect [n], random effects [n, n_draws], sample index) over the valid samples."""
-        f = self.frame[self.frame["valid"]]
+        f = pd.concat(list(self._pieces(["sample", "condition", "draw", "effect", "valid"])), ignore_index=True)
+        f = f[f["valid"]]
         if f.empty:
             raise AblationError("no valid samples: every sample lacked sinks or matched controls")
         sink = f[f["condition"] == "sink"].set_index("sample")["effect"].sort_index()
         rand = f[f["condition"] == "random"].pivot(index="sample", columns="draw", values="effect").sort_index()
         return sink.to_numpy(), rand.loc[sink.index].to_numpy(), sink.index
 
+    def _valid(self) -> pd.DataFrame:
+        """The valid samples of ``samples()``, ordered by sample (the order of ``effects()``)."""
+        s = self.samples()
+        s = s[s["valid"]]
+        if s.empty:
+            raise AblationError("no valid samples: every sample lacked sinks or matched controls")
+        return s.sort_values("sample", kind="stable")
+
     def units(self) -> np.ndarray:
         """The image of every valid sample, in the order of ``effects()`` (a frame without
         ``image_key``, saved by an older version, counts every sample as its own image)."""
-        _, _, idx = self.effects()
-        f = self.frame
-        if "image_key" not in f:
-            return np.asarray(idx).astype(str)
-        keys = f.drop_duplicates("sample").set_index("sample")["image_key"]
-        return keys.loc[idx].astype(str).to_numpy()
+        s = self._valid()
+        keys = s["image_key"] if s["image_key"].notna().all() else s["sample"]
+        return keys.astype(str).to_numpy()
 
     def comparison(self, *, by: str = "image", **kw):
         """mechsink.stats.Comparison of sink vs random effects (bootstrap CIs, permutation p), over
         images (``by="image"``: questions on one image averaged first) or, for comparison only,
         over questions (``by="question"``, which treats correlated questions as independent)."""
         from .stats import compare_paired
-        sink, rand, _ = self.effects()
+        s = self._valid()
         c = self.config
         args = dict(n_boot=c.n_boot, n_perm=c.n_perm, alpha=c.alpha, alternative=c.alternative, seed=c.seed)
         if by == "image":
             args["units"] = self.units()
         elif by != "question":
             raise AblationError(f"by must be 'image' or 'question', got {by!r}")
-        return compare_paired(sink, rand, **{**args, **kw})
+        # each sample's random effect is already the mean of its draws (as compare_paired takes it)
+        cmp = compare_paired(s["effect"].to_numpy(), s["random"].to_numpy(), **{**args, **kw})
+        return replace(cmp, n_draws=int(s["n_draws"].max()))
 
     @property
     def label(self) -> str:
@@ -240,13 +299,49 @@ class AblationResult(Result):
     def summary(self) -> dict:
         """JSON-ready: sink_effect, random_effect, diff ({mean, ci_low, ci_high}), p_value, n, ..."""
         d = self.comparison().to_dict()
-        f = self.frame
+        s = self.samples()
         return {"sink_effect": d["sink"], "random_effect": d["random"], "diff": d["diff"], "p_value": d["p_value"],
                 "n": d["n"], "n_images": d["n"], "n_questions": d["n_obs"], "unit": d["unit"], "n_draws": d["n_draws"], "test": d["test"], "alternative": d["alternative"],
                 "alpha": d["alpha"], "metric": self.config.metric.name,
-                "clean_metric": float(f.drop_duplicates("sample")["clean"].mean()),
-                "n_skipped": int(f.loc[~f["valid"], "sample"].nunique()),
-                "mean_sinks": float(f.loc[f["valid"] & (f["condition"] == "sink"), "n_tokens"].mean())}
+                "clean_metric": float(s["clean"].mean()),
+                "n_skipped": int((~s["valid"]).sum()),
+                "mean_sinks": float(s.loc[s["valid"], "n_tokens"].mean())}
+
+    def _save_frame(self, path: Path) -> None:
+        if self._rows is None:
+            shutil.rmtree(path / ROWS, ignore_errors=True)       # an earlier streamed run's rows
+            return super()._save_frame(path)
+        (path / FRAME).unlink(missing_ok=True)                  # an earlier in-memory run's frame
+        if (path / ROWS).resolve() != self._rows.resolve():
+            shutil.rmtree(path / ROWS, ignore_errors=True)
+            shutil.copytree(self._rows, path / ROWS)
+
+    @classmethod
+    def _read_frame(cls, path: Path):
+        return path / ROWS if (path / ROWS).is_dir() else super()._read_frame(path)
+
+
+def _per_sample(f: pd.DataFrame) -> pd.DataFrame:
+    """``AblationResult.samples()`` of rows holding every row of their samples."""
+    sink = f[f["condition"] == "sink"].reset_index(drop=True)
+    ok = f[f["valid"]]
+    rand = ok[ok["condition"] == "random"].pivot(index="sample", columns="draw", values="effect")
+    valid = sink["valid"].to_numpy(dtype=bool)
+    mean = np.full(len(sink), np.nan)
+    if valid.any():      # the mean compare_paired takes of the draws (row by row: the same numbers)
+        mean[valid] = summarize_draws(np.ascontiguousarray(rand.loc[sink.loc[valid, "sample"]].to_numpy())).mean
+    key = sink["image_key"].astype(str) if "image_key" in sink else pd.Series([None] * len(sink), dtype=object)
+    return pd.DataFrame({"sample": sink["sample"].to_numpy(), "image_key": key.to_numpy(), "clean": sink["clean"].to_numpy(),
+                         "valid": valid, "n_tokens": sink["n_tokens"].to_numpy(), "effect": sink["effect"].to_numpy(),
+                         "random": mean, "n_draws": rand.shape[1]})
+
+
+def _frame(tables: list[pa.Table]) -> pd.DataFrame:
+    """One frame of per-batch rows (``tables``, emptied so that Arrow can let go of each column as
+    pandas takes it), built once; repeated strings (Arrow dictionaries) categorical."""
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    tables.clear()
+    return table.to_pandas(self_destruct=True, split_blocks=True, use_threads=False)
 
 
 def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: SinkSource = None,
@@ -259,8 +354,12 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     sinks: the sink rule -- a SinkSpec (default SinkSpec()), a SinkSet, fixed patch indices or a
     callable (see ``selection.sink_table``). foreground: (model, batch) -> bool per patch, for
     ``match=("foreground",)`` (e.g. ``contrast_foreground()``). errors: a mechsink.data.ErrorLog
-    that records skipped images. out: a directory; results are saved there every ``CHECKPOINT_S``
-    seconds and when the run ends, stops on an error or is interrupted, so it keeps what it finished.
+    that records skipped images. out: a directory; the rows are written there as they are made
+    (``out/rows``: Parquet parts appended batch by batch, a part moved into place every
+    ``CHECKPOINT_S`` seconds and when the run ends, stops on an error or is interrupted, so it keeps
+    what it finished), and the result returned reads them from there when asked: its memory does not
+    grow with the rows (the statistics keep a few numbers per sample). ``result.json`` holds the
+    summary once the run ends.
     """
     cfg = coerce(AblationConfig, config)
     cfg = cfg.replace(**overrides) if overrides else cfg
@@ -271,36 +370,76 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     if cfg.mode == "mean":
         from .data import ErrorLog
         means = cell_means(model, (c.batch for c in batches(model, data, cfg.batch_size, errors=ErrorLog())), cfg.site)
-    frames: list[tuple[int, pd.DataFrame]] = []       # (chunk number, rows): merged over torchrun ranks
     meta = {"model": getattr(model, "name", "")}
-    def checkpoint() -> None:
-        if out is not None and world() == 1 and frames:
-            AblationResult(pd.concat([f for _, f in frames], ignore_index=True), cfg, meta).save(out, summary=False)
-
-    saved = time.monotonic()
+    # with ``out`` (one process), every batch's rows go to disk as they are made and the result
+    # reads them back when asked; under torchrun the ranks' rows are gathered and saved by rank 0
+    stream = _Stream(Path(out), AblationResult(Path(out) / ROWS, cfg, meta)) if out is not None and world() == 1 else None
+    parts: list[tuple[int, pa.Table]] = []           # (chunk number, rows): merged over torchrun ranks
     try:
         with fail_together():                          # an error on one rank is raised on every rank
             for chunk in batches(model, data, cfg.batch_size, errors=errors, shard=True,
                                  min_batch=2 if cfg.mode == "resample" else 1,  # resample pairs images in a batch
                                  progress=f"ablate {cfg.mode}" if progress else False):
-                frames.append((chunk.number, _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)))
-                # every CHECKPOINT_S, not every batch: rewriting the whole frame per batch is quadratic
-                if time.monotonic() - saved >= CHECKPOINT_S:
-                    checkpoint()
-                    saved = time.monotonic()
-    except BaseException:
-        checkpoint()                                   # an interrupt or an error keeps what was finished
-        raise
-    frame = gather_frames(frames)
-    if frame.empty:
+                rows = _ablate_batch(model, chunk, chunk.number, cfg, sinks, foreground, means)
+                if stream is not None:
+                    stream.write(chunk.number, rows)
+                else:
+                    parts.append((chunk.number, rows))
+    finally:
+        if stream is not None:
+            stream.close()                             # an interrupt or an error keeps what was finished
+    if stream is not None:
+        result, n = stream.result, stream.rows
+    else:                                              # every rank's rows in chunk order, then one frame
+        tables = gather(parts)
+        parts.clear()
+        n = sum(t.num_rows for t in tables)
+        result = AblationResult(_frame(tables), cfg, meta)
+    if not n:
         raise AblationError("no data to ablate")
-    result = AblationResult(frame, cfg, meta)
     if out is not None and rank() == 0:
         result.save(out)
     return result
 
 
-def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, means) -> pd.DataFrame:
+class _Stream:
+    """The rows of ``ablate(out=...)`` on disk as they are made: batches are appended to the open
+    part, ``out/rows/part-<first batch>.parquet``, in row groups of about ROW_GROUP rows, and the
+    part is moved into place every CHECKPOINT_S and when the run ends or stops; nothing is
+    rewritten, and a stopped run keeps every batch it finished (and its partial result.json,
+    written first)."""
+
+    def __init__(self, out: Path, result: AblationResult):
+        self.result, self.dir = result, out / ROWS
+        shutil.rmtree(self.dir, ignore_errors=True)                 # an earlier run's rows
+        self.dir.mkdir(parents=True)
+        result.save(out, summary=False)
+        self.part, self.held, self.opened, self.rows = None, [], 0.0, 0
+
+    def write(self, number: int, rows: pa.Table) -> None:
+        if self.part is None:
+            self.part, self.opened = ParquetAppend(self.dir / f"part-{number:09d}.parquet", rows.schema), time.monotonic()
+        self.held.append(rows)
+        self.rows += rows.num_rows
+        if time.monotonic() - self.opened >= CHECKPOINT_S:
+            self.close()
+        elif sum(t.num_rows for t in self.held) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.held:
+            self.part.write(pa.concat_tables(self.held))
+            self.held = []
+
+    def close(self) -> None:
+        if self.part is not None:
+            self._flush()
+            self.part.close()
+            self.part = None
+
+
+def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, means) -> pa.Table:
+    """The batch's rows: condition-major (the sink set, then every draw), one per sample each."""
     batch = chunk.batch
     tm = batch.token_map
     table = sink_table(model, batch, sinks, foreground)
@@ -316,15 +455,17 @@ def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, 
     effect = cfg.metric.effect(value, base["value"][None])
     samples = table["sample"].to_numpy()
     patch = table["patch"].to_numpy()
-    rows = []
-    for c in range(select.shape[0]):
-        for s in range(batch.size):
-            chosen = np.sort(patch[select[c] & (samples == s)])
-            rows.append({"batch": k, "sample": gidx[s], "id": str(ids[s]), "image_key": keys[s], "condition": "sink" if c == 0 else "random",
-                         "draw": max(c - 1, 0), "n_tokens": len(chosen), "patches": " ".join(map(str, chosen)),
-                         "value": float(value[c, s]), "clean": float(base["value"][s]),
-                         "effect": float(effect[c, s]), "valid": bool(valid[s]), "reason": reason[s]})
-    return pd.DataFrame(rows)
+    c, s = np.divmod(np.arange(select.shape[0] * batch.size), batch.size)      # condition, sample of every row
+    chosen = [np.sort(patch[select[ci] & (samples == si)]) for ci, si in zip(c, s)]
+    floats = lambda t: t.detach().double().cpu().numpy()                # noqa: E731 - exact: float32 -> float64
+    per_sample = lambda v: pa.array(np.asarray(v, dtype=object)[s]).dictionary_encode()  # noqa: E731
+    return pa.table({
+        "batch": np.full(len(c), k, np.int64), "sample": np.asarray(gidx, np.int64)[s],
+        "id": per_sample([str(i) for i in ids]), "image_key": per_sample(keys),
+        "condition": pa.array(np.where(c == 0, "sink", "random")).dictionary_encode(), "draw": np.maximum(c - 1, 0),
+        "n_tokens": np.array([len(p) for p in chosen], np.int64), "patches": [" ".join(map(str, p)) for p in chosen],
+        "value": floats(value).reshape(-1), "clean": floats(base["value"])[s], "effect": floats(effect).reshape(-1),
+        "valid": np.asarray(valid, bool)[s], "reason": per_sample(reason)})
 
 
 def _clean_with_site(model, batch, cfg: AblationConfig) -> tuple[dict, torch.Tensor | None]:

@@ -24,3 +24,21 @@ def write_parquet(path: str | os.PathLike, frame) -> Path:
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)
     return path
+
+
+class ParquetAppend:
+    """A Parquet file written a row group at a time under a temporary name and moved into place
+    by ``close()``: readers see no file or a whole one, never a half-written one."""
+
+    def __init__(self, path: str | os.PathLike, schema):
+        import pyarrow.parquet as pq
+        self.path = Path(path)
+        self._writer = pq.ParquetWriter(_tmp(self.path), schema)
+
+    def write(self, table) -> None:
+        self._writer.write_table(table)
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(_tmp(self.path), self.path)
+        return self.path

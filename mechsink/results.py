@@ -68,7 +68,7 @@ class Result:
         the summary (a run in progress, whose statistics may not exist yet)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        write_parquet(path / FRAME, self.frame)
+        self._save_frame(path)
         meta = {"kind": type(self).__name__, "config": self.config.to_dict() if self.config is not None else None,
                 "meta": json_safe(self.meta), "partial": not summary}
         if summary:
@@ -84,7 +84,7 @@ class Result:
         path = Path(path)
         try:
             meta = json.loads((path / META).read_text())
-            frame = pd.read_parquet(path / FRAME)
+            frame = cls._read_frame(path)
         except FileNotFoundError as e:
             raise ResultError(f"{path} holds no saved result ({Path(e.filename).name} is missing)") from None
         except (json.JSONDecodeError, OSError) as e:
@@ -98,3 +98,11 @@ class Result:
     @classmethod
     def _from_saved(cls, frame: pd.DataFrame, config, meta: dict):
         return cls(frame, config, meta)
+
+    # how the frame is kept on disk (a result whose rows are streamed to disk keeps them its way)
+    def _save_frame(self, path: Path) -> None:
+        write_parquet(path / FRAME, self.frame)
+
+    @classmethod
+    def _read_frame(cls, path: Path):
+        return pd.read_parquet(path / FRAME)

@@ -393,14 +393,31 @@ def test_null_twin_with_three_questions_per_image_is_calibrated_by_image_only():
     assert fpr_q > 0.09, fpr_q                                   # pseudo-replication: too many false positives
 
 
-def test_an_interrupted_run_keeps_the_batches_it_finished(planted, tmp_path):
-    """The rows are saved every CHECKPOINT_S seconds, and also when the run stops: a KeyboardInterrupt
-    in the third batch leaves the first two batches' rows in ``out``, equal to a full run's."""
-    m, _ = planted
-    from mechsink.selection import sink_table
+def _quarters(m):
+    """The planted eval set as four batches of four samples."""
     images, rows = P.load_eval(16)
-    halves = [m.prepare(images[k:k + 4], [r["prompt"] for r in rows[k:k + 4]], answers=[r["answer"] for r in rows[k:k + 4]])
-              for k in range(0, 16, 4)]
+    return [m.prepare(images[k:k + 4], [r["prompt"] for r in rows[k:k + 4]], answers=[r["answer"] for r in rows[k:k + 4]])
+            for k in range(0, 16, 4)]
+
+
+def _sinks_with_invalid(model, batch):
+    """The planted sinks, except that sample 1 of every batch has nothing but sinks: no controls."""
+    t = sink_table(model, batch, SINKS)
+    t.loc[t["sample"] == 1, "is_sink"] = True
+    return t
+
+
+@pytest.mark.parametrize("checkpoint_s, parts", [(30.0, ["part-000000000.parquet"]),
+                                                 (0.0, ["part-000000000.parquet", "part-000000001.parquet"])])
+def test_an_interrupted_run_keeps_the_batches_it_finished(planted, tmp_path, monkeypatch, checkpoint_s, parts):
+    """The rows stream to disk, a part closed every CHECKPOINT_S seconds and when the run stops: a KeyboardInterrupt in the third batch leaves exactly the first two
+    batches' rows in ``out`` (one part, or one per batch when every batch closes a part), equal to
+    a full run's, with a partial result.json."""
+    import pyarrow.parquet as pq
+    from mechsink import ablation
+    m, _ = planted
+    monkeypatch.setattr(ablation, "CHECKPOINT_S", checkpoint_s)
+    halves = _quarters(m)
     calls = []
 
     def sinks(model, batch):                        # the planted sinks, until the third batch
@@ -412,7 +429,67 @@ def test_an_interrupted_run_keeps_the_batches_it_finished(planted, tmp_path):
     cfg = AblationConfig(n_draws=2, batch_size=16)
     with pytest.raises(KeyboardInterrupt):
         ablate(m, halves, cfg, sinks=sinks, out=tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "rows").iterdir()) == parts     # no half-written part left
+    assert sum(pq.ParquetFile(tmp_path / "run" / "rows" / p).metadata.num_rows for p in parts) == 2 * 4 * 3
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["partial"] and "summary" not in saved
     kept = AblationResult.load(tmp_path / "run").frame
     full = ablate(m, halves[:2], cfg, sinks=SINKS).frame
-    assert len(kept) == len(full) > 0
+    assert len(kept) == len(full) == 2 * 4 * 3
     pd.testing.assert_frame_equal(kept.reset_index(drop=True), full.reset_index(drop=True))
+
+
+def test_a_streamed_run_equals_the_in_memory_run(planted, tmp_path, monkeypatch):
+    """ablate(out=) keeps no rows in memory (the statistics read theirs from disk, a row group
+    -- here a batch -- at a time) and gives the frame, effects, units, comparison and summary of
+    the in-memory run, exactly; so does its reload, and a copy saved elsewhere; an in-memory
+    result saved over it replaces its rows."""
+    from mechsink import ablation
+    monkeypatch.setattr(ablation, "ROW_GROUP", 1)
+    m, _ = planted
+    data = _quarters(m)
+    cfg = AblationConfig(n_draws=3, batch_size=16)
+    eager = ablate(m, data, cfg, sinks=_sinks_with_invalid)
+    lazy = ablate(m, data, cfg, sinks=_sinks_with_invalid, out=tmp_path / "run")
+    s = eager.summary()
+    assert s["n_skipped"] == 4 and s["n"] == 12
+    assert lazy.summary() == s and "rows in" in repr(lazy) and lazy._frame is None   # statistics without the frame
+    assert lazy.comparison(by="question") == eager.comparison(by="question")
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["summary"] == json.loads(json.dumps(s))
+    f = eager.frame
+    assert {c for c in f if isinstance(f[c].dtype, pd.CategoricalDtype)} == {"id", "image_key", "condition", "reason"}
+    assert len(f) == 16 * 4 and f["batch"].tolist() == sorted(f["batch"])
+    back = AblationResult.load(tmp_path / "run")
+    back.save(tmp_path / "copy")
+    copy = AblationResult.load(tmp_path / "copy")
+    for r in (lazy, back, copy):
+        assert r.summary() == s and r.to_dict() == eager.to_dict()
+        for a, b in zip(r.effects(), eager.effects()):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert np.array_equal(r.units(), eager.units())
+        pd.testing.assert_frame_equal(r.frame, f)
+    eager.save(tmp_path / "copy")                                            # frame.parquet, no rows/ left
+    assert not (tmp_path / "copy" / "rows").exists()
+    pd.testing.assert_frame_equal(AblationResult.load(tmp_path / "copy").frame, f)
+
+
+def test_comparison_from_per_sample_means_equals_the_draw_matrix(tmp_path, monkeypatch):
+    """comparison() pairs each sample's sink effect with the mean of its random draws, reduced a
+    batch at a time; it must equal stats.compare_paired of the whole [samples, draws] matrix of
+    effects(), to the last bit: 40 images x 2 questions (units, sampled sign flips, BCa), in
+    batches of 12 so that an image's questions fall in different batches, streamed to disk."""
+    from mechsink import ablation
+    from mechsink.stats import compare_paired
+    monkeypatch.setattr(ablation, "ROW_GROUP", 1)
+    m = mechsink.load("planted-llava-null")
+    rng = np.random.default_rng(11)
+    images = [im for im in (P.make_image(rng) for _ in range(40)) for _ in range(2)]
+    batches = [m.prepare(images[i:i + 12], [P.PROMPT] * len(images[i:i + 12]),
+                         answers=[P.label_of(im) for im in images[i:i + 12]]) for i in range(0, 80, 12)]
+    cfg = AblationConfig(n_draws=12, batch_size=16, n_boot=500, n_perm=2000)     # > 8: pairwise sums
+    res = ablate(m, batches, cfg, sinks=SINKS, out=tmp_path / "run")
+    sink, rand, _ = res.effects()
+    args = dict(n_boot=500, n_perm=2000, alpha=cfg.alpha, alternative=cfg.alternative, seed=cfg.seed)
+    assert res.comparison() == compare_paired(sink, rand, units=res.units(), **args)
+    assert res.comparison(by="question") == compare_paired(sink, rand, **args)
+    assert res.comparison().n == 40 and res.comparison().n_draws == 12 and len(set(res.units())) == 40
