@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import _SEED_ORDER, ProbeConfig, ProbeError
 from .linear import _plain
@@ -145,18 +144,66 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     return rng.choice(len(freq), size=len(pairs), p=freq)[inv.ravel()]
 
 
-def _features(store, s: _Set, site: str) -> np.ndarray:
-    """[n, d] float32 activations of the set at a site (mean: pooled per image); NaN rows stay NaN."""
+BLOCK_BYTES = 8 << 20   # one block of float64 rows that a fit works on
+
+
+class _Rows:
+    """A token set's features at a site, read in blocks of rows: ``blocks(pos)`` yields
+    ``(start, x)``, x [<= block_rows, d] the rows ``pos[start:start + len(x)]``. Blocks depend only
+    on ``pos``, so rows held in memory and rows read from the store give the same numbers."""
+
+    def __init__(self, d: int, read) -> None:
+        self.d = int(d)
+        self.block_rows = max(1, BLOCK_BYTES // (8 * self.d))
+        self.read = read           # positions -> [len, d] features
+        self.held = False
+
+    def blocks(self, pos: np.ndarray):
+        for start in range(0, len(pos), self.block_rows):
+            yield start, self.read(pos[start:start + self.block_rows])
+
+
+def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.ndarray]:
+    """The set's float32 features at a site (mean: pooled per image) and which rows are finite
+    (NaN: not cached). Read once and held when n * d float32 fit in ``memory_mb``; else every pass
+    of a fit gathers its rows from the store again, so memory does not grow with the cache."""
+    d = store.dims[site]
     if s.pool is None:
-        return np.asarray(store.get(site, s.rows), dtype=np.float32)
-    sums = torch.zeros(len(s.rows), store.dims[site], dtype=torch.float64)
-    start = 0
-    for block in store.iter_batches(site, batch_rows=65536, rows=s.pool_rows):
-        ids = torch.from_numpy(s.pool[start:start + len(block)])
-        sums.index_add_(0, ids, torch.from_numpy(np.asarray(block, dtype=np.float64)))
-        start += len(block)
-    counts = np.bincount(s.pool, minlength=len(s.rows))[:, None]
-    return (sums.numpy() / counts).astype(np.float32)
+        def gather(pos):
+            return np.asarray(store.get(site, s.rows[pos]), dtype=np.float32)
+    else:
+        gather = _pooled(store, s, site)
+    rows = _Rows(d, gather)
+    n = len(s.rows)
+    held = np.empty((n, d), dtype=np.float32) if n * d * 4 <= memory_mb * 2**20 else None
+    finite = np.empty(n, dtype=bool)
+    for start, x in rows.blocks(np.arange(n)):
+        finite[start:start + len(x)] = np.isfinite(x).all(axis=1)
+        if held is not None:
+            held[start:start + len(x)] = x
+    if held is not None:
+        rows.read, rows.held = held.__getitem__, True
+    return rows, finite
+
+
+def _pooled(store, s: _Set, site: str):
+    """positions -> [len, d] means of those pools' image rows (float64 sums in row order)."""
+    order = np.argsort(s.pool, kind="stable")                  # rows of pool p: order[start[p]:start[p + 1]]
+    start = np.searchsorted(s.pool[order], np.arange(len(s.rows) + 1))
+    size = np.diff(start)
+    step = max(1, _Rows(store.dims[site], None).block_rows // max(1, int(size.max())))
+
+    def gather(pos):
+        out = np.empty((len(pos), store.dims[site]), dtype=np.float32)
+        for i in range(0, len(pos), step):                     # at most a block of image rows at once
+            p = pos[i:i + step]
+            n = size[p]
+            first = np.cumsum(n) - n
+            members = order[np.repeat(start[p] - first, n) + np.arange(n.sum())]
+            x = np.asarray(store.get(site, s.pool_rows[members]), dtype=np.float64)
+            out[i:i + len(p)] = np.add.reduceat(x, first, axis=0) / n[:, None]
+        return out
+    return gather
 
 
 def _subset(s: _Set, keep: np.ndarray) -> _Set:

@@ -21,7 +21,8 @@ from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
 from .data import _features, _labels, _subset, _token_set
-from .linear import LinearProbe, fit_linear, load_probe
+from .fit import fit_rows
+from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .scoring import _cross_val, _score
 
@@ -50,8 +51,11 @@ def _site_order(sites: Sequence[str]) -> list[str]:
     return sorted(sites, key=key)
 
 
+MEMORY_MB = 1024.0  # features of one (token set, site) held in memory up to this size; beyond, streamed
+
+
 def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None,
-          **settings) -> ProbeResult:
+          *, memory_mb: float = MEMORY_MB, **settings) -> ProbeResult:
     """Train and score probes for every (token set, site); see :mod:`mechsink.probing`.
 
     store: a Store or a cache directory. config: a ProbeConfig or its dict; keyword ``settings``
@@ -59,6 +63,9 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     written there at once (its row to rows.jsonl, its probe to probes/) and a rerun with the same
     config skips it, so an interrupted run loses at most the probe in progress; the finished result
     is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
+    memory_mb: a (token set, site)'s float32 features are read once and held when they fit in it,
+    else streamed from the store on every pass of every fit (slower, memory flat in the cache size);
+    the results are the same, so it is not part of the config.
     """
     from ..cache import Store
 
@@ -100,13 +107,12 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                 rows.append((j, done[key][0]))
                 probes.append((j, (key, done[key][1])))
                 continue
-            x = _features(store, s, site)
-            finite = np.isfinite(x).all(axis=1)
+            feats, finite = _features(store, s, site, memory_mb)
             if not finite.any():
                 notes.append((j, f"{name} @ {site}: no activations cached for these tokens"))
                 continue
             sub = _subset(s, finite)
-            x, f_sub = x[finite], fold[finite]
+            pos, f_sub = np.flatnonzero(finite), fold[finite]
             folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
             folds = [(tr, te) for tr, te in folds if len(te)]
             if len(folds) < 2:
@@ -116,12 +122,12 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
                 recorded[name].add(used)
                 splits.append((j, (name, used, _split_records(name, site, folds, sub.group, lab.group_names))))
-            real = _score(sub, sub.y, _cross_val(x, sub.y, folds, n_classes, config), f_sub, n_classes, config)
+            real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
             ctrl = None
             if config.control:
-                ctrl = _score(sub, sub.y_control, _cross_val(x, sub.y_control, folds, n_classes, config),
+                ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, folds, n_classes, config),
                               f_sub, n_classes, config)
-            w, b = fit_linear(x, sub.y, n_classes, config)
+            w, b = fit_rows(feats, pos, sub.y, n_classes, config)
             meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
                     "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
                     "n_tokens": int(len(sub.y))}

@@ -9,7 +9,8 @@ import numpy as np
 
 from .config import ProbeConfig
 from .data import _Set
-from .linear import LinearProbe, _softmax, fit_linear
+from .fit import fit_rows
+from .linear import LinearProbe, _softmax
 
 
 def _balanced_counts(group: np.ndarray, y: np.ndarray, correct: np.ndarray, n_groups: int, k: int):
@@ -107,10 +108,13 @@ def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes:
     return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, len(units), agg)
 
 
-def _cross_val(x, y, folds, n_classes, config) -> np.ndarray:
-    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds."""
+def _cross_val(rows, pos, y, folds, n_classes, config) -> np.ndarray:
+    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds.
+    rows: a feature source (:class:`.data._Rows`); pos [n]: its rows; folds: (train, test) into pos."""
     oof = np.zeros((len(y), n_classes))
     for train, test in folds:
-        w, b = fit_linear(x[train], y[train], n_classes, config)
-        oof[test] = LinearProbe(w, b, list(range(n_classes)), config.model).scores(x[test])
+        w, b = fit_rows(rows, pos[train], y[train], n_classes, config)
+        p = LinearProbe(w, b, list(range(n_classes)), config.model)
+        for start, x in rows.blocks(pos[test]):
+            oof[test[start:start + len(x)]] = p.scores(x)
     return oof
