@@ -3,6 +3,7 @@ sets (selections and the ``mean`` aggregate), control-task labels and the featur
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +52,12 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
         bad = per_sample.index[per_sample > 1][:3].tolist()
         raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
 
-    paths = index["image_path"].astype(str).to_numpy() if "image_path" in index.columns else None
+    paths = index["image_path"] if "image_path" in index.columns else None
+    if paths is not None and paths.isna().any():
+        paths = paths.astype(str)                  # a missing path is the path "nan"
     if paths is not None and (paths != "").all():
-        gcodes, gnames = pd.factorize(paths, sort=True)
+        gcodes, gnames = pd.factorize(paths, sort=True)  # no string object per row
+        gnames = np.asarray(gnames, dtype=object)
     else:
         gcodes, gnames = pd.factorize(sample, sort=True)
     group = gcodes.astype(np.int64)
@@ -99,9 +103,9 @@ class _Set:
 
 def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig) -> _Set | str:
     """The rows of a token set, or a string saying why it is left out."""
-    role = index["token_role"].astype(str).to_numpy()
+    role = index["token_role"]
     ok = lab.y >= 0
-    image = (role == "image") & ok
+    image = (role == "image").to_numpy(bool) & ok
     sink = index["is_sink"].to_numpy(bool)
     pool = pool_rows = None
     if name in ("cls", "mean") and lab.level == "patch":
@@ -113,7 +117,7 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
     elif name == "image":
         rows = np.flatnonzero(image)
     elif name == "cls":
-        rows = np.flatnonzero((role == "cls") & ok)
+        rows = np.flatnonzero((role == "cls").to_numpy(bool) & ok)
     else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
         pool_rows = np.flatnonzero(image)
         keys = index[["sample_idx", "image"]].to_numpy()[pool_rows]
@@ -144,7 +148,8 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     return rng.choice(len(freq), size=len(pairs), p=freq)[inv.ravel()]
 
 
-BLOCK_BYTES = 8 << 20   # one block of float64 rows that a fit works on
+BLOCK_BYTES = 8 << 20   # the largest block of float64 rows a fit works on
+MIN_BLOCK_ROWS = 256    # the smallest (a smaller one costs more in Python than it saves)
 
 
 class _Rows:
@@ -152,9 +157,10 @@ class _Rows:
     ``(start, x)``, x [<= block_rows, d] the rows ``pos[start:start + len(x)]``. Blocks depend only
     on ``pos``, so rows held in memory and rows read from the store give the same numbers."""
 
-    def __init__(self, d: int, read) -> None:
+    def __init__(self, d: int, read, memory_mb: float = float("inf")) -> None:
         self.d = int(d)
-        self.block_rows = max(1, BLOCK_BYTES // (8 * self.d))
+        # a fit holds a float64 block and its float32 read: half the budget, at most BLOCK_BYTES
+        self.block_rows = max(MIN_BLOCK_ROWS, int(min(BLOCK_BYTES, memory_mb * 2**19) // (8 * self.d)))
         self.read = read           # positions -> [len, d] features
         self.held = False
 
@@ -172,8 +178,8 @@ def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.nd
         def gather(pos):
             return np.asarray(store.get(site, s.rows[pos]), dtype=np.float32)
     else:
-        gather = _pooled(store, s, site)
-    rows = _Rows(d, gather)
+        gather = _pooled(store, s, site, memory_mb)
+    rows = _Rows(d, gather, memory_mb)
     n = len(s.rows)
     held = np.empty((n, d), dtype=np.float32) if n * d * 4 <= memory_mb * 2**20 else None
     finite = np.empty(n, dtype=bool)
@@ -182,16 +188,23 @@ def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.nd
         if held is not None:
             held[start:start + len(x)] = x
     if held is not None:
-        rows.read, rows.held = held.__getitem__, True
+        rows.read, rows.held = partial(_take, held), True
     return rows, finite
 
 
-def _pooled(store, s: _Set, site: str):
+def _take(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """x[pos], a view when pos is a run of consecutive rows (the final fit reads every row)."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and (len(pos) < 3 or (np.diff(pos) == 1).all()):
+        return x[pos[0]:pos[-1] + 1]
+    return x[pos]
+
+
+def _pooled(store, s: _Set, site: str, memory_mb: float):
     """positions -> [len, d] means of those pools' image rows (float64 sums in row order)."""
     order = np.argsort(s.pool, kind="stable")                  # rows of pool p: order[start[p]:start[p + 1]]
     start = np.searchsorted(s.pool[order], np.arange(len(s.rows) + 1))
     size = np.diff(start)
-    step = max(1, _Rows(store.dims[site], None).block_rows // max(1, int(size.max())))
+    step = max(1, _Rows(store.dims[site], None, memory_mb).block_rows // max(1, int(size.max())))
 
     def gather(pos):
         out = np.empty((len(pos), store.dims[site]), dtype=np.float32)

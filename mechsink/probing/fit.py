@@ -10,11 +10,12 @@ rows reads them again, from memory or from the store.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _Rows
+from .data import _Rows, _take
 
 log = logging.getLogger("mechsink")
 
@@ -26,7 +27,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig
     """Fit a standardised logistic/ridge probe on x [n, d] (in memory) with class codes y [n] in
     [0, n_classes); return (weight [K, d], bias [K]) on raw activations. See :func:`fit_rows`."""
     x = np.asarray(x)
-    return fit_rows(_Rows(x.shape[1], x.__getitem__), np.arange(len(x)), y, n_classes, config)
+    return fit_rows(_Rows(x.shape[1], partial(_take, x)), np.arange(len(x)), y, n_classes, config)
 
 
 def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +49,7 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
 
     def blocks():  # standardised float64 blocks, as sklearn sees the whole matrix
         for start, x in rows.blocks(pos):
-            z = np.array(x, dtype=np.float64)
-            z -= mu
+            z = np.subtract(x, mu, dtype=np.float64)  # = float64 copy - mu, in one pass
             z /= sigma
             yield start, z
 

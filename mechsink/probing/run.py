@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from ..atomic import write_text
 from ..config import coerce
@@ -31,6 +32,8 @@ log = logging.getLogger("mechsink")
 
 # What a probe reads of the index: a large cache's other columns (labels, paths, norms) stay on disk.
 _PROBE_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")
+_CATEGORICAL = ("image_path", "token_role")
+_INDEX_BLOCK = 1 << 14
 
 
 def _index(store, label: str) -> pd.DataFrame:
@@ -39,7 +42,20 @@ def _index(store, label: str) -> pd.DataFrame:
     names = store.index_columns
     if label not in names:
         return store.index
-    return store.read_index([c for c in (*_PROBE_COLUMNS, label) if c in names])
+    cols = [c for c in _PROBE_COLUMNS if c in names and c != label]
+    parts = {c: [] for c in cols}
+    for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols):  # no whole string column at once
+        for c in cols:
+            parts[c].append(block[c].astype("category") if c in _CATEGORICAL else block[c])
+    index = store.read_index([label])
+    for c in cols:
+        if not parts[c]:
+            index[c] = store.read_index([c])[c]
+        elif c in _CATEGORICAL:  # a code per row, not a string: paths repeat per token, roles are few
+            index[c] = pd.Categorical(union_categoricals(parts[c], sort_categories=True))
+        else:
+            index[c] = pd.concat(parts[c], ignore_index=True)
+    return index[[*cols, label]]
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
