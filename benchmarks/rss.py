@@ -129,7 +129,7 @@ def stream_only(name: str, folder: str, n: int, bs: int, work: Path, sites: str 
 
 PROBE = dict(label="label", sites=("vit.out", "llm.blocks.1.hook_resid_post"), token_sets=("image", "nonsinks", "mean"),
              n_boot=200)
-PROBE_MEMORY_MB = 0.25 # probe(memory_mb=...): hold no features and fit in small blocks, as on a large cache
+PROBE_MEMORY_MB = 0.25  # probe(memory_mb=...): hold no token-level features (3,200 x 32 float32 at 200 images), as on a large cache
 
 
 def probe_only(store: str, **overrides) -> dict:
