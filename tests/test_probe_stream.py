@@ -100,10 +100,10 @@ def test_take_is_a_view_only_for_consecutive_rows():
 N_IMG, PER, D = 60, 12, 16
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def store(tmp_path_factory, request):
     """60 images of 12 tokens (2 of them sinks) whose label is written, weakly, in a few dims; some
-    tokens not cached (NaN) at one site."""
+    tokens not cached (NaN) at one site. Float16 rows are read as they are and held as float32."""
     rng = np.random.default_rng(0)
     label = np.arange(N_IMG) % 3
     img = np.repeat(np.arange(N_IMG), PER)
@@ -115,7 +115,8 @@ def store(tmp_path_factory):
                          "image_path": [f"img{i:03d}.png" for i in img]})
     y = x.copy()
     y[(img % 5 == 0) & (np.tile(np.arange(PER), N_IMG) == 3)] = np.nan   # one token of every 5th image
-    w = StoreWriter(tmp_path_factory.mktemp("stream") / "c", StoreConfig(sites=("vit.out", "llm.out")), dtype="float32")
+    w = StoreWriter(tmp_path_factory.mktemp("stream") / "c", StoreConfig(sites=("vit.out", "llm.out")),
+                    dtype=request.param)
     w.add(rows, {"vit.out": torch.from_numpy(x).float(), "llm.out": torch.from_numpy(y).float()})
     return w.finalize()
 
@@ -152,7 +153,7 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
         want = pd.DataFrame(want).groupby(s.pool).mean().to_numpy()[pos]
         assert np.allclose(x, want, rtol=1e-6)
     else:
-        assert np.array_equal(x, store.get(site, s.rows[pos]))
+        assert x.dtype == np.float32 and np.array_equal(x, store.get(site, s.rows[pos]))
 
 
 @pytest.mark.parametrize("model", ["logistic", "ridge"])

@@ -171,13 +171,13 @@ class _Rows:
 
 
 def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.ndarray]:
-    """The set's float32 features at a site (mean: pooled per image) and which rows are finite
-    (NaN: not cached). Read once and held when n * d float32 fit in ``memory_mb``; else every pass
-    of a fit gathers its rows from the store again, so memory does not grow with the cache."""
+    """The set's features at a site (mean: pooled per image, float32) and which rows are finite
+    (NaN: not cached). Read once and held as float32 when n * d float32 fit in ``memory_mb``; else
+    every pass of a fit gathers its rows from the store again, so memory does not grow with the cache."""
     d = store.dims[site]
     if s.pool is None:
-        def gather(pos):
-            return np.asarray(store.get(site, s.rows[pos]), dtype=np.float32)
+        def gather(pos):  # the store's float16/float32 (exact in float32; the fit computes in float64)
+            return store.get(site, s.rows[pos])
     else:
         gather = _pooled(store, s, site, memory_mb)
     rows = _Rows(d, gather, memory_mb)
