@@ -3,8 +3,8 @@ sets (selections and the ``mean`` aggregate), control-task labels and the featur
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
