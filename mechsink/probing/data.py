@@ -120,9 +120,10 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         rows = np.flatnonzero((role == "cls").to_numpy(bool) & ok)
     else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
         pool_rows = np.flatnonzero(image)
-        keys = index[["sample_idx", "image"]].to_numpy()[pool_rows]
-        _, first, pool = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        pool = pool.ravel()
+        img = index["image"].to_numpy(np.int64)[pool_rows]
+        img -= img.min(initial=0)
+        keys = index["sample_idx"].to_numpy(np.int64)[pool_rows] * (int(img.max(initial=0)) + 1) + img
+        _, first, pool = np.unique(keys, return_index=True, return_inverse=True)  # (sample, image) pairs in order
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
         rng = np.random.default_rng(config.seed)
