@@ -31,10 +31,10 @@ chance flags leakage or an over-expressive probe. ``selectivity`` = accuracy - c
 Probes are saved as safetensors (weight [K, d], bias [K]) + JSON (classes, site, label, config):
 the feature standardisation is folded into the weights, so a saved probe is one affine map.
 
-Memory does not grow with the cache: a token set's features at a site are held in memory (float32)
+The features do not grow memory with the cache: a (token set, site)'s are held in memory (float32)
 when they fit ``probe(..., memory_mb=1024)``, else read from the store block by block on every pass
 of the fit, which is sklearn's (lbfgs ``LogisticRegression`` / ``RidgeClassifier``) computed over
-blocks. Either way the numbers are the same.
+blocks. Either way it is the same probe (block sizes change only the float64 rounding).
 
 Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, saving),
 :mod:`.fit` (the blockwise fit), :mod:`.data` (labels, folds, token sets, feature source),
