@@ -40,7 +40,9 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
 
     pos = np.asarray(pos, dtype=np.int64)
     mu, sigma = _moments(rows, pos)
-    present, code = np.unique(y, return_inverse=True)
+    y = np.asarray(y, dtype=np.int64)
+    present = np.flatnonzero(np.bincount(y))      # np.unique(y) of class codes, without sorting y
+    code = np.searchsorted(present, y)
     weight = np.zeros((n_classes, rows.d))
     bias = np.full(n_classes, -1e30)
     if len(present) == 1:
@@ -60,9 +62,9 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
     threads = 1 if len(pos) * rows.d < SMALL_FIT else None
     with threadpool_limits(threads):
         if config.model == "logistic":
-            coef, icpt = _logistic(blocks, code.ravel(), len(present), rows.d, config.C, config.max_iter)
+            coef, icpt = _logistic(blocks, code, len(present), rows.d, config.C, config.max_iter)
         else:
-            coef, icpt = _ridge(blocks, code.ravel(), len(present), rows.d, config.alpha)
+            coef, icpt = _ridge(blocks, code, len(present), rows.d, config.alpha)
     if coef.shape[0] == 1:  # binary: one score s; [-s/2, s/2] keeps argmax and softmax = sigmoid(s)
         coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
     w = coef / sigma

@@ -100,8 +100,10 @@ def load_probe(path: str | os.PathLike) -> LinearProbe:
 
 
 def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    e = s - s.max(axis=1, keepdims=True)  # one [n, K] array, exponentiated and normalised in place
+    np.exp(e, out=e)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def _plain(values: Iterable) -> list:

@@ -129,8 +129,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                 continue
             sub = _subset(s, finite)
             pos, f_sub = np.flatnonzero(finite), fold[finite]
-            folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
-            folds = [(tr, te) for tr, te in folds if len(te)]
+            folds = _Folds(f_sub, config.k)
             if len(folds) < 2:
                 notes.append((j, f"{name} @ {site}: its images fall in fewer than 2 folds"))
                 continue
@@ -175,6 +174,22 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     if out is not None and rank() == 0:
         result.save(out)
     return result
+
+
+class _Folds:
+    """(train, test) positions of each fold that has test rows, made when iterated: the k pairs of
+    index arrays, together the size of k token sets, are never all held at once."""
+
+    def __init__(self, fold: np.ndarray, k: int) -> None:
+        self.fold = fold
+        self.ids = [f for f in range(k) if (fold == f).any()]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        for f in self.ids:
+            yield np.flatnonzero(self.fold != f), np.flatnonzero(self.fold == f)
 
 
 def _split_records(name, site, folds, group, group_names) -> list[pd.DataFrame]:

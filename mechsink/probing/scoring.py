@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _Set
+from .data import _Set, _unique
 from .fit import fit_rows
 from .linear import LinearProbe, _softmax
 
@@ -72,10 +72,10 @@ def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndar
     """Average token predictions per unit: probabilities (logistic) or scores (ridge).
     Returns (units [u], mean [u, K], aggregate name)."""
     values = _softmax(scores) if kind == "logistic" else scores
-    units, inv = np.unique(unit, return_inverse=True)
+    units, _, inv = _unique(unit)
     sums = np.zeros((len(units), values.shape[1]))
-    np.add.at(sums, inv.ravel(), values)
-    return units, sums / np.bincount(inv.ravel())[:, None], "mean_proba" if kind == "logistic" else "mean_score"
+    np.add.at(sums, inv, values)
+    return units, sums / np.bincount(inv)[:, None], "mean_proba" if kind == "logistic" else "mean_score"
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes:
     one_g = np.zeros(len(y), dtype=np.int64)
     token_acc = _balanced(*_balanced_counts(one_g, y, pred_tok == y, 1, n_classes))
     units, mean, agg = _aggregate(s.unit, oof, config.model)
-    first = np.unique(s.unit, return_index=True)[1]
+    first = _unique(s.unit)[1]
     uy, ug, uf = y[first], s.group[first], fold[first]
     if len(units) == len(y):
         agg = "none"
