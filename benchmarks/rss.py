@@ -130,7 +130,9 @@ def stream_only(name: str, folder: str, n: int, bs: int, work: Path, sites: str 
 
 PROBE = dict(label="label", sites=("vit.out", "llm.blocks.1.hook_resid_post"), token_sets=("image", "nonsinks", "mean"),
              n_boot=200)
-PROBE_MEMORY_MB = 0.25  # probe(memory_mb=...): hold no token-level features (3,200 x 32 float32 at 200 images), as on a large cache
+# probe(memory_mb=...): below one token set at 200 images (3,200 x 32 float32), so both runs stream
+# their features as a large cache does (MECHSINK_PROBE_MEMORY_MB overrides it, e.g. 1024 to hold them)
+PROBE_MEMORY_MB = 0.25
 
 
 def probe_only(store: str, **overrides) -> dict:
