@@ -10,7 +10,9 @@ and ablation drivers over N and 10 N images.
   (``read_peak_mb_*``, ``read_peak_ratio``), with the cost of the crc32 checks of a first read
   (``checksum_read_ratio``: first read / a second read of the same files).
 - the probe driver (``mechsink.probing.probe``, ``benchmarks.rss.PROBE``: an image-level label,
-  two sites, token sets image / nonsinks / mean) over the tiny-llava stores of N and 10 N images.
+  two sites, token sets image / nonsinks / mean) over the tiny-llava stores of N and 10 N images,
+  with ``memory_mb=rss.PROBE_MEMORY_MB`` (0.25), below one token set at N: both runs stream their
+  features from the store as a large cache does (a cache within the budget is held instead).
 - the ablation driver (``mechsink.ablation.ablate``: zero at ``proj.out``, 3 fixed patches, 32
   random draws, batches of 16) over N and 10 N tiny-llava images read from disk, with ``out=`` (the
   rows stream to disk; the result returned holds a few numbers per image, ``held_mb_*``), its
@@ -85,7 +87,7 @@ def _extract_rows(model: str, small: dict, large: dict, n_small: int, n_large: i
 def section(models: dict, args, workdir) -> list:
     from .data import image_set
     from .harness import Row, measure_rss
-    from .rss import PROBE
+    from .rss import PROBE, PROBE_MEMORY_MB
     n_small, n_large = args.stream_images
     bs = 16
     folder = workdir / "stream-images"
@@ -102,7 +104,8 @@ def section(models: dict, args, workdir) -> list:
                                f"probe_tokens_{n_small}": small["probe_tokens"],
                                f"probe_tokens_{n_large}": large["probe_tokens"],
                                f"probe_s_{n_large}": large["probe_s"], "probes": large["probes"],
-                               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in PROBE.items()}}))
+                               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in PROBE.items()},
+                               "memory_mb": PROBE_MEMORY_MB}))
         abl = {n: measure_rss(["ablate", "tiny-llava", str(folder), str(n), str(bs), "32"], timeout=1800)
                for n in (n_small, n_large)}
         a, b = abl[n_small], abl[n_large]

@@ -36,6 +36,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-control", action="store_true", help="skip the shuffled-label control task")
     ap.add_argument("--level", choices=("auto", "image", "patch"), default="auto")
     ap.add_argument("--max-tokens-per-image", type=int, default=64, help="0 keeps every token")
+    ap.add_argument("--memory-mb", type=float, default=1024.0,
+                    help="features of a (token set, site) held in memory up to this size; larger ones stream from disk")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                              model=a.model, C=a.C, alpha=a.alpha, k=a.folds, n_boot=a.n_boot, seed=a.seed,
                              control=not a.no_control, level=a.level,
                              max_tokens_per_image=a.max_tokens_per_image or None)
-        result = probe(a.cache, config, out=a.out)
+        result = probe(a.cache, config, out=a.out, memory_mb=a.memory_mb)
     except MechsinkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

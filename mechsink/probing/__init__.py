@@ -31,12 +31,19 @@ chance flags leakage or an over-expressive probe. ``selectivity`` = accuracy - c
 Probes are saved as safetensors (weight [K, d], bias [K]) + JSON (classes, site, label, config):
 the feature standardisation is folded into the weights, so a saved probe is one affine map.
 
-Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, fitting,
-saving), :mod:`.data` (labels, folds, token sets, features), :mod:`.scoring` (balanced accuracy,
-cross-validation), :mod:`.result` (ProbeResult), :mod:`.run` (``probe``).
+The features do not grow memory with the cache: a (token set, site)'s are held in memory (float32)
+when they fit ``probe(..., memory_mb=1024)``, else read from the store block by block on every pass
+of the fit, which is sklearn's (lbfgs ``LogisticRegression`` / ``RidgeClassifier``) computed over
+blocks. Either way it is the same probe (block sizes change only the float64 rounding).
+
+Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, saving),
+:mod:`.fit` (the blockwise fit), :mod:`.data` (labels, folds, token sets, feature source),
+:mod:`.scoring` (balanced accuracy, cross-validation), :mod:`.result` (ProbeResult), :mod:`.run`
+(``probe``).
 """
 from .config import AGGREGATES, LEVELS, MODELS, SELECTIONS, TOKEN_SETS, ProbeConfig, ProbeError
-from .linear import PROBE_FORMAT, LinearProbe, fit_linear, load_probe
+from .fit import fit_linear
+from .linear import PROBE_FORMAT, LinearProbe, load_probe
 from .result import RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .run import probe
 from .scoring import balanced_accuracy_ci

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import _SEED_ORDER, ProbeConfig, ProbeError
 from .linear import _plain
@@ -52,9 +52,12 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
         bad = per_sample.index[per_sample > 1][:3].tolist()
         raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
 
-    paths = index["image_path"].astype(str).to_numpy() if "image_path" in index.columns else None
+    paths = index["image_path"] if "image_path" in index.columns else None
+    if paths is not None and paths.isna().any():
+        paths = paths.astype(str)                  # a missing path is the path "nan"
     if paths is not None and (paths != "").all():
-        gcodes, gnames = pd.factorize(paths, sort=True)
+        gcodes, gnames = pd.factorize(paths, sort=True)  # no string object per row
+        gnames = np.asarray(gnames, dtype=object)
     else:
         gcodes, gnames = pd.factorize(sample, sort=True)
     group = gcodes.astype(np.int64)
@@ -100,9 +103,9 @@ class _Set:
 
 def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig) -> _Set | str:
     """The rows of a token set, or a string saying why it is left out."""
-    role = index["token_role"].astype(str).to_numpy()
+    role = index["token_role"]
     ok = lab.y >= 0
-    image = (role == "image") & ok
+    image = (role == "image").to_numpy(bool) & ok
     sink = index["is_sink"].to_numpy(bool)
     pool = pool_rows = None
     if name in ("cls", "mean") and lab.level == "patch":
@@ -114,12 +117,13 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
     elif name == "image":
         rows = np.flatnonzero(image)
     elif name == "cls":
-        rows = np.flatnonzero((role == "cls") & ok)
+        rows = np.flatnonzero((role == "cls").to_numpy(bool) & ok)
     else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
         pool_rows = np.flatnonzero(image)
-        keys = index[["sample_idx", "image"]].to_numpy()[pool_rows]
-        _, first, pool = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        pool = pool.ravel()
+        img = index["image"].to_numpy(np.int64)[pool_rows]
+        img -= img.min(initial=0)
+        keys = index["sample_idx"].to_numpy(np.int64)[pool_rows] * (int(img.max(initial=0)) + 1) + img
+        _, first, pool = np.unique(keys, return_index=True, return_inverse=True)  # (sample, image) pairs in order
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
         rng = np.random.default_rng(config.seed)
@@ -137,26 +141,97 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     """Control task labels [n] for a token set with labels y [n]; the control keeps the set's label
     distribution and breaks every link between an image's content and its label."""
     if level == "image":  # the units' labels shuffled across units
-        units, first, inv = np.unique(unit, return_index=True, return_inverse=True)
-        return rng.permutation(y[first])[inv.ravel()]
+        _, first, inv = _unique(unit)
+        return rng.permutation(y[first])[inv]
     # each (image, label) pair mapped to a random label drawn from the set's label distribution
     pairs, inv = np.unique(np.stack([group, y], axis=1), axis=0, return_inverse=True)
     freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
     return rng.choice(len(freq), size=len(pairs), p=freq)[inv.ravel()]
 
 
-def _features(store, s: _Set, site: str) -> np.ndarray:
-    """[n, d] float32 activations of the set at a site (mean: pooled per image); NaN rows stay NaN."""
+def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """np.unique(a, return_index=True, return_inverse=True) (inverse flat). Units come in index
+    order, already sorted: then without the sort and its n-sized temporaries."""
+    if len(a) and (a[1:] >= a[:-1]).all():
+        new = np.empty(len(a), dtype=bool)
+        new[0] = True
+        np.not_equal(a[1:], a[:-1], out=new[1:])
+        first = np.flatnonzero(new)
+        return a[first], first, np.cumsum(new) - 1
+    values, first, inv = np.unique(a, return_index=True, return_inverse=True)
+    return values, first, inv.ravel()
+
+
+BLOCK_BYTES = 8 << 20   # the largest block of float64 rows a fit works on
+MIN_BLOCK_BYTES = 1 << 19  # the smallest: a store read costs ~0.25 ms however few rows it gathers
+
+
+class _Rows:
+    """A token set's features at a site, read in blocks of rows: ``blocks(pos)`` yields
+    ``(start, x)``, x [<= block_rows, d] the rows ``pos[start:start + len(x)]``. Blocks depend only
+    on ``pos``, so rows held in memory and rows read from the store give the same numbers."""
+
+    def __init__(self, d: int, read, memory_mb: float = float("inf")) -> None:
+        self.d = int(d)
+        # a fit holds a float64 block and its float32 read: half the budget, within the bounds above
+        size = min(BLOCK_BYTES, max(MIN_BLOCK_BYTES, memory_mb * 2**19))
+        self.block_rows = max(1, int(size // (8 * self.d)))
+        self.read = read           # positions -> [len, d] features
+        self.held = False
+
+    def blocks(self, pos: np.ndarray):
+        for start in range(0, len(pos), self.block_rows):
+            yield start, self.read(pos[start:start + self.block_rows])
+
+
+def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.ndarray]:
+    """The set's features at a site (mean: pooled per image, float32) and which rows are finite
+    (NaN: not cached). Read once and held as float32 when n * d float32 fit in ``memory_mb``; else
+    every pass of a fit gathers its rows from the store again, so memory does not grow with the cache."""
+    d = store.dims[site]
     if s.pool is None:
-        return np.asarray(store.get(site, s.rows), dtype=np.float32)
-    sums = torch.zeros(len(s.rows), store.dims[site], dtype=torch.float64)
-    start = 0
-    for block in store.iter_batches(site, batch_rows=65536, rows=s.pool_rows):
-        ids = torch.from_numpy(s.pool[start:start + len(block)])
-        sums.index_add_(0, ids, torch.from_numpy(np.asarray(block, dtype=np.float64)))
-        start += len(block)
-    counts = np.bincount(s.pool, minlength=len(s.rows))[:, None]
-    return (sums.numpy() / counts).astype(np.float32)
+        def gather(pos):  # the store's float16/float32 (exact in float32; the fit computes in float64)
+            return store.get(site, s.rows[pos])
+    else:
+        gather = _pooled(store, s, site, memory_mb)
+    rows = _Rows(d, gather, memory_mb)
+    n = len(s.rows)
+    held = np.empty((n, d), dtype=np.float32) if n * d * 4 <= memory_mb * 2**20 else None
+    finite = np.empty(n, dtype=bool)
+    for start, x in rows.blocks(np.arange(n)):
+        finite[start:start + len(x)] = np.isfinite(x).all(axis=1)
+        if held is not None:
+            held[start:start + len(x)] = x
+    if held is not None:
+        rows.read, rows.held = partial(_take, held), True
+    return rows, finite
+
+
+def _take(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """x[pos], a view when pos is a run of consecutive rows (the final fit reads every row)."""
+    if len(pos) and pos[-1] - pos[0] == len(pos) - 1 and (len(pos) < 3 or (np.diff(pos) == 1).all()):
+        return x[pos[0]:pos[-1] + 1]
+    return x[pos]
+
+
+def _pooled(store, s: _Set, site: str, memory_mb: float):
+    """positions -> [len, d] means of those pools' image rows (float64 sums in row order)."""
+    order = np.argsort(s.pool, kind="stable")                  # rows of pool p: order[start[p]:start[p + 1]]
+    start = np.searchsorted(s.pool[order], np.arange(len(s.rows) + 1))
+    size = np.diff(start)
+    step = max(1, _Rows(store.dims[site], None, memory_mb).block_rows // max(1, int(size.max())))
+
+    def gather(pos):
+        out = np.empty((len(pos), store.dims[site]), dtype=np.float32)
+        for i in range(0, len(pos), step):                     # at most a block of image rows at once
+            p = pos[i:i + step]
+            n = size[p]
+            first = np.cumsum(n) - n
+            members = order[np.repeat(start[p] - first, n) + np.arange(n.sum())]
+            x = np.asarray(store.get(site, s.pool_rows[members]), dtype=np.float64)
+            out[i:i + len(p)] = np.add.reduceat(x, first, axis=0) / n[:, None]
+        return out
+    return gather
 
 
 def _subset(s: _Set, keep: np.ndarray) -> _Set:

@@ -1,11 +1,9 @@
-"""A saved linear probe: one affine map on raw activations (safetensors + JSON, no pickle), and the
-standardised logistic/ridge fit that produces it (the feature scaler folded into the weights)."""
+"""A saved linear probe: one affine map on raw activations (safetensors + JSON, no pickle); the
+standardised fit that produces it is :mod:`.fit`."""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -13,12 +11,9 @@ from typing import Iterable
 import numpy as np
 
 from ..atomic import write_text
-from .config import ProbeConfig, ProbeError
-
-log = logging.getLogger("mechsink")
+from .config import ProbeError
 
 PROBE_FORMAT = "mechsink-probe/1"
-SMALL_FIT = 1 << 22  # activations (n * d) below which a probe is fit on one thread
 
 
 @dataclass
@@ -105,52 +100,11 @@ def load_probe(path: str | os.PathLike) -> LinearProbe:
 
 
 def _softmax(s: np.ndarray) -> np.ndarray:
-    e = np.exp(s - s.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    e = s - s.max(axis=1, keepdims=True)  # one [n, K] array, exponentiated and normalised in place
+    np.exp(e, out=e)
+    e /= e.sum(axis=1, keepdims=True)
+    return e
 
 
 def _plain(values: Iterable) -> list:
     return [v.item() if isinstance(v, np.generic) else v for v in values]
-
-
-def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fit a standardised logistic/ridge probe; return (weight [K, d], bias [K]) on raw activations.
-
-    x: [n, d]; y: [n] class codes in [0, n_classes). Classes missing from y get score -inf-like
-    (a bias of -1e30 - never predicted). The scaler is folded in: w' = w / sigma, b' = b - w' . mu.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression, RidgeClassifier
-    from threadpoolctl import threadpool_limits
-
-    z = np.array(x, dtype=np.float64)        # one float64 copy, standardised in place (no temporaries of [n, d])
-    mu = z.mean(axis=0)
-    sigma = z.std(axis=0)
-    sigma[sigma < 1e-12] = 1.0  # constant features carry nothing; leave them unscaled
-    z -= mu
-    z /= sigma
-    present = np.unique(y)
-    weight = np.zeros((n_classes, x.shape[1]))
-    bias = np.full(n_classes, -1e30)
-    if len(present) == 1:  # a training fold with one class: predict it
-        bias[present[0]] = 0.0
-        return weight, bias
-    if config.model == "logistic":
-        clf = LogisticRegression(C=config.C, max_iter=config.max_iter)
-    else:
-        clf = RidgeClassifier(alpha=config.alpha)
-    # Small fits run on one thread: sklearn's OpenMP loss is overhead-bound there and spin-waits
-    # badly on a busy machine (measured 6x slower with 2 threads on 2 shared cores).
-    threads = 1 if z.size < SMALL_FIT else None
-    with warnings.catch_warnings(record=True) as caught, threadpool_limits(threads):
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(z, y)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning("probe did not converge in %d iterations (raise max_iter or lower C)", config.max_iter)
-    coef, icpt = np.atleast_2d(clf.coef_), np.atleast_1d(clf.intercept_)
-    if coef.shape[0] == 1:  # binary: one score s; [-s/2, s/2] keeps argmax and softmax = sigmoid(s)
-        coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
-    w = coef / sigma
-    weight[clf.classes_] = w
-    bias[clf.classes_] = icpt - w @ mu
-    return weight, bias

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
 from ..atomic import write_text
 from ..config import coerce
@@ -21,7 +22,8 @@ from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
 from .data import _features, _labels, _subset, _token_set
-from .linear import LinearProbe, fit_linear, load_probe
+from .fit import fit_rows
+from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .scoring import _cross_val, _score
 
@@ -30,6 +32,8 @@ log = logging.getLogger("mechsink")
 
 # What a probe reads of the index: a large cache's other columns (labels, paths, norms) stay on disk.
 _PROBE_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")
+_CATEGORICAL = ("image_path", "token_role")
+_INDEX_BLOCK = 1 << 14
 
 
 def _index(store, label: str) -> pd.DataFrame:
@@ -38,7 +42,20 @@ def _index(store, label: str) -> pd.DataFrame:
     names = store.index_columns
     if label not in names:
         return store.index
-    return store.read_index([c for c in (*_PROBE_COLUMNS, label) if c in names])
+    cols = [c for c in _PROBE_COLUMNS if c in names and c != label]
+    parts = {c: [] for c in cols}
+    for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols):  # no whole string column at once
+        for c in cols:
+            parts[c].append(block[c].astype("category") if c in _CATEGORICAL else block[c])
+    index = store.read_index([label])
+    for c in cols:
+        if not parts[c]:
+            index[c] = store.read_index([c])[c]
+        elif c in _CATEGORICAL:  # a code per row, not a string: paths repeat per token, roles are few
+            index[c] = pd.Categorical(union_categoricals(parts[c], sort_categories=True))
+        else:
+            index[c] = pd.concat(parts[c], ignore_index=True)
+    return index[[*cols, label]]
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
@@ -50,8 +67,11 @@ def _site_order(sites: Sequence[str]) -> list[str]:
     return sorted(sites, key=key)
 
 
+MEMORY_MB = 1024.0  # features of one (token set, site) held in memory up to this size; beyond, streamed
+
+
 def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None,
-          **settings) -> ProbeResult:
+          *, memory_mb: float = MEMORY_MB, **settings) -> ProbeResult:
     """Train and score probes for every (token set, site); see :mod:`mechsink.probing`.
 
     store: a Store or a cache directory. config: a ProbeConfig or its dict; keyword ``settings``
@@ -59,6 +79,9 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     written there at once (its row to rows.jsonl, its probe to probes/) and a rerun with the same
     config skips it, so an interrupted run loses at most the probe in progress; the finished result
     is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
+    memory_mb: a (token set, site)'s float32 features are read once and held when they fit in it,
+    else streamed from the store on every pass of every fit (slower, memory flat in the cache size);
+    the probe is the same up to float64 rounding, so the budget is not part of the config.
     """
     from ..cache import Store
 
@@ -100,15 +123,13 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                 rows.append((j, done[key][0]))
                 probes.append((j, (key, done[key][1])))
                 continue
-            x = _features(store, s, site)
-            finite = np.isfinite(x).all(axis=1)
+            feats, finite = _features(store, s, site, memory_mb)
             if not finite.any():
                 notes.append((j, f"{name} @ {site}: no activations cached for these tokens"))
                 continue
             sub = _subset(s, finite)
-            x, f_sub = x[finite], fold[finite]
-            folds = [(np.flatnonzero(f_sub != f), np.flatnonzero(f_sub == f)) for f in range(config.k)]
-            folds = [(tr, te) for tr, te in folds if len(te)]
+            pos, f_sub = np.flatnonzero(finite), fold[finite]
+            folds = _Folds(f_sub, config.k)
             if len(folds) < 2:
                 notes.append((j, f"{name} @ {site}: its images fall in fewer than 2 folds"))
                 continue
@@ -116,12 +137,12 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
                 recorded[name].add(used)
                 splits.append((j, (name, used, _split_records(name, site, folds, sub.group, lab.group_names))))
-            real = _score(sub, sub.y, _cross_val(x, sub.y, folds, n_classes, config), f_sub, n_classes, config)
+            real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
             ctrl = None
             if config.control:
-                ctrl = _score(sub, sub.y_control, _cross_val(x, sub.y_control, folds, n_classes, config),
+                ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, folds, n_classes, config),
                               f_sub, n_classes, config)
-            w, b = fit_linear(x, sub.y, n_classes, config)
+            w, b = fit_rows(feats, pos, sub.y, n_classes, config)
             meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
                     "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
                     "n_tokens": int(len(sub.y))}
@@ -153,6 +174,22 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     if out is not None and rank() == 0:
         result.save(out)
     return result
+
+
+class _Folds:
+    """(train, test) positions of each fold that has test rows, made when iterated: the k pairs of
+    index arrays, together the size of k token sets, are never all held at once."""
+
+    def __init__(self, fold: np.ndarray, k: int) -> None:
+        self.fold = fold
+        self.ids = [f for f in range(k) if (fold == f).any()]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self):
+        for f in self.ids:
+            yield np.flatnonzero(self.fold != f), np.flatnonzero(self.fold == f)
 
 
 def _split_records(name, site, folds, group, group_names) -> list[pd.DataFrame]:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _Set
-from .linear import LinearProbe, _softmax, fit_linear
+from .data import _Set, _unique
+from .fit import fit_rows
+from .linear import LinearProbe, _softmax
 
 
 def _balanced_counts(group: np.ndarray, y: np.ndarray, correct: np.ndarray, n_groups: int, k: int):
@@ -26,7 +27,7 @@ def _balanced(counts: np.ndarray, hits: np.ndarray) -> float:
     return float(np.mean(h[c > 0] / c[c > 0]))
 
 
-_BOOT_ELEMENTS = 262_144     # resampled image ids held at once (bounds the bootstrap's memory)
+_BOOT_ELEMENTS = 32_768      # resampled image ids held at once (bounds the bootstrap's memory; ~1 MB)
 
 
 def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
@@ -71,10 +72,10 @@ def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndar
     """Average token predictions per unit: probabilities (logistic) or scores (ridge).
     Returns (units [u], mean [u, K], aggregate name)."""
     values = _softmax(scores) if kind == "logistic" else scores
-    units, inv = np.unique(unit, return_inverse=True)
+    units, _, inv = _unique(unit)
     sums = np.zeros((len(units), values.shape[1]))
-    np.add.at(sums, inv.ravel(), values)
-    return units, sums / np.bincount(inv.ravel())[:, None], "mean_proba" if kind == "logistic" else "mean_score"
+    np.add.at(sums, inv, values)
+    return units, sums / np.bincount(inv)[:, None], "mean_proba" if kind == "logistic" else "mean_score"
 
 
 @dataclass
@@ -92,7 +93,7 @@ def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes:
     one_g = np.zeros(len(y), dtype=np.int64)
     token_acc = _balanced(*_balanced_counts(one_g, y, pred_tok == y, 1, n_classes))
     units, mean, agg = _aggregate(s.unit, oof, config.model)
-    first = np.unique(s.unit, return_index=True)[1]
+    first = _unique(s.unit)[1]
     uy, ug, uf = y[first], s.group[first], fold[first]
     if len(units) == len(y):
         agg = "none"
@@ -107,10 +108,13 @@ def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes:
     return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, len(units), agg)
 
 
-def _cross_val(x, y, folds, n_classes, config) -> np.ndarray:
-    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds."""
+def _cross_val(rows, pos, y, folds, n_classes, config) -> np.ndarray:
+    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds.
+    rows: a feature source (:class:`.data._Rows`); pos [n]: its rows; folds: (train, test) into pos."""
     oof = np.zeros((len(y), n_classes))
     for train, test in folds:
-        w, b = fit_linear(x[train], y[train], n_classes, config)
-        oof[test] = LinearProbe(w, b, list(range(n_classes)), config.model).scores(x[test])
+        w, b = fit_rows(rows, pos[train], y[train], n_classes, config)
+        p = LinearProbe(w, b, list(range(n_classes)), config.model)
+        for start, x in rows.blocks(pos[test]):
+            oof[test[start:start + len(x)]] = p.scores(x)
     return oof

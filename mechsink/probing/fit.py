@@ -1,0 +1,166 @@
+"""Fitting a standardised logistic/ridge probe from blocks of rows, so that memory does not grow
+with the rows: the objective, optimiser and tolerances of scikit-learn 1.9's
+``LogisticRegression(C, max_iter)`` (lbfgs) and ``RidgeClassifier(alpha)``, with the loss, its
+gradient and the ridge's sufficient statistics summed block by block.
+
+Rows come from a feature source (:class:`.data._Rows`): ``rows.blocks(pos)`` yields
+``(start, x)`` with ``x`` the features of ``pos[start:start + len(x)]``. Every pass over the
+rows reads them again, from memory or from the store.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import numpy as np
+
+from .config import ProbeConfig
+from .data import _Rows, _take
+
+log = logging.getLogger("mechsink")
+
+SMALL_FIT = 1 << 22  # activations (n * d) below which a probe is fit on one thread
+TOL = 1e-4           # LogisticRegression's default tol: L-BFGS stops when max |gradient| <= TOL
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Fit a standardised logistic/ridge probe on x [n, d] (in memory) with class codes y [n] in
+    [0, n_classes); return (weight [K, d], bias [K]) on raw activations. See :func:`fit_rows`."""
+    x = np.asarray(x)
+    return fit_rows(_Rows(x.shape[1], partial(_take, x)), np.arange(len(x)), y, n_classes, config)
+
+
+def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Fit on the rows ``pos`` of ``rows`` with class codes y [len(pos)]; return (weight [K, d],
+    bias [K]) on raw activations (the scaler folded in: w' = w / sigma, b' = b - w' . mu).
+
+    Classes missing from y get a bias of -1e30 (never predicted); one class present: predict it.
+    """
+    from threadpoolctl import threadpool_limits
+
+    pos = np.asarray(pos, dtype=np.int64)
+    mu, sigma = _moments(rows, pos)
+    y = np.asarray(y, dtype=np.int64)
+    present = np.flatnonzero(np.bincount(y))      # np.unique(y) of class codes, without sorting y
+    code = np.searchsorted(present, y)
+    weight = np.zeros((n_classes, rows.d))
+    bias = np.full(n_classes, -1e30)
+    if len(present) == 1:
+        bias[present[0]] = 0.0
+        return weight, bias
+
+    buf = np.empty((min(rows.block_rows, len(pos)), rows.d))  # one block, reused: no page faults per pass
+
+    def blocks():  # standardised float64 blocks, as sklearn sees the whole matrix
+        for start, x in rows.blocks(pos):
+            z = np.subtract(x, mu, out=buf[:len(x)])
+            z /= sigma
+            yield start, z
+
+    # Small fits run on one thread: BLAS on small blocks is overhead-bound and spin-waits badly on
+    # a busy machine (sklearn's OpenMP loss measured 6x slower with 2 threads on 2 shared cores).
+    threads = 1 if len(pos) * rows.d < SMALL_FIT else None
+    with threadpool_limits(threads):
+        if config.model == "logistic":
+            coef, icpt = _logistic(blocks, code, len(present), rows.d, config.C, config.max_iter)
+        else:
+            coef, icpt = _ridge(blocks, code, len(present), rows.d, config.alpha)
+    if coef.shape[0] == 1:  # binary: one score s; [-s/2, s/2] keeps argmax and softmax = sigmoid(s)
+        coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+    w = coef / sigma
+    weight[present] = w
+    bias[present] = icpt - w @ mu
+    return weight, bias
+
+
+def _moments(rows, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and (population) std of the rows, in one pass: float64 block moments merged
+    with Chan et al.'s update (exact to rounding; one block is numpy's own two-pass formula)."""
+    n, mean, m2 = 0, np.zeros(rows.d), np.zeros(rows.d)
+    for _, x in rows.blocks(pos):
+        x = np.asarray(x, dtype=np.float64)
+        nb, mb = len(x), x.mean(axis=0)
+        m2b = np.square(x - mb).sum(axis=0)
+        delta, tot = mb - mean, n + nb
+        mean += delta * (nb / tot)
+        m2 += m2b + np.square(delta) * (n * nb / tot)
+        n = tot
+    sigma = np.sqrt(m2 / n)
+    sigma[sigma < 1e-12] = 1.0  # constant features carry nothing; leave them unscaled
+    return mean, sigma
+
+
+def _ridge(blocks, code: np.ndarray, k: int, d: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """RidgeClassifier: targets +-1 per class (one column for two classes, +1 = the second), the
+    intercept from centred data, coef = (Zc'Zc + alpha I)^-1 Zc'Yc; here from Z'Z, Z'Y and the sums."""
+    from scipy import linalg
+
+    m = 1 if k == 2 else k
+    gram, zy, sz, sy, n = np.zeros((d, d)), np.zeros((d, m)), np.zeros(d), np.zeros(m), 0
+    for start, z in blocks():
+        c = code[start:start + len(z)]
+        t = (2.0 * (c == 1) - 1.0)[:, None] if k == 2 else 2.0 * (c[:, None] == np.arange(k)) - 1.0
+        gram += z.T @ z
+        zy += z.T @ t
+        sz += z.sum(axis=0)
+        sy += t.sum(axis=0)
+        n += len(z)
+    zm, ym = sz / n, sy / n
+    a = gram - n * np.outer(zm, zm)
+    a.flat[:: d + 1] += alpha
+    coef = linalg.solve(a, zy - n * np.outer(zm, ym), assume_a="pos", overwrite_a=True).T
+    return coef, ym - coef @ zm
+
+
+def _logistic(blocks, code: np.ndarray, k: int, d: int, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """LogisticRegression's lbfgs fit: mean half-binomial (two classes, one coefficient vector, the
+    second class positive) or half-multinomial loss + 1 / (2 C n) |w|^2, intercept unpenalised,
+    coefficients (classes contiguous per feature) from zeros, sklearn's L-BFGS-B options."""
+    from scipy import optimize
+    from scipy.special import expit
+
+    n = len(code)
+    l2 = 1.0 / (C * n)
+    binary = k == 2
+    target = (code == 1).astype(np.float64) if binary else code
+
+    def split(w):
+        if binary:
+            return w[:d], w[d]
+        wb = w.reshape((k, d + 1), order="F")
+        return wb[:, :d], wb[:, d]
+
+    def loss_grad(w):
+        coef, icpt = split(w)
+        loss, g_coef, g_icpt = 0.0, np.zeros_like(coef), np.zeros_like(icpt)
+        for start, z in blocks():
+            t = target[start:start + len(z)]
+            if binary:
+                raw = z @ coef + icpt
+                loss += float(np.sum(np.logaddexp(0.0, raw) - t * raw))
+                g = (expit(raw) - t) / n
+            else:
+                raw = z @ coef.T + icpt
+                top = raw.max(axis=1, keepdims=True)
+                e = np.exp(raw - top)
+                s = e.sum(axis=1, keepdims=True)
+                rows = np.arange(len(z))
+                loss += float(np.sum(top[:, 0] + np.log(s[:, 0]) - raw[rows, t]))
+                g = e / s
+                g[rows, t] -= 1.0
+                g /= n
+            g_coef += (z.T @ g) if binary else (g.T @ z)
+            g_icpt += g.sum(axis=0)
+        loss = loss / n + 0.5 * l2 * float(np.sum(coef * coef))
+        g_coef += l2 * coef
+        if binary:
+            return loss, np.append(g_coef, g_icpt)
+        return loss, np.column_stack([g_coef, g_icpt]).ravel(order="F")
+
+    w0 = np.zeros(d + 1 if binary else k * (d + 1))
+    res = optimize.minimize(loss_grad, w0, method="L-BFGS-B", jac=True,
+                            options={"maxiter": max_iter, "maxls": 50, "gtol": TOL, "ftol": 64 * np.finfo(float).eps})
+    if res.status != 0:
+        log.warning("probe did not converge in %d iterations (raise max_iter or lower C)", max_iter)
+    coef, icpt = split(res.x)
+    return np.atleast_2d(coef), np.atleast_1d(icpt)

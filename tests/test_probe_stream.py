@@ -1,0 +1,175 @@
+"""The probe fit over blocks of rows: the same probe as scikit-learn's fit of the whole matrix, the
+same numbers whether the rows are held in memory or read from the store, and a whole ``probe()``
+run that streams (a tiny memory budget) gives the result of one that holds its features."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mechsink.cache import StoreConfig, StoreWriter
+from mechsink.probing import ProbeConfig, data, fit_linear, probe
+from mechsink.probing.data import _features, _labels, _Rows, _take, _token_set
+from mechsink.probing.fit import _moments, fit_rows
+from mechsink.probing.run import _index
+
+# Measured (relative to the largest coefficient): the blockwise fits agree with sklearn to 1.2e-15
+# (logistic: the same L-BFGS path, only the order of the sums differs) and 4.3e-15 (ridge) on these
+# cases, and to 5e-14 / 4e-13 on wider random ones (d > n included). The bounds leave room for a
+# rounding that shifts one line search, and still fail on a change of objective or options (a
+# tolerance of 1e-6 instead of 1e-4, or l2 over n + 1 rows, fails the logistic cases).
+RTOL = {"logistic": 1e-8, "ridge": 1e-10}
+
+
+def _data(n, d, k, seed, drop=None):
+    """Features on very different scales and offsets (as sink activations are), labels from a few dims."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * rng.uniform(0.1, 10, d) + rng.normal(size=d) * 20
+    x[:, -1] = 3.0                                            # a constant feature
+    logits = (x[:, :3] - x[:, :3].mean(0)) / x[:, :3].std(0) @ rng.normal(size=(3, k)) + rng.normal(size=(n, k))
+    y = logits.argmax(1)
+    if drop is not None:
+        y[y == drop] = (drop + 1) % k
+    return x.astype(np.float32), y
+
+
+def _sklearn(x, y, n_classes, cfg):
+    """The reference: sklearn on the standardised float64 matrix, scaler folded in as fit_rows does."""
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+
+    z = np.array(x, dtype=np.float64)
+    mu, sd = z.mean(0), z.std(0)
+    sd[sd < 1e-12] = 1.0
+    z = (z - mu) / sd
+    clf = (LogisticRegression(C=cfg.C, max_iter=cfg.max_iter) if cfg.model == "logistic"
+           else RidgeClassifier(alpha=cfg.alpha)).fit(z, y)
+    coef, icpt = np.atleast_2d(clf.coef_), np.atleast_1d(clf.intercept_)
+    if coef.shape[0] == 1:
+        coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
+    w, b = np.zeros((n_classes, x.shape[1])), np.full(n_classes, -1e30)
+    w[clf.classes_] = coef / sd
+    b[clf.classes_] = icpt - (coef / sd) @ mu
+    return w, b
+
+
+@pytest.mark.parametrize("model", ["logistic", "ridge"])
+@pytest.mark.parametrize("k, n, d, drop", [(2, 400, 12, None), (3, 600, 20, None), (4, 500, 16, 2), (3, 60, 80, None)])
+def test_blockwise_fit_equals_sklearn(model, k, n, d, drop):
+    """Binary, 3-class, a class missing from the training rows (never predicted) and d > n."""
+    x, y = _data(n, d, k, seed=k * n + d, drop=drop)
+    cfg = ProbeConfig(label="y", model=model, C=0.5, alpha=3.0)
+    want_w, want_b = _sklearn(x, y, k, cfg)
+    rows = _Rows(d, lambda p: x[p])
+    rows.block_rows = 37                                      # many blocks, the last one short
+    w, b = fit_rows(rows, np.arange(n), y, k, cfg)
+    seen = np.unique(y)
+    scale = np.abs(want_w).max()
+    assert np.abs(w - want_w).max() <= RTOL[model] * scale, np.abs(w - want_w).max() / scale
+    assert np.abs(b[seen] - want_b[seen]).max() <= RTOL[model] * max(1.0, np.abs(want_b[seen]).max())
+    if drop is not None:
+        assert b[drop] == -1e30 and not w[drop].any()
+    # the public in-memory entry point is the same fit (one block)
+    w1, b1 = fit_linear(x, y, k, cfg)
+    assert np.allclose(w1, w, rtol=0, atol=RTOL[model] * scale)
+
+
+def test_moments_over_blocks_equal_numpy():
+    x, _ = _data(1001, 9, 2, seed=3)
+    rows = _Rows(9, lambda p: x[p])
+    rows.block_rows = 100
+    mu, sd = _moments(rows, np.arange(len(x)))
+    z = x.astype(np.float64)
+    assert np.allclose(mu, z.mean(0), rtol=1e-14, atol=1e-12)
+    assert np.allclose(sd[:-1], z.std(0)[:-1], rtol=1e-12) and sd[-1] == 1.0   # a constant column: unscaled
+
+
+def test_one_class_predicts_it():
+    x, _ = _data(50, 4, 2, seed=1)
+    w, b = fit_linear(x, np.full(50, 1), 3, ProbeConfig(label="y"))
+    assert not w.any() and b[1] == 0 and b[0] == b[2] == -1e30
+
+
+def test_take_is_a_view_only_for_consecutive_rows():
+    x = np.arange(20.0).reshape(10, 2)
+    assert np.shares_memory(_take(x, np.arange(3, 7)), x)
+    for pos in ([1, 2, 4], [4, 3, 2], [5], []):
+        assert np.array_equal(_take(x, np.array(pos, dtype=np.int64)), x[pos])
+
+
+# --------------------------------------------------------------------------------- from a store
+
+N_IMG, PER, D = 60, 12, 16
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def store(tmp_path_factory, request):
+    """60 images of 12 tokens (2 of them sinks) whose label is written, weakly, in a few dims; some
+    tokens not cached (NaN) at one site. Float16 rows are read as they are and held as float32."""
+    rng = np.random.default_rng(0)
+    label = np.arange(N_IMG) % 3
+    img = np.repeat(np.arange(N_IMG), PER)
+    x = rng.normal(size=(N_IMG * PER, D)) * 2 + 5
+    x[:, :3] += 1.5 * np.eye(3)[label[img]]
+    x[:, 3] *= 100                                                        # a feature on another scale
+    rows = pd.DataFrame({"sample_idx": img, "token_role": "image", "is_sink": np.tile(np.arange(PER) < 2, N_IMG),
+                         "image": 0, "lab": np.array(["a", "b", "c"])[label[img]],
+                         "image_path": [f"img{i:03d}.png" for i in img]})
+    y = x.copy()
+    y[(img % 5 == 0) & (np.tile(np.arange(PER), N_IMG) == 3)] = np.nan   # one token of every 5th image
+    w = StoreWriter(tmp_path_factory.mktemp("stream") / "c", StoreConfig(sites=("vit.out", "llm.out")),
+                    dtype=request.param)
+    w.add(rows, {"vit.out": torch.from_numpy(x).float(), "llm.out": torch.from_numpy(y).float()})
+    return w.finalize()
+
+
+def _set(store, name, cfg):
+    index = _index(store, cfg.label)
+    return _token_set(name, index, _labels(index, cfg), cfg)
+
+
+@pytest.mark.parametrize("name, site", [("image", "vit.out"), ("nonsinks", "llm.out"), ("mean", "vit.out"), ("mean", "llm.out")])
+@pytest.mark.parametrize("model", ["logistic", "ridge"])
+def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monkeypatch):
+    cfg = ProbeConfig(label="lab", model=model, max_tokens_per_image=None)
+    s = _set(store, name, cfg)
+    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 8 * D * 23)   # 23-row blocks when streaming
+    held, fin_h = _features(store, s, site, memory_mb=64)
+    streamed, fin_s = _features(store, s, site, memory_mb=0)
+    assert held.held and not streamed.held and streamed.block_rows == 23
+    assert np.array_equal(fin_h, fin_s)
+    held.block_rows = streamed.block_rows
+    pos = np.flatnonzero(fin_h)
+    assert len(pos) > 2 * streamed.block_rows and (not fin_h.all()) == (site == "llm.out")
+    gathered = []
+    real = store.get
+    monkeypatch.setattr(store, "get", lambda site_, rows_: gathered.append(len(rows_)) or real(site_, rows_))
+    a = fit_rows(streamed, pos, s.y[pos], 3, cfg)
+    assert gathered and (max(gathered) <= 23 or name == "mean")          # never the whole matrix
+    b = fit_rows(held, pos, s.y[pos], 3, cfg)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # the same blocks: the same numbers
+    # the pooled rows are the images' mean tokens
+    x = np.concatenate([held.read(pos[i:i + 23]) for i in range(0, len(pos), 23)])
+    if name == "mean":
+        want = store.get(site, s.pool_rows).astype(np.float64)
+        want = pd.DataFrame(want).groupby(s.pool).mean().to_numpy()[pos]
+        assert np.allclose(x, want, rtol=1e-6)
+    else:
+        assert x.dtype == np.float32 and np.array_equal(x, store.get(site, s.rows[pos]))
+
+
+@pytest.mark.parametrize("model", ["logistic", "ridge"])
+def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
+    cfg = ProbeConfig(label="lab", model=model, token_sets=("sinks", "nonsinks", "mean"), n_boot=200, k=4)
+    big = probe(store, cfg, memory_mb=1024)
+    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 8 * D * 41)   # several blocks per fit
+    small = probe(store, cfg, memory_mb=0)
+    pd.testing.assert_frame_equal(small.frame, big.frame, check_exact=False, rtol=1e-12)
+    for col in ("accuracy", "ci_low", "ci_high", "control_accuracy", "token_accuracy", "majority"):
+        assert np.array_equal(small.frame[col].to_numpy(), big.frame[col].to_numpy(), equal_nan=True), col
+    pd.testing.assert_frame_equal(small.splits, big.splits)
+    assert set(small.probes) == set(big.probes)
+    for key, p in big.probes.items():
+        q = small.probes[key]
+        assert np.allclose(q.weight, p.weight, rtol=1e-5, atol=1e-7) and np.allclose(q.bias, p.bias, rtol=1e-5, atol=1e-6)
+    assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal
