@@ -133,12 +133,12 @@ def _set(store, name, cfg):
 def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monkeypatch):
     cfg = ProbeConfig(label="lab", model=model, max_tokens_per_image=None)
     s = _set(store, name, cfg)
-    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 8 * D * 23)   # 23-row blocks when streaming
+    monkeypatch.setattr(data, "BLOCK_BYTES", 8 * D * 23)   # 23-row blocks, whatever the budget
+    monkeypatch.setattr(data, "MIN_BLOCK_ROWS", 1)
     held, fin_h = _features(store, s, site, memory_mb=64)
     streamed, fin_s = _features(store, s, site, memory_mb=0)
-    assert held.held and not streamed.held and streamed.block_rows == 23
+    assert held.held and not streamed.held and streamed.block_rows == held.block_rows == 23
     assert np.array_equal(fin_h, fin_s)
-    held.block_rows = streamed.block_rows
     pos = np.flatnonzero(fin_h)
     assert len(pos) > 2 * streamed.block_rows and (not fin_h.all()) == (site == "llm.out")
     gathered = []
@@ -161,9 +161,10 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
 @pytest.mark.parametrize("model", ["logistic", "ridge"])
 def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
     cfg = ProbeConfig(label="lab", model=model, token_sets=("sinks", "nonsinks", "mean"), n_boot=200, k=4)
-    big = probe(store, cfg, memory_mb=1024)
-    monkeypatch.setattr(data, "MIN_BLOCK_BYTES", 8 * D * 41)   # several blocks per fit
-    small = probe(store, cfg, memory_mb=0)
+    monkeypatch.setattr(data, "BLOCK_BYTES", 8 * D * 41)   # several blocks per fit, whatever the budget
+    monkeypatch.setattr(data, "MIN_BLOCK_ROWS", 1)
+    big = probe(store, cfg, memory_mb=1024)      # held, and standardised once per fit
+    small = probe(store, cfg, memory_mb=0)       # read from the store on every pass
     pd.testing.assert_frame_equal(small.frame, big.frame, check_exact=False, rtol=1e-12)
     for col in ("accuracy", "ci_low", "ci_high", "control_accuracy", "token_accuracy", "majority"):
         assert np.array_equal(small.frame[col].to_numpy(), big.frame[col].to_numpy(), equal_nan=True), col
@@ -171,5 +172,5 @@ def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
     assert set(small.probes) == set(big.probes)
     for key, p in big.probes.items():
         q = small.probes[key]
-        assert np.allclose(q.weight, p.weight, rtol=1e-5, atol=1e-7) and np.allclose(q.bias, p.bias, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(q.weight, p.weight) and np.array_equal(q.bias, p.bias)   # the same blocks: the same sums
     assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal

@@ -162,22 +162,22 @@ def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values, first, inv.ravel()
 
 
-BLOCK_BYTES = 8 << 20   # the largest block of float64 rows a fit works on
-MIN_BLOCK_BYTES = 1 << 19  # the smallest: a store read costs ~0.25 ms however few rows it gathers
+BLOCK_BYTES = 1 << 20   # float64 rows a fit works on at once (a store read costs ~0.25 ms however few rows)
+MIN_BLOCK_ROWS = 1024     # ... but never fewer rows than this (wide models: matrix products stay efficient)
 
 
 class _Rows:
     """A token set's features at a site, read in blocks of rows: ``blocks(pos)`` yields
     ``(start, x)``, x [<= block_rows, d] the rows ``pos[start:start + len(x)]``. Blocks depend only
-    on ``pos``, so rows held in memory and rows read from the store give the same numbers."""
+    on ``pos`` and the width (not on the memory budget), so rows held in memory and rows read from
+    the store, under any budget, give the same sums and the same probe."""
 
     def __init__(self, d: int, read, memory_mb: float = float("inf")) -> None:
         self.d = int(d)
-        # a fit holds a float64 block and its float32 read: half the budget, within the bounds above
-        size = min(BLOCK_BYTES, max(MIN_BLOCK_BYTES, memory_mb * 2**19))
-        self.block_rows = max(1, int(size // (8 * self.d)))
+        self.block_rows = max(MIN_BLOCK_ROWS, BLOCK_BYTES // (8 * self.d))
         self.read = read           # positions -> [len, d] features
         self.held = False
+        self.memory_bytes = memory_mb * 2**20
 
     def blocks(self, pos: np.ndarray):
         for start in range(0, len(pos), self.block_rows):

@@ -50,11 +50,22 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
         return weight, bias
 
     buf = np.empty((min(rows.block_rows, len(pos)), rows.d))  # one block, reused: no page faults per pass
+    # held rows whose float64 copy fits the budget too are standardised once, not on every pass
+    # (the same blocks, the same arithmetic: the same numbers)
+    kept: list | None = [] if rows.held and len(pos) * rows.d * 8 <= rows.memory_bytes else None
 
     def blocks():  # standardised float64 blocks, as sklearn sees the whole matrix
+        if kept and kept[-1][0] + len(kept[-1][1]) == len(pos):
+            yield from kept
+            return
+        kept_now = kept is not None
+        if kept_now:
+            kept.clear()                 # a pass left unfinished starts over
         for start, x in rows.blocks(pos):
-            z = np.subtract(x, mu, out=buf[:len(x)])
+            z = np.subtract(x, mu, out=np.empty(x.shape) if kept_now else buf[:len(x)])
             z /= sigma
+            if kept_now:
+                kept.append((start, z))
             yield start, z
 
     # Small fits run on one thread: BLAS on small blocks is overhead-bound and spin-waits badly on
