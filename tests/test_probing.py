@@ -402,3 +402,21 @@ def test_image_bootstrap_of_balanced_accuracy_equals_the_generic_bootstrap(monke
         want = bootstrap_ci(np.arange(n_images, dtype=float), stat=stat, n_boot=400, seed=5, alpha=0.1)
     assert np.allclose(got, want, rtol=0, atol=1e-12), (got, want)
     assert got[1] < got[0] < got[2]
+
+
+def test_cli_probe_memory_budget_streams_and_gives_the_same_probes(store):
+    """`mechsink probe --memory-mb 0` reads the features from the cache on every pass and prints the
+    numbers of the default budget, which holds them."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mechsink.cli import app
+    args = ["probe", "--cache", str(store.path), "--label", "planted_label", "--token-sets", "sinks,nonsinks",
+            "--sites", "vit.out", "--json"]
+    runs = [CliRunner().invoke(app, args + extra) for extra in ([], ["--memory-mb", "0"])]
+    assert [r.exit_code for r in runs] == [0, 0], runs[1].output[-2000:]
+    held, streamed = (json.loads(r.stdout) for r in runs)
+    assert [(r["token_set"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in streamed] == \
+           [(r["token_set"], r["accuracy"], r["ci_low"], r["ci_high"]) for r in held]
+    assert {r["token_set"] for r in held} == {"sinks", "nonsinks"}

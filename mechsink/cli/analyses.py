@@ -109,13 +109,15 @@ def probe(cache_dir: Path = typer.Option(..., "--cache", help="Store directory w
           model: str = typer.Option("logistic", "--probe", help="logistic | ridge"),
           folds: int = typer.Option(5, "--folds", help="Cross-validation folds."), seed: int = typer.Option(0, "--seed", help="Seed."),
           out: Optional[Path] = typer.Option(None, "--out", help="Save probes, results and figure here."),
+          memory_mb: float = typer.Option(1024.0, "--memory-mb", help="Features of a (token set, site) held in "
+                                          "memory up to this size; larger ones stream from the cache (same probe)."),
           as_json: bool = JsonOpt):
     """Linear probes: what sinks vs non-sinks vs CLS vs mean-pooled tokens encode, at every cached site."""
     def body():
         from ..probing import ProbeConfig, probe as run_probe
         config = ProbeConfig(label=label, token_sets=tuple(t for t in token_sets.split(",") if t),
                              sites=tuple(sites.split(",")) if sites else None, model=model, k=folds, seed=seed)
-        res = run_probe(cache_dir, config, out=out)
+        res = run_probe(cache_dir, config, out=out, memory_mb=memory_mb)
         if out is not None and len(res.frame):
             from ..report.figures import probe_figure
             probe_figure(res).savefig(Path(out) / "accuracy_by_layer.png", dpi=120)
