@@ -414,3 +414,38 @@ def test_index_row_groups_are_bounded_in_number_and_size(tmp_path, monkeypatch, 
     rows, _ = expected(range(N), "float16")
     assert store.index["sample_idx"].tolist() == rows["sample_idx"].tolist()
     assert store.index["row"].tolist() == list(range(n_rows))
+
+
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_an_interrupt_inside_add_leaves_a_consistent_store(tmp_path, monkeypatch, where):
+    """Ctrl-C inside ``add()`` right after the batch went to the disk thread (``after``: it is
+    committed with its samples) or right before (``before``: it is not, nor is its empty shard):
+    closing commits what the disk thread holds, and the store is exactly those samples."""
+    real = StoreWriter._submit
+    seen = []
+
+    def submit(self, fn, *args):
+        if fn.__name__ == "_append":
+            seen.append(1)
+            if len(seen) == 4 and where == "before":
+                raise KeyboardInterrupt
+            real(self, fn, *args)
+            if len(seen) == 4:
+                raise KeyboardInterrupt
+            return
+        real(self, fn, *args)
+    monkeypatch.setattr(StoreWriter, "_submit", submit)
+    for shard_rows in (10 ** 6, 1):          # one shard; or one per batch (the 4th then has no journal)
+        seen.clear()
+        path = tmp_path / str(shard_rows)
+        with pytest.raises(KeyboardInterrupt):
+            write(path, list(range(N)), shard_rows=shard_rows, batch=3)
+        assert_holds(merge(path), list(range(12 if where == "after" else 9)))   # 4 batches of 3, or the first 3
+
+
+def assert_holds(store, kept):
+    """The store holds exactly the samples `kept`, row for row and tensor for tensor."""
+    rows, tensors = expected(kept, "float16")
+    assert store.summary["n_samples"] == len(kept) and store.index["sample_idx"].tolist() == rows["sample_idx"].tolist()
+    for s in SITES:
+        assert torch.equal(store.get(s, as_="torch"), tensors[s])

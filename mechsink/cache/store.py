@@ -778,6 +778,18 @@ class SampleSet:
         return f"SampleSet({len(self)} samples)"
 
 
+@dataclass
+class _Journal:
+    """A shard being filled, as the disk thread has it: the journal file of its tensors and, batch by
+    batch, their (site index, offset, nbytes, crc32), row tables, samples and keys."""
+    file: Any
+    records: list[tuple[int, int, int, int]] = field(default_factory=list)
+    tables: list[pa.Table] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    keys: dict[int, str] = field(default_factory=dict)
+    rows: int = 0
+
+
 class StoreWriter:
     """Appends whole samples to a store; shards are written on a background thread.
 
@@ -867,15 +879,12 @@ class StoreWriter:
         self._pending: deque[Future] = deque()
         self._max_pending = pending_shards + _PENDING_BATCHES
         self._streams: dict[Any, Any] = {}
-        # disk thread only: shard -> (journal file, [(site index, offset, nbytes, crc32)], [batch row tables])
-        self._journals: dict[str, tuple[Any, list[tuple[int, int, int, int]], list[pa.Table]]] = {}
+        self._journals: dict[str, _Journal] = {}     # disk thread only: the shards being filled
         self._error: BaseException | None = None
         self._closed = False
 
     def _reset_buffer(self) -> None:
         self._name: str | None = None         # the shard being filled, named at its first add()
-        self._samples: list[int] = []
-        self._new_keys: dict[int, str] = {}
         self._n_buffered = 0
         self._bytes_buffered = 0
 
@@ -972,9 +981,9 @@ class StoreWriter:
         if self._name is None:
             self._name = f"{self._prefix}{self._seq:06d}"
             self._seq += 1
-        self._submit(self._append, self._name, host, events, cols)
-        self._samples.extend(samples)
-        self._new_keys.update(keys)
+        # the disk thread records the samples with their rows: an interrupt after this line cannot
+        # leave a batch journalled but not committed with its samples, or the other way round
+        self._submit(self._append, self._name, host, events, cols, samples, keys)
         self._added.update(samples)
         self._n_buffered += n
         if self._n_buffered >= self.shard_rows or self._bytes_buffered >= self.shard_bytes:
@@ -1021,50 +1030,58 @@ class StoreWriter:
         """Commit the samples added since the last commit as one shard, on the disk thread."""
         self._check_open()
         self._raise_failed()
-        if not self._samples:
+        if self._name is None:
             return
-        job = (self._name, self._samples, self._new_keys, self._n_buffered)
+        name = self._name
         self._reset_buffer()
-        self._submit(self._commit, *job)
+        self._submit(self._commit, name)
 
     def _journal(self, name: str) -> Path:
         return self.shards / f"{name}.journal.tmp"
 
     def _drop_journal(self, name: str) -> None:
-        f, _, _ = self._journals.pop(name, (None, None, None))
-        if f is not None:
+        j = self._journals.pop(name, None)
+        if j is not None:
             try:
-                f.close()
+                j.file.close()
             except OSError:
                 pass
         _unlink_quietly(self._journal(name))
 
-    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any], cols: dict[str, np.ndarray]) -> None:
+    def _append(self, name: str, tensors: list[torch.Tensor], events: list[Any], cols: dict[str, np.ndarray],
+                samples: list[int], keys: dict[int, str]) -> None:
         """Append one batch's tensors (in site order) to the shard's journal, keep its rows as a
-        compact arrow table (disk thread)."""
+        compact arrow table and its samples and keys with them (disk thread)."""
         for e in events:
             e.synchronize()
         try:
-            if name not in self._journals:
-                self._journals[name] = (open(self._journal(name), "w+b"), [], [])
-            f, records, tables = self._journals[name]
-            tables.append(_batch_table(cols))
+            j = self._journals.get(name)
+            if j is None:
+                j = self._journals[name] = _Journal(open(self._journal(name), "w+b"))
+            table = _batch_table(cols)
             for k, t in enumerate(tensors):
                 if t.numel():
                     view = _byte_view(t)
-                    records.append((k, f.tell(), view.nbytes, zlib.crc32(view)))
-                    f.write(view)
+                    j.records.append((k, j.file.tell(), view.nbytes, zlib.crc32(view)))
+                    j.file.write(view)
+            j.tables.append(table)
+            j.samples.extend(samples)
+            j.keys.update(keys)
+            j.rows += table.num_rows
         except OSError as e:
             self._drop_journal(name)
             raise _write_error(e, f"shard {name}", self.path) from None
 
-    def _commit(self, name: str, samples: list[int], keys: dict[int, str], n: int) -> None:
+    def _commit(self, name: str) -> None:
         """Write one shard: the tensors from the journal into a tmp safetensors file, the rows into a
         tmp parquet, fsync, rename the tensors, then the parquet (the commit point). Disk thread."""
         st, pqt = self.shards / f"{name}.safetensors", self.shards / f"{name}.parquet"
         st_tmp, pq_tmp = st.with_name(st.name + ".tmp"), pqt.with_name(pqt.name + ".tmp")
+        j = self._journals.pop(name, None)
+        if j is None:      # its first batch never reached the disk thread (an interrupt in between)
+            return
+        journal, records, tables, samples, keys, n = j.file, j.records, j.tables, j.samples, j.keys, j.rows
         try:
-            journal, records, tables = self._journals.pop(name)
             try:
                 if journal is not None:
                     journal.flush()
@@ -1075,7 +1092,7 @@ class StoreWriter:
                     journal.close()
                 _unlink_quietly(self._journal(name))
             table = _rows_table(tables)
-            del tables
+            tables.clear()                  # the batches' dictionary-encoded tables
             raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
