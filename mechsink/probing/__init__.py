@@ -34,7 +34,7 @@ the feature standardisation is folded into the weights, so a saved probe is one 
 The features do not grow memory with the cache: a (token set, site)'s are held in memory (float32)
 when they fit ``probe(..., memory_mb=1024)``, else read from the store block by block on every pass
 of the fit, which is sklearn's (lbfgs ``LogisticRegression`` / ``RidgeClassifier``) computed over
-blocks. Either way it is the same probe (block sizes change only the float64 rounding).
+blocks whose size depends on the width only. Either way, under any budget, it is the same probe.
 
 Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, saving),
 :mod:`.fit` (the blockwise fit), :mod:`.data` (labels, folds, token sets, feature source),

@@ -81,7 +81,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
     memory_mb: a (token set, site)'s float32 features are read once and held when they fit in it,
     else streamed from the store on every pass of every fit (slower, memory flat in the cache size);
-    the probe is the same up to float64 rounding, so the budget is not part of the config.
+    the probe is exactly the same (blocks depend on the width only), so the budget is not part of the config.
     """
     from ..cache import Store
 
