@@ -1080,20 +1080,18 @@ class StoreWriter:
         j = self._journals.pop(name, None)
         if j is None:      # its first batch never reached the disk thread (an interrupt in between)
             return
-        journal, records, tables, samples, keys, n = j.file, j.records, j.tables, j.samples, j.keys, j.rows
+        n = j.rows
         try:
             try:
-                if journal is not None:
-                    journal.flush()
-                crc, size = _write_from_journal(st_tmp, journal, records, self.config.sites, self._dims, n,
+                j.file.flush()
+                crc, size = _write_from_journal(st_tmp, j.file, j.records, self.config.sites, self._dims, n,
                                                 self.dtype, metadata={"store_id": self.id, "rows": str(n)})
             finally:
-                if journal is not None:
-                    journal.close()
+                j.file.close()
                 _unlink_quietly(self._journal(name))
-            table = _rows_table(tables)
-            tables.clear()                  # the batches' dictionary-encoded tables
-            raw = (json.dumps(sorted(samples)).encode(), _canonical({str(k): v for k, v in sorted(keys.items())}),
+            table = _rows_table(j.tables)
+            j.tables.clear()                # the batches' dictionary-encoded tables
+            raw = (json.dumps(sorted(j.samples)).encode(), _canonical({str(k): v for k, v in sorted(j.keys.items())}),
                    _canonical({"crc32": crc, "bytes": size}))
             meta = {_SAMPLES_KEY: raw[0], _KEYS_KEY: raw[1], _TENSORS_KEY: raw[2], _META_CRC_KEY: _meta_crc(*raw)}
             pq.write_table(table.replace_schema_metadata(meta), pq_tmp, row_group_size=SHARD_ROW_GROUP,
