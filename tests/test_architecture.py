@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "mechsink"
 
 # Layer of every top-level module or package (DESIGN.md): a module may import its own layer or below.
 LAYERS = {
-    1: ["errors", "atomic", "config", "results"],
+    1: ["errors", "atomic", "config", "results", "memory"],
     2: ["sites", "tokens", "selection", "models", "trace", "engine", "metrics", "stats", "data", "batching", "lens", "distributed"],
     3: ["sinks", "cache", "probing", "ablation", "patching", "sweep", "sources", "attribution", "analyses",
         "interventions", "inspect", "plan", "export", "importance"],

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import torch
 
 from mechsink.errors import MechsinkError
+from mechsink.memory import trim as _trim
 from mechsink.config import Config
 
 log = logging.getLogger("mechsink")
@@ -676,24 +677,6 @@ def _shard_keys(meta: _ShardMeta) -> dict[str, str]:
         return json.loads(meta._keys_raw)
     except ValueError:
         raise StoreCorrupt(f"{meta.parquet} is corrupt (unreadable metadata); {_repair_shard(meta.parquet)}") from None
-
-
-_LIBC: list = []
-
-
-def _trim() -> None:
-    """Hand freed memory back to the OS: Arrow's pool, and glibc's heap (whose free pages are
-    otherwise pinned by a few live objects, so that resident memory creeps up over a long run)."""
-    pa.default_memory_pool().release_unused()
-    if not _LIBC:
-        try:
-            import ctypes
-            libc = ctypes.CDLL("libc.so.6")
-            _LIBC.append(libc.malloc_trim)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0](0)
 
 
 def _first_line(e: BaseException) -> str:

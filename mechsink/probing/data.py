@@ -15,15 +15,26 @@ from .linear import _plain
 
 @dataclass
 class _Labels:
-    """Per index row: class code (-1 unlabelled), unit id and group (image) id."""
+    """Per index row: class code (-1 unlabelled), unit id and group (image) id. Per-row arrays are
+    held in the smallest integer type their values fit (a probe over 10^7 tokens holds several)."""
 
     level: str
     classes: list
-    y: np.ndarray          # [n_rows] int, -1 where unlabelled
-    unit: np.ndarray       # [n_rows] int: sample (image-level) or row (patch-level)
+    y: np.ndarray          # [n_rows] int16, -1 where unlabelled
+    unit: np.ndarray | None  # [n_rows]: sample (image-level); None at patch level, where the unit is the row
     group: np.ndarray      # [n_rows] int: image the row belongs to (split and bootstrap unit)
     group_names: np.ndarray
-    fold_of_group: np.ndarray  # [n_groups]
+    fold_of_group: np.ndarray  # [n_groups] int8/int16
+
+
+def _small(a: np.ndarray) -> np.ndarray:
+    """Non-negative integers in the smallest of int8/16/32/64 that holds them (storage only:
+    arithmetic on them casts to int64 first)."""
+    top = int(a.max(initial=0))
+    for dt in (np.int8, np.int16, np.int32):
+        if top <= np.iinfo(dt).max:
+            return a.astype(dt, copy=False)
+    return a.astype(np.int64, copy=False)
 
 
 def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
@@ -42,14 +53,14 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
     if len(classes) > 1000:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
                          "(bin a continuous label first)")
-    codes = np.where(labelled, codes, -1).astype(np.int64)
-    sample = index["sample_idx"].to_numpy(np.int64)
+    codes = np.where(labelled, codes, -1).astype(np.int16)   # at most 1000 classes
+    sample = index["sample_idx"].to_numpy()
 
-    per_sample = pd.Series(codes[labelled]).groupby(sample[labelled]).nunique()
-    constant = bool((per_sample <= 1).all())
+    varies = _varies(sample[labelled], codes[labelled])
+    constant = not varies.any()
     level = ("image" if constant else "patch") if config.level == "auto" else config.level
     if level == "image" and not constant:
-        bad = per_sample.index[per_sample > 1][:3].tolist()
+        bad = np.flatnonzero(varies)[:3].tolist()
         raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
 
     paths = index["image_path"] if "image_path" in index.columns else None
@@ -60,26 +71,36 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
         gnames = np.asarray(gnames, dtype=object)
     else:
         gcodes, gnames = pd.factorize(sample, sort=True)
-    group = gcodes.astype(np.int64)
-    unit = sample if level == "image" else np.arange(len(index), dtype=np.int64)
+    group = _small(gcodes)
+    unit = sample if level == "image" else None
 
     return _Labels(level, _plain(classes), codes, unit, group, np.asarray(gnames),
                    _deal_folds(group, codes, labelled, len(gnames), level, config))
+
+
+def _varies(sample: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """[max sample + 1] bool: the sample's rows carry more than one class code (per-sample least and
+    greatest code: no hash table over the rows)."""
+    size = int(sample.max(initial=-1)) + 1
+    lo, hi = np.full(size, np.iinfo(codes.dtype).max, codes.dtype), np.full(size, -1, codes.dtype)
+    np.minimum.at(lo, sample, codes)
+    np.maximum.at(hi, sample, codes)
+    return hi > lo
 
 
 def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
     """Assign each image to one of k folds, stratified by its label when the label is image-level."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    have = np.unique(group[labelled])
+    have, first = np.unique(group[labelled], return_index=True)   # (a stable sort: first = first row)
     if len(have) < config.k:
         raise ProbeError(f"{len(have)} labelled images cannot fill k={config.k} folds; lower k or add images")
-    fold = np.full(n_groups, -1, dtype=np.int64)
-    glabel = pd.Series(codes[labelled]).groupby(group[labelled]).first().reindex(have)
-    counts = glabel.value_counts()
-    if level == "image" and counts.min() >= config.k:
+    fold = np.full(n_groups, -1, dtype=np.int8 if config.k < 128 else np.int16)
+    glabel = codes[labelled][first]                                  # each image's label (its first row's)
+    counts = np.bincount(glabel)
+    if level == "image" and counts[counts > 0].min() >= config.k:
         splitter = StratifiedKFold(config.k, shuffle=True, random_state=config.seed)
-        parts = splitter.split(have, glabel.to_numpy())
+        parts = splitter.split(have, glabel)
     else:
         parts = KFold(config.k, shuffle=True, random_state=config.seed).split(have)
     for f, (_, test) in enumerate(parts):
@@ -95,9 +116,9 @@ class _Set:
     rows: np.ndarray        # [n] index rows; for mean: [n_pool] first row of each pooled image
     pool: np.ndarray | None  # mean only: [n_image_rows] pool id of every image row in pool_rows
     pool_rows: np.ndarray | None
-    y: np.ndarray
+    y: np.ndarray           # int16 class codes
     y_control: np.ndarray
-    unit: np.ndarray
+    unit: np.ndarray        # sample (image-level) or index row (patch-level: ``rows`` itself)
     group: np.ndarray
 
 
@@ -120,9 +141,9 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         rows = np.flatnonzero((role == "cls").to_numpy(bool) & ok)
     else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
         pool_rows = np.flatnonzero(image)
-        img = index["image"].to_numpy(np.int64)[pool_rows]
+        img = index["image"].to_numpy()[pool_rows].astype(np.int64)
         img -= img.min(initial=0)
-        keys = index["sample_idx"].to_numpy(np.int64)[pool_rows] * (int(img.max(initial=0)) + 1) + img
+        keys = index["sample_idx"].to_numpy()[pool_rows].astype(np.int64) * (int(img.max(initial=0)) + 1) + img
         _, first, pool = np.unique(keys, return_index=True, return_inverse=True)  # (sample, image) pairs in order
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
@@ -132,7 +153,8 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         rows = np.sort(order[keep])
     if len(rows) == 0:
         return f"{name}: no rows in the cache"
-    y, unit, group = lab.y[rows], lab.unit[rows], lab.group[rows]
+    y, group = lab.y[rows], lab.group[rows]
+    unit = rows if lab.unit is None else lab.unit[rows]
     control = _control_labels(y, unit, group, lab.level, np.random.default_rng([config.seed, _SEED_ORDER.index(name)]))
     return _Set(name, rows, pool, pool_rows, y, control, unit, group)
 
@@ -146,7 +168,7 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     # each (image, label) pair mapped to a random label drawn from the set's label distribution
     pairs, inv = np.unique(np.stack([group, y], axis=1), axis=0, return_inverse=True)
     freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
-    return rng.choice(len(freq), size=len(pairs), p=freq)[inv.ravel()]
+    return rng.choice(len(freq), size=len(pairs), p=freq).astype(y.dtype)[inv.ravel()]
 
 
 def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,5 +259,6 @@ def _pooled(store, s: _Set, site: str, memory_mb: float):
 def _subset(s: _Set, keep: np.ndarray) -> _Set:
     if keep.all():
         return s
-    return dataclasses.replace(s, rows=s.rows[keep], y=s.y[keep], y_control=s.y_control[keep], unit=s.unit[keep],
-                               group=s.group[keep])
+    rows = s.rows[keep]
+    return dataclasses.replace(s, rows=rows, y=s.y[keep], y_control=s.y_control[keep],
+                               unit=rows if s.unit is s.rows else s.unit[keep], group=s.group[keep])

@@ -40,9 +40,10 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
 
     pos = np.asarray(pos, dtype=np.int64)
     mu, sigma = _moments(rows, pos)
-    y = np.asarray(y, dtype=np.int64)
+    y = np.asarray(y)
     present = np.flatnonzero(np.bincount(y))      # np.unique(y) of class codes, without sorting y
-    code = np.searchsorted(present, y)
+    # codes 0..m-1 of the present classes (y itself when every class is present: no copy)
+    code = y if len(present) and present[-1] == len(present) - 1 else np.searchsorted(present, y).astype(y.dtype)
     weight = np.zeros((n_classes, rows.d))
     bias = np.full(n_classes, -1e30)
     if len(present) == 1:
@@ -133,7 +134,6 @@ def _logistic(blocks, code: np.ndarray, k: int, d: int, C: float, max_iter: int)
     n = len(code)
     l2 = 1.0 / (C * n)
     binary = k == 2
-    target = (code == 1).astype(np.float64) if binary else code
 
     def split(w):
         if binary:
@@ -145,8 +145,9 @@ def _logistic(blocks, code: np.ndarray, k: int, d: int, C: float, max_iter: int)
         coef, icpt = split(w)
         loss, g_coef, g_icpt = 0.0, np.zeros_like(coef), np.zeros_like(icpt)
         for start, z in blocks():
-            t = target[start:start + len(z)]
+            t = code[start:start + len(z)]
             if binary:
+                t = (t == 1).astype(np.float64)
                 raw = z @ coef + icpt
                 loss += float(np.sum(np.logaddexp(0.0, raw) - t * raw))
                 g = (expit(raw) - t) / n

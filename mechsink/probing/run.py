@@ -18,6 +18,7 @@ from ..atomic import write_text
 from ..config import coerce
 from ..distributed import gather, mine, rank, world
 from ..errors import SiteError
+from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
@@ -33,6 +34,7 @@ log = logging.getLogger("mechsink")
 # What a probe reads of the index: a large cache's other columns (labels, paths, norms) stay on disk.
 _PROBE_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")
 _CATEGORICAL = ("image_path", "token_role")
+_SET_COLUMNS = ("sample_idx", "token_role", "is_sink", "image")  # what the token sets read
 _INDEX_BLOCK = 1 << 14
 
 
@@ -46,7 +48,7 @@ def _index(store, label: str) -> pd.DataFrame:
     parts = {c: [] for c in cols}
     for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols):  # no whole string column at once
         for c in cols:
-            parts[c].append(block[c].astype("category") if c in _CATEGORICAL else block[c])
+            parts[c].append(block[c].astype("category") if c in _CATEGORICAL else _narrow(block[c]))
     index = store.read_index([label])
     for c in cols:
         if not parts[c]:
@@ -55,7 +57,16 @@ def _index(store, label: str) -> pd.DataFrame:
             index[c] = pd.Categorical(union_categoricals(parts[c], sort_categories=True))
         else:
             index[c] = pd.concat(parts[c], ignore_index=True)
+        parts[c] = None
+    trim()  # the blocks' freed pages
     return index[[*cols, label]]
+
+
+def _narrow(col: pd.Series) -> pd.Series:
+    """Integer ids (samples, images) as int32 where they fit: a column of a large index costs half."""
+    if col.dtype.kind == "i" and len(col) and -2**31 <= col.min() and col.max() < 2**31:
+        return col.astype(np.int32)
+    return col
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
@@ -101,7 +112,8 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     sites = _site_order(sites)
     depth = {s: i for i, s in enumerate(_site_order(store.sites))}
     lab = _labels(index, config)
-    n_classes = len(lab.classes)
+    index = index[[c for c in _SET_COLUMNS if c in index.columns]]  # the label and paths live on in lab
+    trim()  # each phase below peaks on its own, not on top of what the ones before freed
     done = _resume(out, config, store) if out is not None else {}
 
     # job j = (token set, site) runs on rank j % world (torchrun); items are tagged with j and merged
@@ -123,44 +135,20 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                 rows.append((j, done[key][0]))
                 probes.append((j, (key, done[key][1])))
                 continue
-            feats, finite = _features(store, s, site, memory_mb)
-            if not finite.any():
-                notes.append((j, f"{name} @ {site}: no activations cached for these tokens"))
+            item = _fit_one(store, s, site, fold, lab, config, memory_mb, recorded, depth[site])
+            trim()
+            if isinstance(item, str):
+                notes.append((j, item))
                 continue
-            sub = _subset(s, finite)
-            pos, f_sub = np.flatnonzero(finite), fold[finite]
-            folds = _Folds(f_sub, config.k)
-            if len(folds) < 2:
-                notes.append((j, f"{name} @ {site}: its images fall in fewer than 2 folds"))
-                continue
-            used = hashlib.sha256(finite.tobytes()).hexdigest()
-            if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
-                recorded[name].add(used)
-                splits.append((j, (name, used, _split_records(name, site, folds, sub.group, lab.group_names))))
-            real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
-            ctrl = None
-            if config.control:
-                ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, folds, n_classes, config),
-                              f_sub, n_classes, config)
-            w, b = fit_rows(feats, pos, sub.y, n_classes, config)
-            meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
-                    "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
-                    "n_tokens": int(len(sub.y))}
-            probe_ = LinearProbe(w, b, lab.classes, config.model, meta)
+            row, probe_, split = item
+            if split is not None:
+                splits.append((j, split))
             probes.append((j, (key, probe_)))
-            acc, c_acc = real.accuracy, (ctrl.accuracy if ctrl else (math.nan,) * 3)
-            row = {"label": config.label, "level": lab.level, "token_set": name, "site": site, "depth": depth[site],
-                   "unit": "image" if lab.level == "image" else "token", "aggregate": real.aggregate,
-                   "metric": "balanced_accuracy", "accuracy": acc[0], "ci_low": acc[1], "ci_high": acc[2],
-                   "token_accuracy": real.token_accuracy, "control_accuracy": c_acc[0], "control_ci_low": c_acc[1],
-                   "control_ci_high": c_acc[2], "selectivity": acc[0] - c_acc[0], "majority": real.majority,
-                   "chance": 1.0 / len(np.unique(sub.y)), "n_classes": int(len(np.unique(sub.y))),
-                   "n_images": int(len(np.unique(sub.group))), "n_units": real.n_units, "n_tokens": int(len(sub.y)),
-                   "k": len(folds), "model": config.model}
             rows.append((j, row))
-            log.info("probe %s @ %s: accuracy %.3f [%.3f, %.3f], control %.3f", name, site, *acc, c_acc[0])
             if out is not None and world() == 1:
                 _checkpoint(Path(out), row, probe_)
+        del s, fold  # the next set's arrays do not meet this one's
+        trim()
 
     rows, probes, notes = gather(rows), dict(gather(probes)), gather(notes)
     first, split_parts = set(), []
@@ -174,6 +162,49 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     if out is not None and rank() == 0:
         result.save(out)
     return result
+
+
+def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, memory_mb: float,
+             recorded: dict, depth: int):
+    """One (token set, site): (result row, probe, split records or None), or a note saying why it
+    is left out. A function of its own so that its per-token arrays are freed when it returns."""
+    name, n_classes = s.name, len(lab.classes)
+    feats, finite = _features(store, s, site, memory_mb)
+    if not finite.any():
+        return f"{name} @ {site}: no activations cached for these tokens"
+    sub = _subset(s, finite)
+    pos, f_sub = np.flatnonzero(finite), fold[finite]
+    folds = _Folds(f_sub, config.k)
+    if len(folds) < 2:
+        return f"{name} @ {site}: its images fall in fewer than 2 folds"
+    split = None
+    used = hashlib.sha256(finite.tobytes()).hexdigest()
+    if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
+        recorded[name].add(used)
+        split = (name, used, _split_records(name, site, folds, sub.group, lab.group_names))
+    del finite
+    real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
+    ctrl = None
+    if config.control:
+        ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, folds, n_classes, config),
+                      f_sub, n_classes, config)
+    w, b = fit_rows(feats, pos, sub.y, n_classes, config)
+    meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
+            "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
+            "n_tokens": int(len(sub.y))}
+    probe_ = LinearProbe(w, b, lab.classes, config.model, meta)
+    acc, c_acc = real.accuracy, (ctrl.accuracy if ctrl else (math.nan,) * 3)
+    present = np.flatnonzero(np.bincount(sub.y))
+    row = {"label": config.label, "level": lab.level, "token_set": name, "site": site, "depth": depth,
+           "unit": "image" if lab.level == "image" else "token", "aggregate": real.aggregate,
+           "metric": "balanced_accuracy", "accuracy": acc[0], "ci_low": acc[1], "ci_high": acc[2],
+           "token_accuracy": real.token_accuracy, "control_accuracy": c_acc[0], "control_ci_low": c_acc[1],
+           "control_ci_high": c_acc[2], "selectivity": acc[0] - c_acc[0], "majority": real.majority,
+           "chance": 1.0 / len(present), "n_classes": int(len(present)),
+           "n_images": int(len(np.unique(sub.group))), "n_units": real.n_units, "n_tokens": int(len(sub.y)),
+           "k": len(folds), "model": config.model}
+    log.info("probe %s @ %s: accuracy %.3f [%.3f, %.3f], control %.3f", name, site, *acc, c_acc[0])
+    return row, probe_, split
 
 
 class _Folds:

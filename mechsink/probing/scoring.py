@@ -68,14 +68,22 @@ def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0
                             max_elements=_BOOT_ELEMENTS)
 
 
-def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, str]:
+_CHUNK = 1 << 16  # tokens whose probabilities are computed at once (the sums are the same in any chunks)
+
+
+def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Average token predictions per unit: probabilities (logistic) or scores (ridge).
-    Returns (units [u], mean [u, K], aggregate name)."""
-    values = _softmax(scores) if kind == "logistic" else scores
-    units, _, inv = _unique(unit)
-    sums = np.zeros((len(units), values.shape[1]))
-    np.add.at(sums, inv, values)
-    return units, sums / np.bincount(inv)[:, None], "mean_proba" if kind == "logistic" else "mean_score"
+    Returns (units [u], first token of each unit [u], mean [u, K], aggregate name)."""
+    name = "mean_proba" if kind == "logistic" else "mean_score"
+    values = (lambda a: _softmax(a)) if kind == "logistic" else (lambda a: a)
+    units, first, inv = _unique(unit)
+    if len(units) == len(unit):  # one token per unit: its own prediction (first is increasing: the tokens in order)
+        v = values(scores)
+        return units, first, (v if len(first) < 2 or (first[1:] > first[:-1]).all() else v[first]), name
+    sums = np.zeros((len(units), scores.shape[1]))
+    for i in range(0, len(unit), _CHUNK):
+        np.add.at(sums, inv[i:i + _CHUNK], values(scores[i:i + _CHUNK]))
+    return units, first, sums / np.bincount(inv)[:, None], name
 
 
 @dataclass
@@ -89,11 +97,11 @@ class _Scored:
 
 def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes: int, config: ProbeConfig) -> _Scored:
     """Score out-of-fold scores [n, K] against codes y [n] at the unit level."""
-    pred_tok = oof.argmax(axis=1)
-    one_g = np.zeros(len(y), dtype=np.int64)
-    token_acc = _balanced(*_balanced_counts(one_g, y, pred_tok == y, 1, n_classes))
-    units, mean, agg = _aggregate(s.unit, oof, config.model)
-    first = _unique(s.unit)[1]
+    right = y[oof.argmax(axis=1) == y]
+    token_acc = _balanced(np.bincount(y, minlength=n_classes)[None].astype(float),
+                          np.bincount(right, minlength=n_classes)[None].astype(float))
+    del right
+    units, first, mean, agg = _aggregate(s.unit, oof, config.model)
     uy, ug, uf = y[first], s.group[first], fold[first]
     if len(units) == len(y):
         agg = "none"
