@@ -78,6 +78,12 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
                    _deal_folds(group, codes, labelled, len(gnames), level, config))
 
 
+def _where(mask: np.ndarray) -> np.ndarray:
+    """np.flatnonzero(mask) as int32 when positions fit (a token set's rows cost half)."""
+    pos = np.flatnonzero(mask)
+    return pos.astype(np.int32) if len(mask) < 2**31 else pos
+
+
 def _varies(sample: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """[max sample + 1] bool: the sample's rows carry more than one class code (per-sample least and
     greatest code: no hash table over the rows)."""
@@ -132,15 +138,15 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
     if name in ("cls", "mean") and lab.level == "patch":
         return f"{name}: a patch-level label has no {name} token"
     if name == "sinks":
-        rows = np.flatnonzero(image & sink)
+        rows = _where(image & sink)
     elif name == "nonsinks":
-        rows = np.flatnonzero(image & ~sink)
+        rows = _where(image & ~sink)
     elif name == "image":
-        rows = np.flatnonzero(image)
+        rows = _where(image)
     elif name == "cls":
-        rows = np.flatnonzero((role == "cls").to_numpy(bool) & ok)
+        rows = _where((role == "cls").to_numpy(bool) & ok)
     else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
-        pool_rows = np.flatnonzero(image)
+        pool_rows = _where(image)
         img = index["image"].to_numpy()[pool_rows].astype(np.int64)
         img -= img.min(initial=0)
         keys = index["sample_idx"].to_numpy()[pool_rows].astype(np.int64) * (int(img.max(initial=0)) + 1) + img

@@ -38,7 +38,7 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
     """
     from threadpoolctl import threadpool_limits
 
-    pos = np.asarray(pos, dtype=np.int64)
+    pos = np.asarray(pos)
     mu, sigma = _moments(rows, pos)
     y = np.asarray(y)
     present = np.flatnonzero(np.bincount(y))      # np.unique(y) of class codes, without sorting y

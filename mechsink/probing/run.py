@@ -22,7 +22,7 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _labels, _subset, _token_set
+from .data import _features, _labels, _subset, _token_set, _where
 from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
@@ -173,7 +173,7 @@ def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, me
     if not finite.any():
         return f"{name} @ {site}: no activations cached for these tokens"
     sub = _subset(s, finite)
-    pos, f_sub = np.flatnonzero(finite), fold[finite]
+    pos, f_sub = _where(finite), fold[finite]
     folds = _Folds(f_sub, config.k)
     if len(folds) < 2:
         return f"{name} @ {site}: its images fall in fewer than 2 folds"
@@ -220,7 +220,7 @@ class _Folds:
 
     def __iter__(self):
         for f in self.ids:
-            yield np.flatnonzero(self.fold != f), np.flatnonzero(self.fold == f)
+            yield _where(self.fold != f), _where(self.fold == f)
 
 
 def _split_records(name, site, folds, group, group_names) -> list[pd.DataFrame]:
