@@ -155,9 +155,9 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     for name, used, recs in gather(splits):          # the first site reading the same rows records them
         if (name, used) not in first:
             first.add((name, used))
-            split_parts += recs
+            split_parts.append(recs)
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    split_frame = pd.concat(split_parts, ignore_index=True) if split_parts else pd.DataFrame(columns=SPLIT_COLUMNS)
+    split_frame = _split_frame(split_parts, list(config.token_sets), sites, lab.group_names)
     result = ProbeResult(frame, config, {"notes": notes, "store_id": store.id}, probes=probes, splits=split_frame)
     if out is not None and rank() == 0:
         result.save(out)
@@ -181,7 +181,7 @@ def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, me
     used = hashlib.sha256(finite.tobytes()).hexdigest()
     if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
         recorded[name].add(used)
-        split = (name, used, _split_records(name, site, folds, sub.group, lab.group_names))
+        split = (name, used, _split_records(name, site, folds, sub.group))
     del finite
     real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
     ctrl = None
@@ -223,15 +223,34 @@ class _Folds:
             yield _where(self.fold != f), _where(self.fold == f)
 
 
-def _split_records(name, site, folds, group, group_names) -> list[pd.DataFrame]:
-    """The images on each side of each fold, read off the index arrays the fold trains and tests on."""
-    out = []
+def _split_records(name, site, folds, group) -> tuple:
+    """(token set, site, fold [m], image code [m], tested [m]): the images on each side of each fold,
+    read off the index arrays the fold trains and tests on (codes, not strings: a record per image)."""
+    fold, image, tested = [], [], []
     for f, (train, test) in enumerate(folds):
-        for side, idx in (("train", train), ("test", test)):
-            images = group_names[np.unique(group[idx])]
-            out.append(pd.DataFrame({"token_set": name, "site": site, "fold": f, "image": images.astype(str),
-                                     "side": side}, columns=SPLIT_COLUMNS))
-    return out
+        for is_test, idx in ((False, train), (True, test)):
+            g = np.unique(group[idx])
+            fold.append(np.full(len(g), f, dtype=np.int16))
+            image.append(g)
+            tested.append(np.full(len(g), is_test))
+    return name, site, np.concatenate(fold), np.concatenate(image), np.concatenate(tested)
+
+
+def _split_frame(parts: list[tuple], token_sets: list[str], sites: list[str], group_names: np.ndarray) -> pd.DataFrame:
+    """The split records as one frame (SPLIT_COLUMNS), its strings categorical: one code per row."""
+    if not parts:
+        return pd.DataFrame(columns=SPLIT_COLUMNS)
+    n = [len(p[2]) for p in parts]
+
+    def cat(codes, categories):
+        return pd.Categorical.from_codes(codes, categories=categories)
+    return pd.DataFrame({
+        "token_set": cat(np.repeat([token_sets.index(p[0]) for p in parts], n), token_sets),
+        "site": cat(np.repeat([sites.index(p[1]) for p in parts], n), sites),
+        "fold": np.concatenate([p[2] for p in parts]),
+        "image": cat(np.concatenate([p[3] for p in parts]), pd.Index(group_names.astype(str))),
+        "side": cat(np.concatenate([p[4] for p in parts]).astype(np.int8), ["train", "test"]),
+    }, columns=SPLIT_COLUMNS)
 
 
 def _recorded_hash(have: dict) -> str | None:
