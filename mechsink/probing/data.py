@@ -151,6 +151,7 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         img -= img.min(initial=0)
         keys = index["sample_idx"].to_numpy()[pool_rows].astype(np.int64) * (int(img.max(initial=0)) + 1) + img
         _, first, pool = np.unique(keys, return_index=True, return_inverse=True)  # (sample, image) pairs in order
+        pool = _small(pool.ravel())
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
         rng = np.random.default_rng(config.seed)
@@ -244,7 +245,7 @@ def _take(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def _pooled(store, s: _Set, site: str, memory_mb: float):
     """positions -> [len, d] means of those pools' image rows (float64 sums in row order)."""
-    order = np.argsort(s.pool, kind="stable")                  # rows of pool p: order[start[p]:start[p + 1]]
+    order = _small(np.argsort(s.pool, kind="stable"))          # rows of pool p: order[start[p]:start[p + 1]]
     start = np.searchsorted(s.pool[order], np.arange(len(s.rows) + 1))
     size = np.diff(start)
     step = max(1, _Rows(store.dims[site], None, memory_mb).block_rows // max(1, int(size.max())))
