@@ -174,3 +174,47 @@ def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
         q = small.probes[key]
         assert np.array_equal(q.weight, p.weight) and np.array_equal(q.bias, p.bias)   # the same blocks: the same sums
     assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal
+
+
+def test_per_row_arrays_are_small_and_say_what_pandas_says():
+    """The label checks and folds computed without hash tables over the rows agree with pandas'
+    groupby, and the per-row arrays are held in small integer types."""
+    from mechsink.probing.data import _varies, _where
+    rng = np.random.default_rng(3)
+    sample = np.repeat(rng.permutation(300), rng.integers(1, 9, 300)).astype(np.int32)   # unsorted samples
+    codes = rng.integers(0, 4, len(sample)).astype(np.int16)
+    codes[rng.random(len(sample)) < 0.7] = 0
+    labelled = rng.random(len(sample)) > 0.1
+    want = pd.Series(codes[labelled]).groupby(sample[labelled]).nunique()
+    got = _varies(sample[labelled], codes[labelled])
+    assert np.array_equal(np.flatnonzero(got), want.index[want > 1].to_numpy())
+    pos = _where(labelled)
+    assert pos.dtype == np.int32 and np.array_equal(pos, np.flatnonzero(labelled))
+
+    index = pd.DataFrame({"sample_idx": sample, "image_path": [f"im{s:04d}.png" for s in sample],
+                          "token_role": "image", "is_sink": False, "image": 0,
+                          "lab": np.where(labelled, pd.Series(sample % 3).map({0: "a", 1: "b", 2: "c"}), None)})
+    cfg = ProbeConfig(label="lab", k=4)
+    lab = _labels(index, cfg)
+    assert lab.level == "image" and lab.y.dtype == np.int16 and lab.group.dtype == np.int16
+    assert np.array_equal(lab.unit, sample)      # image-level: the unit is the sample (patch-level: None, the row)
+    assert lab.fold_of_group.dtype == np.int8 and lab.classes == ["a", "b", "c"]
+    first = pd.Series(lab.y[labelled]).groupby(lab.group[labelled]).first()   # each image's label, by pandas
+    have = np.unique(lab.group[labelled])
+    assert np.array_equal(first.index.to_numpy(), have)
+    folds = lab.fold_of_group[have]
+    # stratified: every fold holds each label's images in near-equal shares
+    for c in range(3):
+        per_fold = np.bincount(folds[first.to_numpy() == c], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1, per_fold
+
+
+def test_split_records_are_categorical_and_name_the_images(store):
+    res = probe(store, ProbeConfig(label="lab", token_sets=("sinks", "mean"), n_boot=100, k=4))
+    sp = res.splits
+    assert {c: str(sp[c].dtype) for c in ("token_set", "site", "image", "side")} == dict.fromkeys(
+        ("token_set", "site", "image", "side"), "category")
+    paths = set(store.index["image_path"])
+    for (ts, site, fold), part in sp.groupby(["token_set", "site", "fold"], observed=True):
+        train, test = (set(part.loc[part["side"] == s, "image"].astype(str)) for s in ("train", "test"))
+        assert train and test and not train & test and train | test <= paths
