@@ -3,6 +3,8 @@ same numbers whether the rows are held in memory or read from the store, and a w
 run that streams (a tiny memory budget) gives the result of one that holds its features."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -218,3 +220,29 @@ def test_split_records_are_categorical_and_name_the_images(store):
     for (ts, site, fold), part in sp.groupby(["token_set", "site", "fold"], observed=True):
         train, test = (set(part.loc[part["side"] == s, "image"].astype(str)) for s in ("train", "test"))
         assert train and test and not train & test and train | test <= paths
+
+
+@pytest.mark.parametrize("model,k", [("logistic", 2), ("logistic", 3), ("ridge", 3)])
+def test_out_of_fold_predictions_equal_those_of_the_whole_score_matrix(model, k):
+    """_cross_val holds per-unit sums, not the [n, K] scores: its predictions equal the argmax of
+    every token's out-of-fold scores and of each unit's mean probability (score) computed whole."""
+    from mechsink.probing.linear import LinearProbe, _softmax
+    from mechsink.probing.run import _Folds
+    from mechsink.probing.scoring import _cross_val
+    x, _ = _data(600, 6, k, seed=4)
+    unit = np.repeat(np.arange(100), 6)                           # 6 tokens per unit (image)
+    y = np.repeat(np.random.default_rng(5).integers(0, k, 100), 6)
+    x[:, :2] += (y[:, None] == [1, 2]) * 3 * x[:, :2].std(0)   # class 1 shifts dim 0, class 2 dim 1
+    fold = np.repeat(np.arange(100) % 4, 6).astype(np.int8)
+    cfg = ProbeConfig(label="lab", model=model)
+    rows, pos = _Rows(6, partial(_take, x)), np.arange(600)
+    got = _cross_val(rows, pos, y, unit, _Folds(fold, 4), k, cfg)
+    scores = np.zeros((600, k))
+    for train, test in _Folds(fold, 4):
+        w, b = fit_rows(rows, pos[train], y[train], k, cfg)
+        scores[test] = LinearProbe(w, b, list(range(k)), model).scores(x[test])
+    values = _softmax(scores) if model == "logistic" else scores
+    mean = pd.DataFrame(values).groupby(unit).mean().to_numpy()
+    assert np.array_equal(got.token_pred, scores.argmax(1)) and np.array_equal(got.unit_pred, mean.argmax(1))
+    assert np.array_equal(got.units, np.arange(100)) and np.array_equal(got.first, np.arange(0, 600, 6))
+    assert (got.unit_pred == y[::6]).mean() > 0.8               # a real signal: the argmaxes are not all 0

@@ -183,10 +183,10 @@ def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, me
         recorded[name].add(used)
         split = (name, used, _split_records(name, site, folds, sub.group))
     del finite
-    real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, folds, n_classes, config), f_sub, n_classes, config)
+    real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, sub.unit, folds, n_classes, config), f_sub, n_classes, config)
     ctrl = None
     if config.control:
-        ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, folds, n_classes, config),
+        ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, sub.unit, folds, n_classes, config),
                       f_sub, n_classes, config)
     w, b = fit_rows(feats, pos, sub.y, n_classes, config)
     meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,

@@ -68,22 +68,16 @@ def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0
                             max_elements=_BOOT_ELEMENTS)
 
 
-_CHUNK = 1 << 16  # tokens whose probabilities are computed at once (the sums are the same in any chunks)
+@dataclass
+class _OutOfFold:
+    """Out-of-fold predictions of a token set: each token's class (argmax of its scores) and each
+    unit's (argmax of its tokens' mean probability, logistic, or mean score, ridge). Per unit only
+    [u, K] sums are held while the folds run, never the [n, K] scores of every token."""
 
-
-def _aggregate(unit: np.ndarray, scores: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Average token predictions per unit: probabilities (logistic) or scores (ridge).
-    Returns (units [u], first token of each unit [u], mean [u, K], aggregate name)."""
-    name = "mean_proba" if kind == "logistic" else "mean_score"
-    values = (lambda a: _softmax(a)) if kind == "logistic" else (lambda a: a)
-    units, first, inv = _unique(unit)
-    if len(units) == len(unit):  # one token per unit: its own prediction (first is increasing: the tokens in order)
-        v = values(scores)
-        return units, first, (v if len(first) < 2 or (first[1:] > first[:-1]).all() else v[first]), name
-    sums = np.zeros((len(units), scores.shape[1]))
-    for i in range(0, len(unit), _CHUNK):
-        np.add.at(sums, inv[i:i + _CHUNK], values(scores[i:i + _CHUNK]))
-    return units, first, sums / np.bincount(inv)[:, None], name
+    token_pred: np.ndarray   # [n]
+    units: np.ndarray        # [u] unit ids, sorted
+    first: np.ndarray        # [u] first token of each unit
+    unit_pred: np.ndarray    # [u]
 
 
 @dataclass
@@ -95,17 +89,15 @@ class _Scored:
     aggregate: str
 
 
-def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes: int, config: ProbeConfig) -> _Scored:
-    """Score out-of-fold scores [n, K] against codes y [n] at the unit level."""
-    right = y[oof.argmax(axis=1) == y]
+def _score(s: _Set, y: np.ndarray, oof: _OutOfFold, fold: np.ndarray, n_classes: int, config: ProbeConfig) -> _Scored:
+    """Score out-of-fold predictions against codes y [n] at the unit level."""
+    right = y[oof.token_pred == y]
     token_acc = _balanced(np.bincount(y, minlength=n_classes)[None].astype(float),
                           np.bincount(right, minlength=n_classes)[None].astype(float))
     del right
-    units, first, mean, agg = _aggregate(s.unit, oof, config.model)
+    units, first, pred = oof.units, oof.first, oof.unit_pred
     uy, ug, uf = y[first], s.group[first], fold[first]
-    if len(units) == len(y):
-        agg = "none"
-    pred = mean.argmax(axis=1)
+    agg = "none" if len(units) == len(y) else ("mean_proba" if config.model == "logistic" else "mean_score")
     acc = balanced_accuracy_ci(ug, uy, pred == uy, n_boot=config.n_boot, seed=config.seed)
     # majority baseline: each fold predicts its training units' most frequent class
     maj = np.empty(len(uy), dtype=np.int64)
@@ -116,13 +108,28 @@ def _score(s: _Set, y: np.ndarray, oof: np.ndarray, fold: np.ndarray, n_classes:
     return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, len(units), agg)
 
 
-def _cross_val(rows, pos, y, folds, n_classes, config) -> np.ndarray:
-    """Out-of-fold scores [n, K]: each fold's rows are scored by a probe fit on the other folds.
-    rows: a feature source (:class:`.data._Rows`); pos [n]: its rows; folds: (train, test) into pos."""
-    oof = np.zeros((len(y), n_classes))
+def _cross_val(rows, pos, y, unit, folds, n_classes, config) -> _OutOfFold:
+    """Each fold's tokens scored by a probe fit on the other folds. rows: a feature source
+    (:class:`.data._Rows`); pos [n]: its rows; unit [n]: the unit of each token; folds: (train,
+    test) into pos. A unit's tokens are summed fold by fold, in token order within each: the
+    order of the whole set, unless the unit's sample holds images that fall in different folds."""
+    units, first, inv = _unique(unit)
+    one = len(units) == len(unit)            # one token per unit: its own prediction
+    token_pred = np.zeros(len(y), dtype=np.int16)
+    unit_pred = np.zeros(len(units), dtype=np.int16)
+    sums = None if one else np.zeros((len(units), n_classes))
     for train, test in folds:
         w, b = fit_rows(rows, pos[train], y[train], n_classes, config)
         p = LinearProbe(w, b, list(range(n_classes)), config.model)
         for start, x in rows.blocks(pos[test]):
-            oof[test[start:start + len(x)]] = p.scores(x)
-    return oof
+            idx = test[start:start + len(x)]
+            scores = p.scores(x)
+            token_pred[idx] = scores.argmax(axis=1)
+            values = _softmax(scores) if config.model == "logistic" else scores
+            if one:
+                unit_pred[inv[idx]] = values.argmax(axis=1)
+            else:
+                np.add.at(sums, inv[idx], values)
+    if not one:
+        unit_pred[:] = (sums / np.bincount(inv)[:, None]).argmax(axis=1)
+    return _OutOfFold(token_pred, units, first, unit_pred)
