@@ -1616,7 +1616,7 @@ class Store:
         file, dt, offset, shape = spec
         if shape[0] == 0:  # np.memmap refuses empty maps
             return np.zeros(shape, dtype=dt)
-        return np.memmap(file, dtype=dt, mode="r", offset=offset, shape=shape)
+        return np.memmap(str(file), dtype=dt, mode="r", offset=offset, shape=shape)  # str: a Path is resolve()d per map
 
     def _check_site(self, site: str) -> None:
         if site not in self.dims:
