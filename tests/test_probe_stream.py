@@ -188,8 +188,9 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says():
     codes[rng.random(len(sample)) < 0.7] = 0
     labelled = rng.random(len(sample)) > 0.1
     want = pd.Series(codes[labelled]).groupby(sample[labelled]).nunique()
-    got = _varies(sample[labelled], codes[labelled])
-    assert np.array_equal(np.flatnonzero(got), want.index[want > 1].to_numpy())
+    for offset in (0, 10**9):                                   # dense sample ids, and sparse ones
+        ids, got = _varies(sample[labelled] + offset, codes[labelled])
+        assert np.array_equal(ids[got], want.index[want > 1].to_numpy() + offset)
     pos = _where(labelled)
     assert pos.dtype == np.int32 and np.array_equal(pos, np.flatnonzero(labelled))
 

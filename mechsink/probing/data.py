@@ -56,11 +56,11 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
     codes = np.where(labelled, codes, -1).astype(np.int16)   # at most 1000 classes
     sample = index["sample_idx"].to_numpy()
 
-    varies = _varies(sample[labelled], codes[labelled])
+    ids, varies = _varies(sample[labelled], codes[labelled])
     constant = not varies.any()
     level = ("image" if constant else "patch") if config.level == "auto" else config.level
     if level == "image" and not constant:
-        bad = np.flatnonzero(varies)[:3].tolist()
+        bad = ids[varies][:3].tolist()
         raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
 
     paths = index["image_path"] if "image_path" in index.columns else None
@@ -84,14 +84,20 @@ def _where(mask: np.ndarray) -> np.ndarray:
     return pos.astype(np.int32) if len(mask) < 2**31 else pos
 
 
-def _varies(sample: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """[max sample + 1] bool: the sample's rows carry more than one class code (per-sample least and
-    greatest code: no hash table over the rows)."""
+def _varies(sample: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids [m], bool [m]: that sample's rows carry more than one class code), from per-sample
+    least and greatest codes: no hash table over the rows. Ids index the arrays directly (sample
+    indices are a dataset's order), unless they are sparse."""
     size = int(sample.max(initial=-1)) + 1
-    lo, hi = np.full(size, np.iinfo(codes.dtype).max, codes.dtype), np.full(size, -1, codes.dtype)
+    if size > 2 * len(sample) + 1024:
+        ids, sample = np.unique(sample, return_inverse=True)
+    else:
+        ids = np.arange(size)
+    lo = np.full(len(ids), np.iinfo(codes.dtype).max, codes.dtype)
+    hi = np.full(len(ids), -1, codes.dtype)
     np.minimum.at(lo, sample, codes)
     np.maximum.at(hi, sample, codes)
-    return hi > lo
+    return ids, hi > lo
 
 
 def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
