@@ -162,6 +162,13 @@ def peak_rss_kb() -> int:
     return _status_kb("VmHWM")
 
 
+def added_mb(peak_kb: int, start_kb: int) -> float:
+    """What a run added to the process at its peak, in MB, never below 0: the kernel's RSS counters
+    are approximate, so a run that only hands memory back (``memory.trim``) can read its peak a few
+    pages under the start mark."""
+    return max(0, peak_kb - start_kb) / 1024
+
+
 def measure_rss(args: list[str], timeout: float = 600, device: str = "cpu") -> dict:
     """Run ``python -m benchmarks.rss *args`` in a fresh process and return its JSON report
     (``peak_mb``: whole-process peak; ``start_mb``/``run_peak_mb``: RSS before the measured run and

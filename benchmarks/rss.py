@@ -42,7 +42,7 @@ def main(argv: list[str]) -> dict:
     import torch
     torch.set_num_threads(1)
     from .data import image_set, image_size
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
     from .models import build
     kind = argv[0]
     if kind == "merge":
@@ -83,7 +83,7 @@ def main(argv: list[str]) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
     peak = peak_rss_kb()
-    out = {"start_mb": start / 1024, "run_peak_mb": (peak - start) / 1024, "peak_mb": peak / 1024,
+    out = {"start_mb": start / 1024, "run_peak_mb": added_mb(peak, start), "peak_mb": peak / 1024,
            "rss_wall_s": wall, "rss_images": n}
     if gpu:
         out["gpu_peak_mb"] = (torch.cuda.max_memory_allocated() - gpu_start) / 2**20
@@ -101,7 +101,7 @@ def stream_only(name: str, folder: str, n: int, bs: int, work: Path, sites: str 
 
     from . import cache
     from .data import image_set, image_size
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
     from .models import build
     device = os.environ.get("MECHSINK_BENCH_DEVICE", "cpu")
     model = build(name)
@@ -125,7 +125,7 @@ def stream_only(name: str, folder: str, n: int, bs: int, work: Path, sites: str 
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
     peak = peak_rss_kb()
-    return {"start_mb": start / 1024, "run_peak_mb": (peak - start) / 1024, "peak_mb": peak / 1024,
+    return {"start_mb": start / 1024, "run_peak_mb": added_mb(peak, start), "peak_mb": peak / 1024,
             "rss_wall_s": wall, "rss_images": n, "sites": chosen, "store": str(work / "store")}
 
 
@@ -142,7 +142,7 @@ def probe_only(store: str, **overrides) -> dict:
 
     from mechsink.probing import ProbeConfig, fit_linear, probe
 
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
     cfg = ProbeConfig(**{**PROBE, **overrides})
     rng = np.random.default_rng(0)
     fit_linear(rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 2, 2, cfg)   # imports, first fit
@@ -151,7 +151,7 @@ def probe_only(store: str, **overrides) -> dict:
     t = time.perf_counter()
     res = probe(store, cfg, memory_mb=float(os.environ.get("MECHSINK_PROBE_MEMORY_MB", PROBE_MEMORY_MB)))
     wall = time.perf_counter() - t
-    return {"probe_peak_mb": (peak_rss_kb() - start) / 1024, "probe_s": wall, "probes": len(res.frame),
+    return {"probe_peak_mb": added_mb(peak_rss_kb(), start), "probe_s": wall, "probes": len(res.frame),
             "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
 
 
@@ -170,7 +170,7 @@ def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
     from mechsink.ablation import ROWS, AblationConfig, AblationResult, ablate
 
     from .data import image_set, image_size
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
     from .models import build
     model = build(name)
     data = image_set(folder, n, image_size(model))
@@ -187,8 +187,8 @@ def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
         start_stats = reset_peak()
         t = time.perf_counter()
         AblationResult.load(Path(tmp) / "run").summary()
-        stats = {"summary_peak_mb": (peak_rss_kb() - start_stats) / 1024, "summary_s": time.perf_counter() - t}
-        return {"ablate_peak_mb": (peak - start) / 1024, "ablate_s": wall, "ablate_cpu_s": cpu,
+        stats = {"summary_peak_mb": added_mb(peak_rss_kb(), start_stats), "summary_s": time.perf_counter() - t}
+        return {"ablate_peak_mb": added_mb(peak, start), "ablate_s": wall, "ablate_cpu_s": cpu,
                 "ablate_rows": sum(pq.ParquetFile(p).metadata.num_rows for p in parts), "ablate_parts": len(parts),
                 "ablate_disk_mb": sum(p.stat().st_size for p in parts) / 2**20, "ablate_held_mb": held,
                 "ablate_result_mb": float(res.frame.memory_usage(deep=True).sum()) / 2**20, **stats}
@@ -197,9 +197,9 @@ def ablate_only(name: str, folder: str, n: int, bs: int, draws: int) -> dict:
 def merge_only(store: str) -> dict:
     """Peak memory of rebuilding a store's index (the last step of every extract) in this process,
     after a warm-up merge of a one-shard copy (lazy imports are not counted)."""
-    from mechsink.cache import Store, merge
+    from mechsink.cache import merge
 
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
     root = Path(store)
     warm = root.parent / "merge-warm"
     (warm / "shards").mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def merge_only(store: str) -> dict:
     shutil.rmtree(warm)
     start = reset_peak()
     rows = len(merge(root))
-    return {"merge_peak_mb": (peak_rss_kb() - start) / 1024, "rows": rows}
+    return {"merge_peak_mb": added_mb(peak_rss_kb(), start), "rows": rows}
 
 
 def read_only(store: str) -> dict:
@@ -220,7 +220,7 @@ def read_only(store: str) -> dict:
     from mechsink.cache import Store, verify
     from mechsink.cache import store as store_mod
 
-    from .harness import peak_rss_kb, reset_peak
+    from .harness import added_mb, peak_rss_kb, reset_peak
 
     def read_all() -> float:
         s = Store.open(store)
@@ -243,7 +243,7 @@ def read_only(store: str) -> dict:
     t = time.perf_counter()
     rep = verify(store)
     verify_s = time.perf_counter() - t
-    return {"read_peak_mb": (peak - start) / 1024, "read_first_s": first, "read_again_s": second,
+    return {"read_peak_mb": added_mb(peak, start), "read_first_s": first, "read_again_s": second,
             "checksum_read_ratio": first / second, "verify_mb_per_s": rep["bytes_checked"] / 2**20 / verify_s,
             "store_mb": rep["bytes_checked"] / 2**20, "read_rows": len(s)}
 

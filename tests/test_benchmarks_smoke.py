@@ -149,8 +149,6 @@ def test_driver_memory_runs_report_their_peaks(tmp_path):
     got = rss.stream_only("tiny-llava", str(tmp_path / "img"), 8, 4, tmp_path)
     assert got["run_peak_mb"] >= 0 and "vit.out" in got["sites"]
     probe = rss.probe_only(got["store"], token_sets=("mean",), sites=("vit.out",), k=2, n_boot=100, control=False)
-    # a run that hands memory back (memory.trim) can end its peak a few pages below its start mark:
-    # the kernel's RSS counters are approximate, so "nothing added" reads as a small negative number
-    assert probe["probes"] > 0 and probe["probe_peak_mb"] > -1 and probe["probe_tokens"] > 0
+    assert probe["probes"] > 0 and probe["probe_peak_mb"] >= 0 and probe["probe_tokens"] > 0
     abl = rss.ablate_only("tiny-llava", str(tmp_path / "img"), 4, 4, 2)
     assert abl["ablate_rows"] == 4 * 3 and abl["ablate_result_mb"] > 0 and abl["ablate_peak_mb"] >= 0
