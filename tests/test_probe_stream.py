@@ -212,6 +212,37 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says():
         assert per_fold.max() - per_fold.min() <= 1, per_fold
 
 
+def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch):
+    """The probe's index, filled block by block into arrays of the final size, is the store's index:
+    ids as int32, paths and roles categorical with sorted categories, whatever the blocks and the
+    order paths first appear in."""
+    from mechsink.probing import run
+
+    rng = np.random.default_rng(5)
+    n = 700
+    sample = np.sort(rng.integers(0, 90, n))
+    paths = np.array([f"z{s:03d}.png" if s % 7 else f"a{s:03d}.png" for s in sample], dtype=object)
+    paths[sample == 13] = None                                      # a sample without an image file
+    rows = pd.DataFrame({"sample_idx": sample, "token_role": rng.choice(["image", "cls", "text"], n),
+                         "is_sink": rng.random(n) < 0.1, "image": rng.integers(0, 3, n), "lab": sample % 2,
+                         "image_path": paths})
+    w = StoreWriter(tmp_path / "c", StoreConfig(sites=("vit.out",)))
+    w.add(rows, {"vit.out": torch.zeros(n, 4)})
+    st = w.finalize()
+    monkeypatch.setattr(run, "_INDEX_BLOCK", 64)                    # 11 blocks, the last one short
+    got = run._index(st, "lab")
+    want = st.read_index(["sample_idx", "image_path", "token_role", "is_sink", "image", "lab"])
+    assert list(got.columns) == list(want.columns)
+    assert got["sample_idx"].dtype == np.int32 and got["image"].dtype == np.int32
+    for c in ("image_path", "token_role"):
+        cats = list(got[c].cat.categories)
+        assert cats == sorted(cats) == sorted(want[c].dropna().unique())
+        assert not got[c].isna().any()
+    pd.testing.assert_frame_equal(got.astype({"image_path": object, "token_role": object}),
+                                  want.astype({"sample_idx": np.int32, "image": np.int32, "image_path": object,
+                                               "token_role": object}))
+
+
 def test_split_records_are_categorical_and_name_the_images(store):
     res = probe(store, ProbeConfig(label="lab", token_sets=("sinks", "mean"), n_boot=100, k=4))
     sp = res.splits

@@ -12,7 +12,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import union_categoricals
 
 from ..atomic import write_text
 from ..config import coerce
@@ -40,33 +39,46 @@ _INDEX_BLOCK = 1 << 14
 
 def _index(store, label: str) -> pd.DataFrame:
     """The index columns a probe needs (all of them when the label is not a column, so that the
-    error can list the columns there are)."""
+    error can list the columns there are). Read block by block into arrays of the final size: no
+    per-block frames to concatenate, strings as codes (paths repeat per token, roles are few)."""
     names = store.index_columns
     if label not in names:
         return store.index
     cols = [c for c in _PROBE_COLUMNS if c in names and c != label]
-    parts = {c: [] for c in cols}
+    n = len(store)
+    out: dict[str, np.ndarray] = {c: np.empty(n, dtype=bool if c == "is_sink" else np.int32) for c in cols}
+    seen: dict[str, dict] = {c: {} for c in cols if c in _CATEGORICAL}   # value -> code, in order of appearance
+    at = 0
     for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols):  # no whole string column at once
+        k = len(block)
         for c in cols:
-            parts[c].append(block[c].astype("category") if c in _CATEGORICAL else _narrow(block[c]))
-    index = store.read_index([label])
+            v = block[c]
+            if c in seen:
+                codes, uniques = pd.factorize(v)                 # a missing value is -1, as in a Categorical
+                lut = np.array([seen[c].setdefault(u, len(seen[c])) for u in uniques] + [-1], dtype=np.int64)
+                out[c][at:at + k] = lut[codes]
+            else:
+                v = v.to_numpy()
+                if out[c].dtype == np.int32 and len(v) and not (-2**31 <= v.min() and v.max() < 2**31):
+                    out[c] = out[c].astype(np.int64)     # ids too large for int32: the whole column widens
+                out[c][at:at + k] = v
+        at += k
+        del block
+    if at != n:
+        raise ProbeError(f"the cache index holds {at} rows, its summary says {n}")
+    frame = store.read_index([label])
     for c in cols:
-        if not parts[c]:
-            index[c] = store.read_index([c])[c]
-        elif c in _CATEGORICAL:  # a code per row, not a string: paths repeat per token, roles are few
-            index[c] = pd.Categorical(union_categoricals(parts[c], sort_categories=True))
+        if c in seen:      # categories sorted, as the strings would sort
+            values = np.array(list(seen[c]), dtype=object)
+            order = np.argsort(values.astype(str), kind="stable")
+            rank = np.full(len(order) + 1, -1, dtype=out[c].dtype)     # rank[-1] = -1: missing stays missing
+            rank[order] = np.arange(len(order))
+            frame[c] = pd.Categorical.from_codes(np.take(rank, out[c], out=out[c]), values[order])
         else:
-            index[c] = pd.concat(parts[c], ignore_index=True)
-        parts[c] = None
+            frame[c] = out[c]
+        out[c] = None
     trim()  # the blocks' freed pages
-    return index[[*cols, label]]
-
-
-def _narrow(col: pd.Series) -> pd.Series:
-    """Integer ids (samples, images) as int32 where they fit: a column of a large index costs half."""
-    if col.dtype.kind == "i" and len(col) and -2**31 <= col.min() and col.max() < 2**31:
-        return col.astype(np.int32)
-    return col
+    return frame[[*cols, label]]
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
