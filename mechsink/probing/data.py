@@ -192,7 +192,9 @@ def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         new[0] = True
         np.not_equal(a[1:], a[:-1], out=new[1:])
         first = np.flatnonzero(new)
-        return a[first], first, np.cumsum(new) - 1
+        inv = np.cumsum(new, dtype=np.int32 if len(a) < 2**31 else np.int64)   # an int32 per row, not int64
+        inv -= 1
+        return a[first], first, inv
     values, first, inv = np.unique(a, return_index=True, return_inverse=True)
     return values, first, inv.ravel()
 

@@ -21,7 +21,7 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _labels, _subset, _token_set, _where
+from .data import _features, _labels, _small, _subset, _token_set, _where
 from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
@@ -75,7 +75,7 @@ def _index(store, label: str) -> pd.DataFrame:
             rank[order] = np.arange(len(order))
             frame[c] = pd.Categorical.from_codes(np.take(rank, out[c], out=out[c]), values[order])
         else:
-            frame[c] = out[c]
+            frame[c] = _small(out[c]) if c == "image" and out[c].min(initial=0) >= 0 else out[c]  # images per sample: few
         out[c] = None
     trim()  # the blocks' freed pages
     return frame[[*cols, label]]
