@@ -243,6 +243,24 @@ def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch)
                                                "token_role": object}))
 
 
+@pytest.mark.parametrize("k", [1, 3, 8, 40])
+def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
+    """Capping a token set per image chunk by chunk keeps exactly the rows the one-shot reference
+    keeps (the first k of each image in the seeded random order, by pandas' cumcount)."""
+    monkeypatch.setattr(data, "CAP_CHUNK", 97)                 # many chunks, images split across them
+    rng = np.random.default_rng(k)
+    group = rng.integers(0, 50, 3000).astype(np.int16)          # 50 images, ~60 rows each, unsorted
+    rows = np.flatnonzero(rng.random(3000) < 0.7).astype(np.int32)
+    order = rows[np.random.default_rng(11).permutation(len(rows))]
+    keep = pd.Series(group[order]).groupby(group[order]).cumcount().to_numpy() < k
+    want = np.sort(order[keep])
+    got = data._cap(rows, group, k, seed=11)
+    assert np.array_equal(got, want)
+    assert np.bincount(group[got]).max() == min(k, np.bincount(group[rows]).max())
+    if k == 40:
+        assert np.array_equal(data._cap(rows, group, 10**6, seed=11), rows)   # nothing over the cap: all of them
+
+
 def test_split_records_are_categorical_and_name_the_images(store):
     res = probe(store, ProbeConfig(label="lab", token_sets=("sinks", "mean"), n_boot=100, k=4))
     sp = res.splits

@@ -160,16 +160,40 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         pool = _small(pool.ravel())
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
-        rng = np.random.default_rng(config.seed)
-        order = rows[rng.permutation(len(rows))]
-        keep = pd.Series(lab.group[order]).groupby(lab.group[order]).cumcount().to_numpy() < config.max_tokens_per_image
-        rows = np.sort(order[keep])
+        rows = _cap(rows, lab.group, config.max_tokens_per_image, config.seed)
     if len(rows) == 0:
         return f"{name}: no rows in the cache"
     y, group = lab.y[rows], lab.group[rows]
     unit = rows if lab.unit is None else lab.unit[rows]
     control = _control_labels(y, unit, group, lab.level, np.random.default_rng([config.seed, _SEED_ORDER.index(name)]))
     return _Set(name, rows, pool, pool_rows, y, control, unit, group)
+
+
+CAP_CHUNK = 1 << 16   # rows of the random order looked at once when a token set is capped per image
+
+
+def _cap(rows: np.ndarray, group: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The sorted ``rows`` less all but k of each image's (``group[rows]``): the first k of each
+    image in the order ``default_rng(seed).permutation(len(rows))`` puts the rows in. Walked in
+    chunks with a count per image, so that besides that order nothing of the set's size is held;
+    when no image has more than k rows every row is kept and nothing is drawn."""
+    counts = np.bincount(group[rows])
+    if counts.max(initial=0) <= k:
+        return rows
+    order = np.random.default_rng(seed).permutation(len(rows))
+    seen = np.zeros(len(counts), dtype=np.int64)      # rows of each image met so far in that order
+    kept = []
+    for start in range(0, len(order), CAP_CHUNK):
+        r = rows[order[start:start + CAP_CHUNK]]
+        g = group[r]
+        by = np.argsort(g, kind="stable")               # within an image, in the random order
+        sg = g[by]
+        head = np.r_[True, sg[1:] != sg[:-1]]
+        first = np.flatnonzero(head)
+        rank = np.arange(len(sg)) - first[np.cumsum(head) - 1] + seen[sg]
+        kept.append(r[by[rank < k]])
+        seen += np.bincount(g, minlength=len(seen))
+    return np.sort(np.concatenate(kept))
 
 
 def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: str, rng) -> np.ndarray:
