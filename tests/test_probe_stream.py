@@ -214,7 +214,7 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says():
 
 def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch):
     """The probe's index, filled block by block into arrays of the final size, is the store's index:
-    ids as int32 (images in a sample as int8), paths and roles categorical with sorted categories, whatever the blocks and the
+    ids in the smallest integer type that holds them, paths and roles categorical with sorted categories, whatever the blocks and the
     order paths first appear in."""
     from mechsink.probing import run
 
@@ -233,14 +233,16 @@ def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch)
     got = run._index(st, "lab")
     want = st.read_index(["sample_idx", "image_path", "token_role", "is_sink", "image", "lab"])
     assert list(got.columns) == list(want.columns)
-    assert got["sample_idx"].dtype == np.int32 and got["image"].dtype == np.int8      # images per sample: few
+    assert got["sample_idx"].dtype == np.int8 and got["image"].dtype == np.int8     # the smallest type that holds them
+    assert got["image_path"].cat.codes.dtype == np.int8 and got["token_role"].cat.codes.dtype == np.int8
     for c in ("image_path", "token_role"):
         cats = list(got[c].cat.categories)
         assert cats == sorted(cats) == sorted(want[c].dropna().unique())
         assert not got[c].isna().any()
-    pd.testing.assert_frame_equal(got.astype({"image_path": object, "token_role": object, "image": np.int32}),
-                                  want.astype({"sample_idx": np.int32, "image": np.int32, "image_path": object,
-                                               "token_role": object}))
+    pd.testing.assert_frame_equal(got.astype({"image_path": object, "token_role": object, "image": np.int64,
+                                              "sample_idx": np.int64}),
+                                  want.astype({"image_path": object, "token_role": object, "image": np.int64,
+                                               "sample_idx": np.int64}))
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 40])

@@ -1510,9 +1510,10 @@ class Store:
 
     # -- the index, lazily
 
-    def _index_file(self) -> pq.ParquetFile:
+    def _index_file(self, dictionary: Iterable[str] = ()) -> pq.ParquetFile:
         _check_file(self.path, "index.parquet", self.summary["files"]["index.parquet"], content=True)
-        return pq.ParquetFile(self.path / "index.parquet", page_checksum_verification=True)
+        return pq.ParquetFile(self.path / "index.parquet", page_checksum_verification=True,
+                              read_dictionary=list(dictionary) or None)
 
     def _corrupt_index(self, e: BaseException) -> StoreCorrupt:
         return StoreCorrupt(f"{self.path / 'index.parquet'} is corrupt ({_first_line(e)}); "
@@ -1542,11 +1543,14 @@ class Store:
             raise self._corrupt_index(e) from None
         return table.to_pandas()
 
-    def iter_index(self, batch_rows: int = INDEX_ROW_GROUP, columns: Iterable[str] | None = None) -> Iterator[pd.DataFrame]:
-        """Yield the index in blocks of <= batch_rows rows (in ``row`` order); memory ~ one block."""
+    def iter_index(self, batch_rows: int = INDEX_ROW_GROUP, columns: Iterable[str] | None = None,
+                   categorical: Iterable[str] = ()) -> Iterator[pd.DataFrame]:
+        """Yield the index in blocks of <= batch_rows rows (in ``row`` order); memory ~ one block.
+        ``categorical`` string columns come as pandas categoricals of the block's values, decoded
+        from the file's dictionary pages (no string per row)."""
         if batch_rows < 1:
             raise StoreError(f"batch_rows must be >= 1, got {batch_rows}")
-        f = self._index_file()
+        f = self._index_file(categorical)
         try:
             for batch in f.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
                                         use_threads=False):

@@ -45,15 +45,15 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
                          f"{[c for c in index.columns if c not in skip]}")
     raw = index[col]
     labelled = raw.notna().to_numpy()
-    if raw.dtype == object:  # mixed str/int labels compare as strings
-        raw = raw.where(~labelled, raw.astype(str))
-    codes, classes = pd.factorize(raw, sort=True)
+    classes = _classes(raw, labelled)
     if len(classes) < 2:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct value(s); a probe needs at least 2")
     if len(classes) > 1000:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
                          "(bin a continuous label first)")
-    codes = np.where(labelled, codes, -1).astype(np.int16)   # at most 1000 classes
+    codes = np.full(len(raw), -1, dtype=np.int16)            # at most 1000 classes
+    for start, part in _label_chunks(raw, labelled):
+        codes[start:start + len(part)] = classes.get_indexer(part)
     sample = index["sample_idx"].to_numpy()
 
     ids, varies = _varies(sample[labelled], codes[labelled])
@@ -67,8 +67,11 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
     if paths is not None and paths.isna().any():
         paths = paths.astype(str)                  # a missing path is the path "nan"
     if paths is not None and (paths != "").all():
-        gcodes, gnames = pd.factorize(paths, sort=True)  # no string object per row
-        gnames = np.asarray(gnames, dtype=object)
+        if _sorted_categories(paths):          # the probe's index: its codes are the factorized ones
+            gcodes, gnames = paths.cat.codes.to_numpy(), np.asarray(paths.cat.categories, dtype=object)
+        else:
+            gcodes, gnames = pd.factorize(paths, sort=True)  # no string object per row
+            gnames = np.asarray(gnames, dtype=object)
     else:
         gcodes, gnames = pd.factorize(sample, sort=True)
     group = _small(gcodes)
@@ -76,6 +79,39 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
 
     return _Labels(level, _plain(classes), codes, unit, group, np.asarray(gnames),
                    _deal_folds(group, codes, labelled, len(gnames), level, config))
+
+
+def _label_chunks(raw: pd.Series, labelled: np.ndarray):
+    """(start, labels) of the index rows in chunks, mixed str/int labels (an object column) as strings."""
+    for start in range(0, len(raw), ROW_CHUNK):
+        part = raw.iloc[start:start + ROW_CHUNK]
+        if raw.dtype == object:      # mixed str/int labels compare as strings
+            ok = labelled[start:start + ROW_CHUNK]
+            part = part.where(~ok, part.astype(str))
+        yield start, part
+
+
+def _classes(raw: pd.Series, labelled: np.ndarray) -> pd.Index:
+    """The label's distinct values, sorted as ``pd.factorize(raw, sort=True)`` sorts them, from
+    each chunk's own (no hash table over every row)."""
+    seen = [pd.Series(pd.unique(part[labelled[start:start + len(part)]]), dtype=part.dtype)
+            for start, part in _label_chunks(raw, labelled)]
+    if not seen:
+        return pd.Index([])
+    return pd.Index(pd.factorize(pd.concat(seen, ignore_index=True), sort=True)[1])
+
+
+def _sorted_categories(col: pd.Series) -> bool:
+    """A categorical whose categories are sorted, every one used and no value missing: its codes
+    are what ``pd.factorize(col, sort=True)`` returns, without a hash table over the rows."""
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        return False
+    cats, codes = col.cat.categories, col.cat.codes.to_numpy()
+    if not cats.is_monotonic_increasing or (len(codes) and codes.min() < 0):
+        return False
+    used = np.zeros(len(cats), dtype=bool)
+    used[codes] = True
+    return bool(used.all())
 
 
 def _where(mask: np.ndarray) -> np.ndarray:
@@ -104,11 +140,10 @@ def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
     """Assign each image to one of k folds, stratified by its label when the label is image-level."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    have, first = np.unique(group[labelled], return_index=True)   # (a stable sort: first = first row)
+    have, glabel = _first_labels(group, codes, labelled, n_groups)
     if len(have) < config.k:
         raise ProbeError(f"{len(have)} labelled images cannot fill k={config.k} folds; lower k or add images")
     fold = np.full(n_groups, -1, dtype=np.int8 if config.k < 128 else np.int16)
-    glabel = codes[labelled][first]                                  # each image's label (its first row's)
     counts = np.bincount(glabel)
     if level == "image" and counts[counts > 0].min() >= config.k:
         splitter = StratifiedKFold(config.k, shuffle=True, random_state=config.seed)
@@ -118,6 +153,23 @@ def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
     for f, (_, test) in enumerate(parts):
         fold[have[test]] = f
     return fold
+
+
+ROW_CHUNK = 1 << 16   # index rows looked at once by the passes that keep a number per image
+
+
+def _first_labels(group, codes, labelled, n_groups) -> tuple[np.ndarray, np.ndarray]:
+    """(images with a labelled row, sorted; the label of each one's first labelled row), from a
+    walk over the rows in chunks: nothing of the index's size is sorted or copied."""
+    first = np.full(n_groups, -1, dtype=codes.dtype)
+    for start in range(0, len(group), ROW_CHUNK):
+        ok = labelled[start:start + ROW_CHUNK]
+        g, c = group[start:start + ROW_CHUNK][ok], codes[start:start + ROW_CHUNK][ok]
+        g, at = np.unique(g, return_index=True)        # each image's first row in the chunk
+        new = first[g] < 0
+        first[g[new]] = c[at[new]]
+    have = np.flatnonzero(first >= 0)
+    return have, first[have]
 
 
 @dataclass
@@ -156,7 +208,7 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
         img = index["image"].to_numpy()[pool_rows].astype(np.int64)
         img -= img.min(initial=0)
         keys = index["sample_idx"].to_numpy()[pool_rows].astype(np.int64) * (int(img.max(initial=0)) + 1) + img
-        _, first, pool = np.unique(keys, return_index=True, return_inverse=True)  # (sample, image) pairs in order
+        _, first, pool = _unique(keys)     # (sample, image) pairs in order; index order: no sort
         pool = _small(pool.ravel())
         rows = pool_rows[first]
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):

@@ -21,7 +21,7 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _labels, _small, _subset, _token_set, _where
+from .data import _features, _labels, _subset, _token_set, _where
 from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
@@ -39,46 +39,66 @@ _INDEX_BLOCK = 1 << 14
 
 def _index(store, label: str) -> pd.DataFrame:
     """The index columns a probe needs (all of them when the label is not a column, so that the
-    error can list the columns there are). Read block by block into arrays of the final size: no
-    per-block frames to concatenate, strings as codes (paths repeat per token, roles are few)."""
+    error can list the columns there are). Read block by block into arrays of the final size, each in
+    the smallest integer type that holds it: no per-block frames to concatenate, strings as
+    categorical codes (paths repeat per token, roles are few)."""
     names = store.index_columns
     if label not in names:
         return store.index
     cols = [c for c in _PROBE_COLUMNS if c in names and c != label]
     n = len(store)
-    out: dict[str, np.ndarray] = {c: np.empty(n, dtype=bool if c == "is_sink" else np.int32) for c in cols}
+    # each column in the smallest type that holds it, widened when a block needs more
+    out: dict[str, np.ndarray] = {c: np.empty(n, dtype=bool if c == "is_sink" else np.int8) for c in cols}
     seen: dict[str, dict] = {c: {} for c in cols if c in _CATEGORICAL}   # value -> code, in order of appearance
     at = 0
-    for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols):  # no whole string column at once
+    for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols,  # no whole string column at once
+                                  categorical=[c for c in cols if c in _CATEGORICAL]):
         k = len(block)
         for c in cols:
             v = block[c]
             if c in seen:
                 codes, uniques = pd.factorize(v)                 # a missing value is -1, as in a Categorical
-                lut = np.array([seen[c].setdefault(u, len(seen[c])) for u in uniques] + [-1], dtype=np.int64)
-                out[c][at:at + k] = lut[codes]
+                v = np.array([seen[c].setdefault(u, len(seen[c])) for u in uniques] + [-1], dtype=np.int64)[codes]
+                lo, hi = -1, len(seen[c])
             else:
                 v = v.to_numpy()
-                if out[c].dtype == np.int32 and len(v) and not (-2**31 <= v.min() and v.max() < 2**31):
-                    out[c] = out[c].astype(np.int64)     # ids too large for int32: the whole column widens
-                out[c][at:at + k] = v
+                lo, hi = (int(v.min()), int(v.max())) if len(v) and v.dtype != bool else (0, 0)
+            out[c] = _widened(out[c], lo, hi)
+            out[c][at:at + k] = v
         at += k
         del block
     if at != n:
         raise ProbeError(f"the cache index holds {at} rows, its summary says {n}")
-    frame = store.read_index([label])
+    columns = {}
     for c in cols:
         if c in seen:      # categories sorted, as the strings would sort
             values = np.array(list(seen[c]), dtype=object)
             order = np.argsort(values.astype(str), kind="stable")
-            rank = np.full(len(order) + 1, -1, dtype=out[c].dtype)     # rank[-1] = -1: missing stays missing
+            rank = np.full(len(order) + 1, -1, dtype=np.int64)     # rank[-1] = -1: missing stays missing
             rank[order] = np.arange(len(order))
-            frame[c] = pd.Categorical.from_codes(np.take(rank, out[c], out=out[c]), values[order])
+            rank = rank.astype(_code_type(len(order)))
+            columns[c] = pd.Categorical.from_codes(rank[out[c]], values[order])   # codes in their pandas type: not copied
         else:
-            frame[c] = _small(out[c]) if c == "image" and out[c].min(initial=0) >= 0 else out[c]  # images per sample: few
+            columns[c] = out[c]
         out[c] = None
+    columns[label] = store.read_index([label])[label]
     trim()  # the blocks' freed pages
-    return frame[[*cols, label]]
+    return pd.DataFrame(columns, copy=False)
+
+
+def _widened(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``a`` itself, or a copy in the smallest signed type that holds [lo, hi]."""
+    if a.dtype == bool or (np.iinfo(a.dtype).min <= lo and hi <= np.iinfo(a.dtype).max):
+        return a
+    for dt in (np.int16, np.int32, np.int64):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+            return a.astype(dt)
+    raise ProbeError(f"index values [{lo}, {hi}] do not fit an int64")
+
+
+def _code_type(n: int):
+    """The integer type pandas keeps the codes of n categories in."""
+    return np.int8 if n < 2**7 - 1 else np.int16 if n < 2**15 - 1 else np.int32 if n < 2**31 - 1 else np.int64
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
