@@ -263,6 +263,54 @@ def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
         assert np.array_equal(data._cap(rows, group, 10**6, seed=11), rows)   # nothing over the cap: all of them
 
 
+def _old_codes(raw: pd.Series):
+    """The label codes as one pd.factorize over the whole column (the reference)."""
+    labelled = raw.notna().to_numpy()
+    if raw.dtype == object:
+        raw = raw.where(~labelled, raw.astype(str))
+    codes, classes = pd.factorize(raw, sort=True)
+    return np.where(labelled, codes, -1), list(classes)
+
+
+@pytest.mark.parametrize("kind", ["int", "int_nan", "float", "str", "str_nan", "mixed", "bool_nan"])
+def test_label_codes_in_chunks_equal_one_factorize(kind, monkeypatch):
+    """Classes and codes gathered chunk by chunk are those of one sorted factorize of the column,
+    for every kind of label column a cache index holds (missing values: code -1)."""
+    monkeypatch.setattr(data, "ROW_CHUNK", 7)
+    rng = np.random.default_rng(1)
+    n = 100
+    vals = {"int": rng.integers(-3, 9, n), "float": rng.choice([0.5, -2.0, 3.25], n),
+            "str": rng.choice(["cat", "Dog", "ant", "b"], n)}
+    if kind in vals:
+        raw = pd.Series(vals[kind])
+    elif kind == "int_nan":
+        raw = pd.Series(np.where(rng.random(n) < 0.2, np.nan, rng.integers(0, 5, n)))
+    elif kind == "str_nan":
+        raw = pd.Series(np.where(rng.random(n) < 0.2, None, rng.choice(["x", "y", "z"], n)), dtype="str")
+    elif kind == "mixed":
+        raw = pd.Series(rng.choice(np.array([1, "1", "a", 10, 2], dtype=object), n), dtype=object)
+    else:
+        raw = pd.Series(np.where(rng.random(n) < 0.2, None, rng.random(n) < 0.5), dtype=object)
+    labelled = raw.notna().to_numpy()
+    classes = data._classes(raw, labelled)
+    codes = np.full(n, -1)
+    for start, part in data._label_chunks(raw, labelled):
+        codes[start:start + len(part)] = classes.get_indexer(part)
+    want_codes, want_classes = _old_codes(raw)
+    assert list(classes) == want_classes and np.array_equal(codes, want_codes)
+
+
+def test_first_label_of_each_image_in_chunks(monkeypatch):
+    monkeypatch.setattr(data, "ROW_CHUNK", 13)
+    rng = np.random.default_rng(2)
+    group = rng.integers(0, 40, 500).astype(np.int16)
+    codes = rng.integers(0, 3, 500).astype(np.int16)
+    labelled = rng.random(500) < 0.8
+    have, first = data._first_labels(group, codes, labelled, 45)
+    want_have, at = np.unique(group[labelled], return_index=True)
+    assert np.array_equal(have, want_have) and np.array_equal(first, codes[labelled][at])
+
+
 def test_split_records_are_categorical_and_name_the_images(store):
     res = probe(store, ProbeConfig(label="lab", token_sets=("sinks", "mean"), n_boot=100, k=4))
     sp = res.splits
