@@ -178,7 +178,7 @@ def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
     assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal
 
 
-def test_per_row_arrays_are_small_and_say_what_pandas_says():
+def test_per_row_arrays_are_small_and_say_what_pandas_says(monkeypatch):
     """The label checks and folds computed without hash tables over the rows agree with pandas'
     groupby, and the per-row arrays are held in small integer types."""
     from mechsink.probing.data import _varies, _where
@@ -193,6 +193,13 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says():
         assert np.array_equal(ids[got], want.index[want > 1].to_numpy() + offset)
     pos = _where(labelled)
     assert pos.dtype == np.int32 and np.array_equal(pos, np.flatnonzero(labelled))
+    monkeypatch.setattr(data, "ROW_CHUNK", 37)                    # found chunk by chunk: the same positions
+    assert np.array_equal(_where(labelled), np.flatnonzero(labelled))
+    units, first, inv = data._unique(np.sort(sample))             # sorted units: no sort, a small inverse
+    w_units, w_first, w_inv = np.unique(np.sort(sample), return_index=True, return_inverse=True)
+    assert inv.dtype == np.int16 and np.array_equal(units, w_units) and np.array_equal(first, w_first)
+    assert np.array_equal(inv, w_inv)
+    monkeypatch.undo()
 
     index = pd.DataFrame({"sample_idx": sample, "image_path": [f"im{s:04d}.png" for s in sample],
                           "token_role": "image", "is_sink": False, "image": 0,

@@ -13,6 +13,9 @@ from .config import _SEED_ORDER, ProbeConfig, ProbeError
 from .linear import _plain
 
 
+ROW_CHUNK = 1 << 16   # index rows looked at once by the passes that keep a number per image
+
+
 @dataclass
 class _Labels:
     """Per index row: class code (-1 unlabelled), unit id and group (image) id. Per-row arrays are
@@ -115,9 +118,18 @@ def _sorted_categories(col: pd.Series) -> bool:
 
 
 def _where(mask: np.ndarray) -> np.ndarray:
-    """np.flatnonzero(mask) as int32 when positions fit (a token set's rows cost half)."""
-    pos = np.flatnonzero(mask)
-    return pos.astype(np.int32) if len(mask) < 2**31 else pos
+    """np.flatnonzero(mask) as int32 when positions fit (a token set's rows cost half), found in
+    chunks: no int64 array of them on the way."""
+    if len(mask) >= 2**31:
+        return np.flatnonzero(mask)
+    out = np.empty(np.count_nonzero(mask), dtype=np.int32)
+    at = 0
+    for start in range(0, len(mask), ROW_CHUNK):
+        p = np.flatnonzero(mask[start:start + ROW_CHUNK])
+        out[at:at + len(p)] = p
+        out[at:at + len(p)] += start
+        at += len(p)
+    return out
 
 
 def _varies(sample: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +165,6 @@ def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
     for f, (_, test) in enumerate(parts):
         fold[have[test]] = f
     return fold
-
-
-ROW_CHUNK = 1 << 16   # index rows looked at once by the passes that keep a number per image
 
 
 def _first_labels(group, codes, labelled, n_groups) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +269,11 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     return rng.choice(len(freq), size=len(pairs), p=freq).astype(y.dtype)[inv.ravel()]
 
 
+def _int_type(top: int):
+    """The smallest signed integer type that holds 0..top."""
+    return next(dt for dt in (np.int8, np.int16, np.int32, np.int64) if top <= np.iinfo(dt).max)
+
+
 def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """np.unique(a, return_index=True, return_inverse=True) (inverse flat). Units come in index
     order, already sorted: then without the sort and its n-sized temporaries."""
@@ -267,8 +281,8 @@ def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         new = np.empty(len(a), dtype=bool)
         new[0] = True
         np.not_equal(a[1:], a[:-1], out=new[1:])
-        first = np.flatnonzero(new)
-        inv = np.cumsum(new, dtype=np.int32 if len(a) < 2**31 else np.int64)   # an int32 per row, not int64
+        first = _where(new)
+        inv = np.cumsum(new, dtype=_int_type(len(first)))   # the smallest type per row, not int64
         inv -= 1
         return a[first], first, inv
     values, first, inv = np.unique(a, return_index=True, return_inverse=True)
@@ -311,7 +325,7 @@ def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.nd
     n = len(s.rows)
     held = np.empty((n, d), dtype=np.float32) if n * d * 4 <= memory_mb * 2**20 else None
     finite = np.empty(n, dtype=bool)
-    for start, x in rows.blocks(np.arange(n)):
+    for start, x in rows.blocks(np.arange(n, dtype=_int_type(n))):
         finite[start:start + len(x)] = np.isfinite(x).all(axis=1)
         if held is not None:
             held[start:start + len(x)] = x

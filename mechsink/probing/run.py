@@ -205,7 +205,8 @@ def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, me
     if not finite.any():
         return f"{name} @ {site}: no activations cached for these tokens"
     sub = _subset(s, finite)
-    pos, f_sub = _where(finite), fold[finite]
+    every = bool(finite.all())          # then positions are the rows themselves: no copies of them
+    pos, f_sub = (None, fold) if every else (_where(finite), fold[finite])
     folds = _Folds(f_sub, config.k)
     if len(folds) < 2:
         return f"{name} @ {site}: its images fall in fewer than 2 folds"
@@ -220,7 +221,7 @@ def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, me
     if config.control:
         ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, sub.unit, folds, n_classes, config),
                       f_sub, n_classes, config)
-    w, b = fit_rows(feats, pos, sub.y, n_classes, config)
+    w, b = fit_rows(feats, np.arange(len(sub.y), dtype=np.int32) if pos is None else pos, sub.y, n_classes, config)
     meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
             "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
             "n_tokens": int(len(sub.y))}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _Set, _unique
+from .data import _int_type, _Set, _unique
 from .fit import fit_rows
 from .linear import LinearProbe, _softmax
 
@@ -110,18 +110,19 @@ def _score(s: _Set, y: np.ndarray, oof: _OutOfFold, fold: np.ndarray, n_classes:
 
 def _cross_val(rows, pos, y, unit, folds, n_classes, config) -> _OutOfFold:
     """Each fold's tokens scored by a probe fit on the other folds. rows: a feature source
-    (:class:`.data._Rows`); pos [n]: its rows; unit [n]: the unit of each token; folds: (train,
-    test) into pos. A unit's tokens are summed fold by fold, in token order within each: the
-    order of the whole set, unless the unit's sample holds images that fall in different folds."""
+    (:class:`.data._Rows`); pos [n]: its rows (None: row i is token i); unit [n]: the unit of each
+    token; folds: (train, test) into pos. A unit's tokens are summed fold by fold, in token order
+    within each: the order of the whole set, unless the unit's sample holds images that fall in
+    different folds."""
     units, first, inv = _unique(unit)
     one = len(units) == len(unit)            # one token per unit: its own prediction
-    token_pred = np.zeros(len(y), dtype=np.int16)
+    token_pred = np.zeros(len(y), dtype=_int_type(n_classes))
     unit_pred = np.zeros(len(units), dtype=np.int16)
     sums = None if one else np.zeros((len(units), n_classes))
     for train, test in folds:
-        w, b = fit_rows(rows, pos[train], y[train], n_classes, config)
+        w, b = fit_rows(rows, train if pos is None else pos[train], y[train], n_classes, config)
         p = LinearProbe(w, b, list(range(n_classes)), config.model)
-        for start, x in rows.blocks(pos[test]):
+        for start, x in rows.blocks(test if pos is None else pos[test]):
             idx = test[start:start + len(x)]
             scores = p.scores(x)
             token_pred[idx] = scores.argmax(axis=1)
