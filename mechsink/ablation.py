@@ -43,6 +43,7 @@ from .atomic import ParquetAppend
 from .distributed import fail_together, gather, rank, world
 from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
+from .memory import trim
 from .metrics import Metric
 from .results import FRAME, Result
 from .selection import Selection, SinkSource, contrast_foreground, draw_random, sink_table
@@ -246,6 +247,8 @@ class AblationResult(Result):
         if self._samples is None:
             per = [_per_sample(f) for f in self._pieces(STATS)]
             self._samples = pd.concat(per, ignore_index=True) if per else pd.DataFrame({"valid": np.zeros(0, bool)})
+            del per
+            trim()      # the row groups' freed pages, before the statistics resample
         return self._samples
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
@@ -436,6 +439,7 @@ class _Stream:
             self._flush()
             self.part.close()
             self.part = None
+            trim()      # what the run's batches and the part's writer freed, before the statistics
 
 
 def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, means) -> pa.Table:
