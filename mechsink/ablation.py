@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable
@@ -39,13 +38,12 @@ import torch
 
 from .batching import batches
 from .config import Config, coerce
-from .atomic import ParquetAppend
 from .distributed import fail_together, gather, rank, world
 from .engine import Plan, Write, clean, execute
 from .errors import MechsinkError
 from .memory import trim
 from .metrics import Metric
-from .results import FRAME, Result
+from .results import FRAME, Result, RowStream
 from .selection import Selection, SinkSource, contrast_foreground, draw_random, sink_table
 from .sites import Site
 from .stats import image_keys, summarize_draws
@@ -247,8 +245,6 @@ class AblationResult(Result):
         if self._samples is None:
             per = [_per_sample(f) for f in self._pieces(STATS)]
             self._samples = pd.concat(per, ignore_index=True) if per else pd.DataFrame({"valid": np.zeros(0, bool)})
-            del per
-            trim()      # the row groups' freed pages, before the statistics resample
         return self._samples
 
     def effects(self) -> tuple[np.ndarray, np.ndarray, pd.Index]:
@@ -282,6 +278,7 @@ class AblationResult(Result):
         over questions (``by="question"``, which treats correlated questions as independent)."""
         from .stats import compare_paired
         s = self._valid()
+        trim()      # what the run and the reading of its rows freed, before the statistics resample
         c = self.config
         args = dict(n_boot=c.n_boot, n_perm=c.n_perm, alpha=c.alpha, alternative=c.alternative, seed=c.seed)
         if by == "image":
@@ -376,7 +373,8 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     meta = {"model": getattr(model, "name", "")}
     # with ``out`` (one process), every batch's rows go to disk as they are made and the result
     # reads them back when asked; under torchrun the ranks' rows are gathered and saved by rank 0
-    stream = _Stream(Path(out), AblationResult(Path(out) / ROWS, cfg, meta)) if out is not None and world() == 1 else None
+    stream = RowStream(Path(out), AblationResult(Path(out) / ROWS, cfg, meta), ROWS, ROW_GROUP, CHECKPOINT_S) \
+        if out is not None and world() == 1 else None
     parts: list[tuple[int, pa.Table]] = []           # (chunk number, rows): merged over torchrun ranks
     try:
         with fail_together():                          # an error on one rank is raised on every rank
@@ -403,43 +401,6 @@ def ablate(model, data, config: AblationConfig | dict | None = None, *, sinks: S
     if out is not None and rank() == 0:
         result.save(out)
     return result
-
-
-class _Stream:
-    """The rows of ``ablate(out=...)`` on disk as they are made: batches are appended to the open
-    part, ``out/rows/part-<first batch>.parquet``, in row groups of about ROW_GROUP rows, and the
-    part is moved into place every CHECKPOINT_S and when the run ends or stops; nothing is
-    rewritten, and a stopped run keeps every batch it finished (and its partial result.json,
-    written first)."""
-
-    def __init__(self, out: Path, result: AblationResult):
-        self.result, self.dir = result, out / ROWS
-        shutil.rmtree(self.dir, ignore_errors=True)                 # an earlier run's rows
-        self.dir.mkdir(parents=True)
-        result.save(out, summary=False)
-        self.part, self.held, self.opened, self.rows = None, [], 0.0, 0
-
-    def write(self, number: int, rows: pa.Table) -> None:
-        if self.part is None:
-            self.part, self.opened = ParquetAppend(self.dir / f"part-{number:09d}.parquet", rows.schema), time.monotonic()
-        self.held.append(rows)
-        self.rows += rows.num_rows
-        if time.monotonic() - self.opened >= CHECKPOINT_S:
-            self.close()
-        elif sum(t.num_rows for t in self.held) >= ROW_GROUP:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.held:
-            self.part.write(pa.concat_tables(self.held))
-            self.held = []
-
-    def close(self) -> None:
-        if self.part is not None:
-            self._flush()
-            self.part.close()
-            self.part = None
-            trim()      # what the run's batches and the part's writer freed, before the statistics
 
 
 def _ablate_batch(model, chunk, k: int, cfg: AblationConfig, sinks, foreground, means) -> pa.Table:

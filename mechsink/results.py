@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
 
-from .atomic import write_parquet, write_text
+from .atomic import ParquetAppend, write_parquet, write_text
 from .config import Config
 from .errors import MechsinkError
 
@@ -106,3 +108,42 @@ class Result:
     @classmethod
     def _read_frame(cls, path: Path):
         return pd.read_parquet(path / FRAME)
+
+
+class RowStream:
+    """A result's rows on disk as they are made (``ablate(out=...)``): batches are appended to the
+    open part, ``out/<folder>/part-<first batch>.parquet``, in row groups of about ``row_group``
+    rows, and the part is moved into place every ``checkpoint_s`` seconds and when the run ends or
+    stops; nothing is rewritten, and a stopped run keeps every batch it finished (and its partial
+    result.json, written first). ``rows`` counts what was written."""
+
+    def __init__(self, out: Path, result: Result, folder: str, row_group: int, checkpoint_s: float):
+        self.result, self.dir, self.row_group, self.checkpoint_s = result, out / folder, row_group, checkpoint_s
+        shutil.rmtree(self.dir, ignore_errors=True)                 # an earlier run's rows
+        self.dir.mkdir(parents=True)
+        result.save(out, summary=False)
+        self.part, self.held, self.opened, self.rows = None, [], 0.0, 0
+
+    def write(self, number: int, rows) -> None:
+        """Append one batch's rows (an Arrow table; ``number`` names a part it opens)."""
+        if self.part is None:
+            self.part, self.opened = ParquetAppend(self.dir / f"part-{number:09d}.parquet", rows.schema), time.monotonic()
+        self.held.append(rows)
+        self.rows += rows.num_rows
+        if time.monotonic() - self.opened >= self.checkpoint_s:
+            self.close()
+        elif sum(t.num_rows for t in self.held) >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.held:
+            import pyarrow as pa
+            self.part.write(pa.concat_tables(self.held))
+            self.held = []
+
+    def close(self) -> None:
+        """Write what is held and move the part into place."""
+        if self.part is not None:
+            self._flush()
+            self.part.close()
+            self.part = None
