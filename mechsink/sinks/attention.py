@@ -181,7 +181,7 @@ def _vit_received(pattern: torch.Tensor, groups, n_keys: int) -> np.ndarray:
     a = np.zeros((p.shape[-3], n_keys))
     for rows, item, qpos, kpos in groups:
         m = p if flat else p[item]
-        q, k = torch.as_tensor(qpos, device=p.device), torch.as_tensor(kpos, device=p.device)
+        q, k = torch.tensor(qpos, device=p.device), torch.tensor(kpos, device=p.device)   # copies: pandas' arrays are read-only
         a[:, rows] = m[:, q][:, :, k].float().mean(1).cpu().numpy()
     return a
 
