@@ -347,15 +347,15 @@ def compare_paired(
 
 def unit_means(values, units: Sequence) -> np.ndarray:
     """Mean of ``values`` within each unit, units in order of first appearance."""
+    import pandas as pd
+
     v = np.asarray(values, dtype=float)
-    u = np.asarray(units)
-    if u.shape[0] != v.shape[0]:
-        raise StatsError(f"{u.shape[0]} unit labels for {v.shape[0]} values")
-    _, first, inverse = np.unique(u, return_index=True, return_inverse=True)
-    order = np.argsort(first)                      # keep the units' order of appearance
-    sums = np.bincount(inverse.reshape(-1), weights=v, minlength=len(first))
-    counts = np.bincount(inverse.reshape(-1), minlength=len(first))
-    return (sums / counts)[order]
+    if len(units) != v.shape[0]:
+        raise StatsError(f"{len(units)} unit labels for {v.shape[0]} values")
+    # codes in order of first appearance, by hashing: no fixed-width string copy of the labels to sort
+    codes, uniques = pd.factorize(np.asarray(units, dtype=object), use_na_sentinel=False)
+    sums = np.bincount(codes, weights=v, minlength=len(uniques))
+    return sums / np.bincount(codes, minlength=len(uniques))
 
 
 def image_keys(images: Sequence) -> list[str]:

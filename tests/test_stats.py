@@ -4,6 +4,7 @@ import itertools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -280,6 +281,12 @@ def test_image_level_test_keeps_its_size_where_question_level_does_not():
 def test_unit_means_and_counts():
     from mechsink.stats import compare_paired, unit_means
     assert unit_means([1.0, 3.0, 10.0, 2.0], ["b", "b", "a", "c"]).tolist() == [2.0, 10.0, 2.0]
+    rng = np.random.default_rng(0)                       # many units, interleaved, in order of first appearance
+    v, u = rng.normal(size=3000), rng.choice([f"{h:064x}" for h in range(400)], 3000)
+    _, first, inv = np.unique(u, return_index=True, return_inverse=True)     # the sort-based reference
+    want = (np.bincount(inv, weights=v) / np.bincount(inv))[np.argsort(first)]
+    assert np.array_equal(unit_means(v, u), want) and np.array_equal(unit_means(v, list(u)), want)
+    assert np.allclose(want, pd.Series(v).groupby(u, sort=False).mean().to_numpy(), rtol=0, atol=1e-15)
     c = compare_paired([1.0, 3.0, 10.0, 2.0, 5.0, 6.0], [0.0] * 6, units=[1, 1, 2, 3, 4, 4], n_boot=100, n_perm=50)
     assert (c.n, c.n_obs, c.unit) == (4, 6, "image") and c.sink.mean == pytest.approx((2 + 10 + 2 + 5.5) / 4)
 
