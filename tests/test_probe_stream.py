@@ -230,9 +230,10 @@ def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch)
     sample = np.sort(rng.integers(0, 90, n))
     paths = np.array([f"z{s:03d}.png" if s % 7 else f"a{s:03d}.png" for s in sample], dtype=object)
     paths[sample == 13] = None                                      # a sample without an image file
-    rows = pd.DataFrame({"sample_idx": sample, "token_role": rng.choice(["image", "cls", "text"], n),
-                         "is_sink": rng.random(n) < 0.1, "image": rng.integers(0, 3, n), "lab": sample % 2,
-                         "image_path": paths})
+    role = rng.choice(["image", "cls", "text"], n)
+    rows = pd.DataFrame({"sample_idx": sample, "token_role": role, "is_sink": rng.random(n) < 0.1,
+                         "image": np.where(role == "text", -1, rng.integers(0, 3, n)), "lab": sample % 2,
+                         "image_path": paths})                   # text tokens belong to no image: -1
     w = StoreWriter(tmp_path / "c", StoreConfig(sites=("vit.out",)))
     w.add(rows, {"vit.out": torch.zeros(n, 4)})
     st = w.finalize()
