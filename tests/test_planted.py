@@ -166,7 +166,7 @@ def test_planted_last_token_attends_to_the_sinks(planted, data):
     pat = m.run(b, read=["llm.blocks.0.attn.hook_pattern"])["llm.blocks.0.attn.hook_pattern"]
     pt = b.token_map.patches
     for s in range(b.size):
-        sink_pos = pt[(pt["sample"] == s) & (pt["row"] * P.GRID + pt["col"]).isin(SINKS)]["llm_pos"].to_numpy()
+        sink_pos = pt[(pt["sample"] == s) & (pt["row"] * P.GRID + pt["col"]).isin(SINKS)]["llm_pos"].to_numpy(copy=True)
         row = pat[s, 0, b.last_pos[s]]
         assert row[sink_pos].sum() > 0.999 and row[sink_pos].min() > 0.33
 
