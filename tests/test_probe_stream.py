@@ -253,6 +253,16 @@ def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch)
                                                "sample_idx": np.int64}))
 
 
+def test_index_columns_widen_only_as_far_as_a_block_needs():
+    from mechsink.probing.run import _widened
+    a = np.zeros(3, np.int8)
+    for lo, hi, want in [(-1, 5, np.int8), (-128, 127, np.int8), (-129, 0, np.int16), (0, 128, np.int16),
+                         (0, 40000, np.int32), (-1, 2**40, np.int64)]:
+        assert _widened(a, lo, hi).dtype == want, (lo, hi)
+    wide = np.zeros(3, np.int32)
+    assert _widened(wide, 0, 5) is wide                          # never narrowed: earlier blocks are in it
+
+
 @pytest.mark.parametrize("k", [1, 3, 8, 40])
 def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
     """Capping a token set per image chunk by chunk keeps exactly the rows the one-shot reference

@@ -30,14 +30,15 @@ class _Labels:
     fold_of_group: np.ndarray  # [n_groups] int8/int16
 
 
+def _int_type(top: int):
+    """The smallest signed integer type that holds 0..top (and -top - 1..0)."""
+    return next(dt for dt in (np.int8, np.int16, np.int32, np.int64) if top <= np.iinfo(dt).max)
+
+
 def _small(a: np.ndarray) -> np.ndarray:
     """Non-negative integers in the smallest of int8/16/32/64 that holds them (storage only:
     arithmetic on them casts to int64 first)."""
-    top = int(a.max(initial=0))
-    for dt in (np.int8, np.int16, np.int32):
-        if top <= np.iinfo(dt).max:
-            return a.astype(dt, copy=False)
-    return a.astype(np.int64, copy=False)
+    return a.astype(_int_type(int(a.max(initial=0))), copy=False)
 
 
 def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
@@ -267,11 +268,6 @@ def _control_labels(y: np.ndarray, unit: np.ndarray, group: np.ndarray, level: s
     pairs, inv = np.unique(np.stack([group, y], axis=1), axis=0, return_inverse=True)
     freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
     return rng.choice(len(freq), size=len(pairs), p=freq).astype(y.dtype)[inv.ravel()]
-
-
-def _int_type(top: int):
-    """The smallest signed integer type that holds 0..top."""
-    return next(dt for dt in (np.int8, np.int16, np.int32, np.int64) if top <= np.iinfo(dt).max)
 
 
 def _unique(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

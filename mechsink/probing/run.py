@@ -21,7 +21,7 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _labels, _subset, _token_set, _where
+from .data import _features, _int_type, _labels, _subset, _token_set, _where
 from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
@@ -76,7 +76,7 @@ def _index(store, label: str) -> pd.DataFrame:
             order = np.argsort(values.astype(str), kind="stable")
             rank = np.full(len(order) + 1, -1, dtype=np.int64)     # rank[-1] = -1: missing stays missing
             rank[order] = np.arange(len(order))
-            rank = rank.astype(_code_type(len(order)))
+            rank = rank.astype(_int_type(len(order) + 1))   # the type pandas keeps the codes in
             columns[c] = pd.Categorical.from_codes(rank[out[c]], values[order])   # codes in their pandas type: not copied
         else:
             columns[c] = out[c]
@@ -88,17 +88,10 @@ def _index(store, label: str) -> pd.DataFrame:
 
 def _widened(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """``a`` itself, or a copy in the smallest signed type that holds [lo, hi]."""
-    if a.dtype == bool or (np.iinfo(a.dtype).min <= lo and hi <= np.iinfo(a.dtype).max):
+    if a.dtype == bool:
         return a
-    for dt in (np.int16, np.int32, np.int64):
-        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
-            return a.astype(dt)
-    raise ProbeError(f"index values [{lo}, {hi}] do not fit an int64")
-
-
-def _code_type(n: int):
-    """The integer type pandas keeps the codes of n categories in."""
-    return np.int8 if n < 2**7 - 1 else np.int16 if n < 2**15 - 1 else np.int32 if n < 2**31 - 1 else np.int64
+    dt = np.dtype(_int_type(max(hi, -lo - 1)))
+    return a if dt.itemsize <= a.itemsize else a.astype(dt)
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
