@@ -1510,10 +1510,10 @@ class Store:
 
     # -- the index, lazily
 
-    def _index_file(self, dictionary: Iterable[str] = ()) -> pq.ParquetFile:
+    def _index_file(self, categorical: Iterable[str] = ()) -> pq.ParquetFile:
         _check_file(self.path, "index.parquet", self.summary["files"]["index.parquet"], content=True)
         return pq.ParquetFile(self.path / "index.parquet", page_checksum_verification=True,
-                              read_dictionary=list(dictionary) or None)
+                              read_dictionary=list(categorical) or None)
 
     def _corrupt_index(self, e: BaseException) -> StoreCorrupt:
         return StoreCorrupt(f"{self.path / 'index.parquet'} is corrupt ({_first_line(e)}); "
