@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from mechsink.cache import Store, StoreConfig, StoreError, StoreWriter, merge, store_id
-from mechsink.cache.store import read_safetensors_header
+from mechsink.cache.tensorfile import read_safetensors_header
 from mechsink.errors import MechsinkError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -400,10 +400,10 @@ def test_merge_orders_any_interleaving_of_ranks_batches_and_shards(tmp_path, see
 def test_index_row_groups_are_bounded_in_number_and_size(tmp_path, monkeypatch, groups, least, most):
     """The index is written in about INDEX_GROUPS row groups (a parquet writer holds metadata per
     group until it closes) of INDEX_MIN_ROWS to INDEX_ROW_GROUP rows, and reads back row for row."""
-    import mechsink.cache.store as store_mod
-    monkeypatch.setattr(store_mod, "INDEX_GROUPS", groups)
-    monkeypatch.setattr(store_mod, "INDEX_MIN_ROWS", least)
-    monkeypatch.setattr(store_mod, "INDEX_ROW_GROUP", most)
+    import mechsink.cache.index as index_mod
+    monkeypatch.setattr(index_mod, "INDEX_GROUPS", groups)
+    monkeypatch.setattr(index_mod, "INDEX_MIN_ROWS", least)
+    monkeypatch.setattr(index_mod, "INDEX_ROW_GROUP", most)
     write(tmp_path, list(range(N)))
     store = merge(tmp_path)
     n_rows = store.summary["n_rows"]

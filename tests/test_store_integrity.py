@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from mechsink.cache import (
     merge,
     verify,
 )
-from mechsink.cache.store import read_safetensors_header
+from mechsink.cache.tensorfile import read_safetensors_header
 from mechsink.errors import MechsinkError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -306,8 +305,8 @@ def test_interleaved_ranks_and_retried_samples_merge_in_sample_order(tmp_path, m
     of 3 (so samples straddle row groups): the streaming merge puts every row where a full sort would."""
     import pyarrow.parquet as pq
 
-    import mechsink.cache.store as store_module
-    monkeypatch.setattr(store_module, "SHARD_ROW_GROUP", 3)
+    import mechsink.cache.writer as writer_module
+    monkeypatch.setattr(writer_module, "SHARD_ROW_GROUP", 3)
     ws = [StoreWriter(tmp_path, CONFIG, rank=r, world_size=2, shard_rows=9) for r in (0, 1)]
     order = [i for i in range(20) if i != 6] + [6]
     for i in order:

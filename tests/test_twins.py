@@ -225,7 +225,7 @@ def llava_twin():
 
 def test_plan_bytes_match_a_real_cache_of_the_twin(llava_twin, tmp_path):
     from mechsink.cache.extract import extract
-    from mechsink.cache.store import read_safetensors_header
+    from mechsink.cache.tensorfile import read_safetensors_header
     from mechsink.plan import PlanConfig, plan
     data = _dataset(tmp_path, n=2)
     sites = ["vit.out", "llm.blocks.0.hook_resid_post"]

@@ -29,15 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechsink.cache.store import (
-    DTYPES,
-    RESERVED_COLUMNS,
-    ROW_COLUMNS,
-    Store,
-    StoreConfig,
-    StoreError,
-    StoreWriter,
-)
+from mechsink.cache.layout import DTYPES, StoreConfig, StoreError
+from mechsink.cache.rows import RESERVED_COLUMNS, ROW_COLUMNS
+from mechsink.cache.store import Store
+from mechsink.cache.writer import StoreWriter
 from mechsink.errors import SiteError
 from mechsink.sites import Site
 from mechsink.batching import prepare
