@@ -21,7 +21,9 @@ crc32 of every file it touches) against a second read of the same files (checked
 ``all``) or only its ViT sites (``vit``: the forward stops after the last of them), in shards of
 ``SHARD_MB`` (default: the store's 256 MiB).
 ``probe`` runs the probe driver (``mechsink.probing.probe``, label ``label``, see ``PROBE``) over a
-store made by ``stream`` of a labelled image set; ``ablate`` runs ``mechsink.ablation.ablate``
+store made by ``stream`` of a labelled image set, after the same probe over a store of its first
+``WARM_IMAGES`` images (so that neither its imports nor the library code it runs the first time,
+file-backed pages of several MB, count as the run's memory: as in the other drivers' warm-ups); ``ablate`` runs ``mechsink.ablation.ablate``
 (zero at ``proj.out``, fixed patches, DRAWS random draws) over N images read from disk, with
 ``out=`` a temporary directory (its rows stream to disk). Both warm up on a small input first
 (lazy imports, first fit or forward), then the peak mark is reset.
@@ -134,10 +136,34 @@ PROBE = dict(label="label", sites=("vit.out", "llm.blocks.1.hook_resid_post"), t
 # probe(memory_mb=...): below one token set at 200 images (3,200 x 32 float32), so both runs stream
 # their features as a large cache does (MECHSINK_PROBE_MEMORY_MB overrides it, e.g. 1024 to hold them)
 PROBE_MEMORY_MB = 0.25
+WARM_IMAGES = 20       # the probe's warm-up store: the first images of the store measured
+
+
+def _head_store(store: str, out: Path, n: int):
+    """A store of the first ``n`` samples of ``store`` (same config, rows and tensors), finalized in ``out``."""
+    import pandas as pd
+
+    from mechsink.cache import Store, StoreWriter
+    from mechsink.cache.rows import RESERVED_COLUMNS
+    src = Store.open(store)
+    blocks = []
+    for block in src.iter_index(batch_rows=4096):      # rows are in sample order: the first blocks only
+        blocks.append(block[block["sample_idx"] < n])
+        if block["sample_idx"].iloc[-1] >= n:
+            break
+    keep = pd.concat(blocks, ignore_index=True)
+    rows = keep.drop(columns=[c for c in RESERVED_COLUMNS if c in keep.columns])
+    cfg = {k: src.config[k] for k in ("sites", "tokens", "model", "model_hash", "data", "params")}
+    with StoreWriter(out, cfg, dtype=src.dtype) as w:
+        w.add(rows.reset_index(drop=True), {s: src.get(s, keep["row"].to_numpy()) for s in src.sites})
+    return w.finalize()
 
 
 def probe_only(store: str, **overrides) -> dict:
-    """Peak memory of the probe driver over a whole store (fresh process), after a warm-up fit."""
+    """Peak memory of the probe driver over a whole store (fresh process), after a warm-up probe
+    over its first images."""
+    import tempfile
+
     import numpy as np
 
     from mechsink.probing import ProbeConfig, fit_linear, probe
@@ -147,6 +173,8 @@ def probe_only(store: str, **overrides) -> dict:
     rng = np.random.default_rng(0)
     fit_linear(rng.normal(size=(64, 8)).astype(np.float32), np.arange(64) % 2, 2, cfg)   # imports, first fit
     importlib.import_module("sklearn.model_selection")   # the folds' import: not the run's memory
+    with tempfile.TemporaryDirectory() as tmp:   # the whole path once (code pages, lazy imports), on a few images
+        probe(_head_store(store, Path(tmp), WARM_IMAGES), cfg, memory_mb=0)
     start = reset_peak()
     t = time.perf_counter()
     res = probe(store, cfg, memory_mb=float(os.environ.get("MECHSINK_PROBE_MEMORY_MB", PROBE_MEMORY_MB)))
