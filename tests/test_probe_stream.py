@@ -206,7 +206,9 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says(monkeypatch):
                           "lab": np.where(labelled, pd.Series(sample % 3).map({0: "a", 1: "b", 2: "c"}), None)})
     cfg = ProbeConfig(label="lab", k=4)
     lab = _labels(index, cfg)
-    assert lab.level == "image" and lab.y.dtype == np.int16 and lab.group.dtype == np.int16
+    assert lab.level == "image" and lab.y.dtype == np.int8 and lab.group.dtype == np.int16   # 3 classes: 1 byte
+    many = index.assign(lab=np.where(labelled, sample % 200, -1)).replace({"lab": {-1: None}})
+    assert _labels(many, ProbeConfig(label="lab", k=4, level="patch")).y.dtype == np.int16   # 200 classes: 2 bytes
     assert np.array_equal(lab.unit, sample)      # image-level: the unit is the sample (patch-level: None, the row)
     assert lab.fold_of_group.dtype == np.int8 and lab.classes == ["a", "b", "c"]
     first = pd.Series(lab.y[labelled]).groupby(lab.group[labelled]).first()   # each image's label, by pandas

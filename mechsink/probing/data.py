@@ -23,7 +23,7 @@ class _Labels:
 
     level: str
     classes: list
-    y: np.ndarray          # [n_rows] int16, -1 where unlabelled
+    y: np.ndarray          # [n_rows] class codes in the smallest signed type, -1 where unlabelled
     unit: np.ndarray | None  # [n_rows]: sample (image-level); None at patch level, where the unit is the row
     group: np.ndarray      # [n_rows] int: image the row belongs to (split and bootstrap unit)
     group_names: np.ndarray
@@ -55,7 +55,7 @@ def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
     if len(classes) > 1000:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
                          "(bin a continuous label first)")
-    codes = np.full(len(raw), -1, dtype=np.int16)            # at most 1000 classes
+    codes = np.full(len(raw), -1, dtype=_int_type(len(classes)))   # int8 up to 127 classes
     for start, part in _label_chunks(raw, labelled):
         codes[start:start + len(part)] = classes.get_indexer(part)
     sample = index["sample_idx"].to_numpy()
@@ -190,7 +190,7 @@ class _Set:
     rows: np.ndarray        # [n] index rows; for mean: [n_pool] first row of each pooled image
     pool: np.ndarray | None  # mean only: [n_image_rows] pool id of every image row in pool_rows
     pool_rows: np.ndarray | None
-    y: np.ndarray           # int16 class codes
+    y: np.ndarray           # class codes (lab.y's type)
     y_control: np.ndarray
     unit: np.ndarray        # sample (image-level) or index row (patch-level: ``rows`` itself)
     group: np.ndarray

@@ -274,7 +274,8 @@ def _split_frame(parts: list[tuple], token_sets: list[str], sites: list[str], gr
         "token_set": cat(np.repeat([token_sets.index(p[0]) for p in parts], n), token_sets),
         "site": cat(np.repeat([sites.index(p[1]) for p in parts], n), sites),
         "fold": np.concatenate([p[2] for p in parts]),
-        "image": cat(np.concatenate([p[3] for p in parts]), pd.Index(group_names.astype(str))),
+        # Index.astype keeps the path strings there are (a numpy str array would be paths x widest path x 4 bytes)
+        "image": cat(np.concatenate([p[3] for p in parts]), pd.Index(group_names).astype(str)),
         "side": cat(np.concatenate([p[4] for p in parts]).astype(np.int8), ["train", "test"]),
     }, columns=SPLIT_COLUMNS)
 

@@ -117,7 +117,7 @@ def _cross_val(rows, pos, y, unit, folds, n_classes, config) -> _OutOfFold:
     units, first, inv = _unique(unit)
     one = len(units) == len(unit)            # one token per unit: its own prediction
     token_pred = np.zeros(len(y), dtype=_int_type(n_classes))
-    unit_pred = np.zeros(len(units), dtype=np.int16)
+    unit_pred = np.zeros(len(units), dtype=token_pred.dtype)
     sums = None if one else np.zeros((len(units), n_classes))
     for train, test in folds:
         w, b = fit_rows(rows, train if pos is None else pos[train], y[train], n_classes, config)
