@@ -71,13 +71,15 @@ _ST_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 # np.memmap dtype per safetensors dtype; bf16 has no numpy type and is read as its raw bits
 _NP_OF_ST = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32}
-INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores)
+INDEX_ROW_GROUP = 1 << 16           # most rows per row group of index.parquet (fewer in small stores), and
+                                    # the rows per block the reader yields by default
 
 _SHARD_RE = re.compile(r"^r(\d{2,})-(\d{6,})$")
 _SAMPLES_KEY = b"mechsink.samples"
 _KEYS_KEY = b"mechsink.keys"          # {sample_idx: key} (e.g. the image digest) of the shard's samples
 _TENSORS_KEY = b"mechsink.tensors"    # {"crc32": ..., "bytes": ...} of the shard's safetensors file
 _META_CRC_KEY = b"mechsink.meta_crc"  # crc32 over the three values above
+
 
 # ----------------------------------------------------------------------------- config
 
