@@ -166,6 +166,7 @@ def probe_only(store: str, **overrides) -> dict:
 
     import numpy as np
 
+    from mechsink.cache import Store
     from mechsink.probing import ProbeConfig, fit_linear, probe
 
     from .harness import added_mb, peak_rss_kb, reset_peak
@@ -180,7 +181,7 @@ def probe_only(store: str, **overrides) -> dict:
     res = probe(store, cfg, memory_mb=float(os.environ.get("MECHSINK_PROBE_MEMORY_MB", PROBE_MEMORY_MB)))
     wall = time.perf_counter() - t
     return {"probe_peak_mb": added_mb(peak_rss_kb(), start), "probe_s": wall, "probes": len(res.frame),
-            "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
+            "probe_rows": len(Store.open(store)), "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
 
 
 ABLATE_SINKS = (0, 5, 10)

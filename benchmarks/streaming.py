@@ -101,6 +101,8 @@ def section(models: dict, args, workdir) -> list:
                         ratio, ratio, f"{n_small} images", f"<= {TARGET}",
                         extra={f"probe_peak_mb_{n_small}": small["probe_peak_mb"],
                                f"probe_peak_mb_{n_large}": large["probe_peak_mb"],
+                               "probe_growth_bytes_per_index_row": (large["probe_peak_mb"] - small["probe_peak_mb"])
+                               * 2**20 / max(large["probe_rows"] - small["probe_rows"], 1),
                                f"probe_tokens_{n_small}": small["probe_tokens"],
                                f"probe_tokens_{n_large}": large["probe_tokens"],
                                f"probe_s_{n_large}": large["probe_s"], "probes": large["probes"],
