@@ -23,10 +23,10 @@ crc32 of every file it touches) against a second read of the same files (checked
 ``probe`` runs the probe driver (``mechsink.probing.probe``, label ``label``, see ``PROBE``) over a
 store made by ``stream`` of a labelled image set, after the same probe over a store of its first
 ``WARM_IMAGES`` images (so that neither its imports nor the library code it runs the first time,
-file-backed pages of several MB, count as the run's memory: as in the other drivers' warm-ups); ``ablate`` runs ``mechsink.ablation.ablate``
-(zero at ``proj.out``, fixed patches, DRAWS random draws) over N images read from disk, with
-``out=`` a temporary directory (its rows stream to disk). Both warm up on a small input first
-(lazy imports, first fit or forward), then the peak mark is reset.
+file-backed pages of several MB, count as the run's memory: as in the other drivers' warm-ups);
+``ablate`` runs ``mechsink.ablation.ablate`` (zero at ``proj.out``, fixed patches, DRAWS random
+draws) over N images read from disk, with ``out=`` a temporary directory (its rows stream to disk).
+Both warm up on a small input first (lazy imports, first fit or forward), then the peak mark is reset.
 """
 from __future__ import annotations
 
@@ -181,7 +181,8 @@ def probe_only(store: str, **overrides) -> dict:
     res = probe(store, cfg, memory_mb=float(os.environ.get("MECHSINK_PROBE_MEMORY_MB", PROBE_MEMORY_MB)))
     wall = time.perf_counter() - t
     return {"probe_peak_mb": added_mb(peak_rss_kb(), start), "probe_s": wall, "probes": len(res.frame),
-            "probe_rows": len(Store.open(store)), "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
+            "probe_rows": len(Store.open(store)),
+            "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
 
 
 ABLATE_SINKS = (0, 5, 10)
