@@ -3,6 +3,7 @@ same numbers whether the rows are held in memory or read from the store, and a w
 run that streams (a tiny memory budget) gives the result of one that holds its features."""
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import numpy as np
@@ -11,10 +12,10 @@ import pytest
 import torch
 
 from mechsink.cache import StoreConfig, StoreWriter
-from mechsink.probing import ProbeConfig, data, fit_linear, probe
-from mechsink.probing.data import _features, _labels, _Rows, _take, _token_set
+from mechsink.probing import ProbeConfig, ProbeError, data, fit_linear, labels, probe
+from mechsink.probing.data import _features, _Rows, _take, _token_set
 from mechsink.probing.fit import _moments, fit_rows
-from mechsink.probing.run import _index
+from mechsink.probing.labels import _Index, _labels
 
 # Measured (relative to the largest coefficient): the blockwise fits agree with sklearn to 1.2e-15
 # (logistic: the same L-BFGS path, only the order of the sums differs) and 4.3e-15 (ridge) on these
@@ -126,7 +127,7 @@ def store(tmp_path_factory, request):
 
 
 def _set(store, name, cfg):
-    index = _index(store, cfg.label)
+    index = _Index(store)
     return _token_set(name, index, _labels(index, cfg), cfg)
 
 
@@ -178,19 +179,17 @@ def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
     assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal
 
 
-def test_per_row_arrays_are_small_and_say_what_pandas_says(monkeypatch):
-    """The label checks and folds computed without hash tables over the rows agree with pandas'
-    groupby, and the per-row arrays are held in small integer types."""
-    from mechsink.probing.data import _varies, _where
+def _sets(source, cfg, block, names=("image", "sinks", "nonsinks", "cls", "mean")):
+    index = _Index(source, block=block)
+    lab = _labels(index, cfg)
+    return lab, {n: _token_set(n, index, lab, cfg) for n in names}
+
+
+def test_positions_and_units_are_small_and_found_in_chunks(monkeypatch):
+    from mechsink.probing.data import _where
     rng = np.random.default_rng(3)
-    sample = np.repeat(rng.permutation(300), rng.integers(1, 9, 300)).astype(np.int32)   # unsorted samples
-    codes = rng.integers(0, 4, len(sample)).astype(np.int16)
-    codes[rng.random(len(sample)) < 0.7] = 0
+    sample = np.repeat(rng.permutation(300), rng.integers(1, 9, 300)).astype(np.int32)
     labelled = rng.random(len(sample)) > 0.1
-    want = pd.Series(codes[labelled]).groupby(sample[labelled]).nunique()
-    for offset in (0, 10**9):                                   # dense sample ids, and sparse ones
-        ids, got = _varies(sample[labelled] + offset, codes[labelled])
-        assert np.array_equal(ids[got], want.index[want > 1].to_numpy() + offset)
     pos = _where(labelled)
     assert pos.dtype == np.int32 and np.array_equal(pos, np.flatnonzero(labelled))
     monkeypatch.setattr(data, "ROW_CHUNK", 37)                    # found chunk by chunk: the same positions
@@ -199,70 +198,112 @@ def test_per_row_arrays_are_small_and_say_what_pandas_says(monkeypatch):
     w_units, w_first, w_inv = np.unique(np.sort(sample), return_index=True, return_inverse=True)
     assert inv.dtype == np.int16 and np.array_equal(units, w_units) and np.array_equal(first, w_first)
     assert np.array_equal(inv, w_inv)
-    monkeypatch.undo()
 
-    index = pd.DataFrame({"sample_idx": sample, "image_path": [f"im{s:04d}.png" for s in sample],
-                          "token_role": "image", "is_sink": False, "image": 0,
-                          "lab": np.where(labelled, pd.Series(sample % 3).map({0: "a", 1: "b", 2: "c"}), None)})
+
+def _index_frame(seed, n_samples=300, sparse=0):
+    """Samples of 1-8 rows in shuffled order, 10% unlabelled; an image-level label of 3 classes."""
+    rng = np.random.default_rng(seed)
+    sample = np.repeat(rng.permutation(n_samples), rng.integers(1, 9, n_samples)).astype(np.int64) + sparse
+    labelled = rng.random(len(sample)) > 0.1
+    return pd.DataFrame({"sample_idx": sample, "image_path": [f"im{s % 10**6:04d}.png" for s in sample],
+                         "token_role": "image", "is_sink": rng.random(len(sample)) < 0.2, "image": 0,
+                         "lab": np.where(labelled, pd.Series(sample % 3).map({0: "a", 1: "b", 2: "c"}), None)})
+
+
+@pytest.mark.parametrize("block", [37, 10**6])
+def test_labels_and_folds_read_in_blocks_say_what_pandas_says(block):
+    """Scanned block by block, the label's level, each image's first label and the stratified folds
+    are what pandas' groupby over the whole index says; set arrays come in small integer types."""
+    index = _index_frame(3)
     cfg = ProbeConfig(label="lab", k=4)
-    lab = _labels(index, cfg)
-    assert lab.level == "image" and lab.y.dtype == np.int8 and lab.group.dtype == np.int16   # 3 classes: 1 byte
-    many = index.assign(lab=np.where(labelled, sample % 200, -1)).replace({"lab": {-1: None}})
-    assert _labels(many, ProbeConfig(label="lab", k=4, level="patch")).y.dtype == np.int16   # 200 classes: 2 bytes
-    assert np.array_equal(lab.unit, sample)      # image-level: the unit is the sample (patch-level: None, the row)
-    assert lab.fold_of_group.dtype == np.int8 and lab.classes == ["a", "b", "c"]
-    first = pd.Series(lab.y[labelled]).groupby(lab.group[labelled]).first()   # each image's label, by pandas
-    have = np.unique(lab.group[labelled])
-    assert np.array_equal(first.index.to_numpy(), have)
-    folds = lab.fold_of_group[have]
-    # stratified: every fold holds each label's images in near-equal shares
-    for c in range(3):
+    lab, sets = _sets(index, cfg, block, ("image",))
+    s = sets["image"]
+    ok = index["lab"].notna().to_numpy()
+    assert lab.level == "image" and lab.classes == ["a", "b", "c"] and lab.fold_of_group.dtype == np.int8
+    assert s.y.dtype == np.int8 and s.group.dtype == np.int16 and s.rows.dtype == np.int32   # 3 classes: 1 byte
+    assert np.array_equal(s.rows, np.flatnonzero(ok)) and np.array_equal(s.unit, index["sample_idx"][ok])
+    assert list(lab.group_names) == sorted(index["image_path"].unique())
+    assert np.array_equal(lab.group_names[s.group], index["image_path"][ok])
+    first = index[ok].groupby("image_path")["lab"].first()     # each image's label, by pandas
+    folds = lab.fold_of_group[np.searchsorted(lab.group_names, first.index)]
+    assert (folds >= 0).all()
+    for c in ("a", "b", "c"):                   # stratified: each label's images in near-equal shares
         per_fold = np.bincount(folds[first.to_numpy() == c], minlength=4)
         assert per_fold.max() - per_fold.min() <= 1, per_fold
+    many = index.assign(lab=np.where(ok, index["sample_idx"] % 200, -1)).replace({"lab": {-1: None}})
+    _, sets = _sets(many, ProbeConfig(label="lab", k=4, level="patch"), block, ("image",))
+    assert sets["image"].y.dtype == np.int16                      # 200 classes: 2 bytes
 
 
-def test_index_read_in_blocks_equals_the_index_read_whole(tmp_path, monkeypatch):
-    """The probe's index, filled block by block into arrays of the final size, is the store's index:
-    ids in the smallest integer type that holds them, paths and roles categorical with sorted categories, whatever the blocks and the
-    order paths first appear in."""
-    from mechsink.probing import run
+@pytest.mark.parametrize("sparse", [0, 10**9])
+def test_a_label_that_varies_within_a_sample_is_named(sparse):
+    """Dense sample ids and sparse ones: the samples named are those pandas finds."""
+    index = _index_frame(4, sparse=sparse)
+    rng = np.random.default_rng(0)
+    flip = rng.random(len(index)) < 0.05
+    index.loc[flip & index["lab"].notna(), "lab"] = "c"
+    per = index.dropna(subset=["lab"]).groupby("sample_idx")["lab"].nunique()
+    bad = per.index[per > 1].to_numpy()
+    assert len(bad) >= 3
+    with pytest.raises(ProbeError, match=re.escape(f"varies within samples {bad[:3].tolist()}")):
+        _labels(_Index(index, block=29), ProbeConfig(label="lab", k=4, level="image"))
+    assert _labels(_Index(index, block=29), ProbeConfig(label="lab", k=4)).level == "patch"
 
+
+def _reference_sets(index: pd.DataFrame, label: str):
+    """The token sets from the whole index at once, in pandas: rows, class codes and image codes."""
+    ok = index[label].notna()
+    classes = sorted(index.loc[ok, label].unique())
+    paths = index["image_path"].astype(str)
+    if (paths == "").any():
+        groups, names = pd.factorize(index["sample_idx"], sort=True)
+    else:
+        groups, names = pd.factorize(paths, sort=True)
+    image, sink = (index["token_role"] == "image") & ok, index["is_sink"].astype(bool)
+    want = {"image": image, "sinks": image & sink, "nonsinks": image & ~sink,
+            "cls": (index["token_role"] == "cls") & ok}
+    code = index[label].map({c: i for i, c in enumerate(classes)})
+    return list(names), {k: (np.flatnonzero(m), code[m].to_numpy(int), groups[m.to_numpy()]) for k, m in want.items()}
+
+
+@pytest.mark.parametrize("paths", ["files", "one_missing", "one_empty"])
+def test_token_sets_scanned_from_the_store_in_blocks_equal_pandas_on_the_whole_index(tmp_path, paths):
+    """Rows, labels and images of every token set, read from a store's index in 11 blocks (paths and
+    roles as the block's categoricals, first seen in any order), are those pandas finds on the whole
+    index; a missing path is the path "nan", and one row without a path makes images of samples."""
     rng = np.random.default_rng(5)
     n = 700
     sample = np.sort(rng.integers(0, 90, n))
-    paths = np.array([f"z{s:03d}.png" if s % 7 else f"a{s:03d}.png" for s in sample], dtype=object)
-    paths[sample == 13] = None                                      # a sample without an image file
+    path = np.array([f"z{s:03d}.png" if s % 7 else f"a{s:03d}.png" for s in sample], dtype=object)
+    if paths == "one_missing":
+        path[sample == 13] = None                                      # a sample without an image file
+    if paths == "one_empty":
+        path[sample == 13] = ""
     role = rng.choice(["image", "cls", "text"], n)
-    rows = pd.DataFrame({"sample_idx": sample, "token_role": role, "is_sink": rng.random(n) < 0.1,
-                         "image": np.where(role == "text", -1, rng.integers(0, 3, n)), "lab": sample % 2,
-                         "image_path": paths})                   # text tokens belong to no image: -1
+    rows = pd.DataFrame({"sample_idx": sample, "token_role": role, "is_sink": rng.random(n) < 0.3,
+                         "image": np.where(role == "text", -1, rng.integers(0, 3, n)),
+                         "lab": np.where(rng.random(n) < 0.1, np.nan, rng.integers(0, 4, n)),
+                         "per_image": sample % 3, "image_path": path})                   # text tokens belong to no image: -1
     w = StoreWriter(tmp_path / "c", StoreConfig(sites=("vit.out",)))
     w.add(rows, {"vit.out": torch.zeros(n, 4)})
     st = w.finalize()
-    monkeypatch.setattr(run, "_INDEX_BLOCK", 64)                    # 11 blocks, the last one short
-    got = run._index(st, "lab")
-    want = st.read_index(["sample_idx", "image_path", "token_role", "is_sink", "image", "lab"])
-    assert list(got.columns) == list(want.columns)
-    assert got["sample_idx"].dtype == np.int8 and got["image"].dtype == np.int8     # the smallest type that holds them
-    assert got["image_path"].cat.codes.dtype == np.int8 and got["token_role"].cat.codes.dtype == np.int8
-    for c in ("image_path", "token_role"):
-        cats = list(got[c].cat.categories)
-        assert cats == sorted(cats) == sorted(want[c].dropna().unique())
-        assert not got[c].isna().any()
-    pd.testing.assert_frame_equal(got.astype({"image_path": object, "token_role": object, "image": np.int64,
-                                              "sample_idx": np.int64}),
-                                  want.astype({"image_path": object, "token_role": object, "image": np.int64,
-                                               "sample_idx": np.int64}))
-
-
-def test_index_columns_widen_only_as_far_as_a_block_needs():
-    from mechsink.probing.run import _widened
-    a = np.zeros(3, np.int8)
-    for lo, hi, want in [(-1, 5, np.int8), (-128, 127, np.int8), (-129, 0, np.int16), (0, 128, np.int16),
-                         (0, 40000, np.int32), (-1, 2**40, np.int64)]:
-        assert _widened(a, lo, hi).dtype == want, (lo, hi)
-    wide = np.zeros(3, np.int32)
-    assert _widened(wide, 0, 5) is wide                          # never narrowed: earlier blocks are in it
+    cfg = ProbeConfig(label="lab", k=4, level="patch")
+    lab, sets = _sets(st, cfg, 64, ("image", "sinks", "nonsinks", "cls"))
+    assert sets.pop("cls") == "cls: a patch-level label has no cls token"
+    names, want = _reference_sets(st.index, "lab")
+    del want["cls"]
+    assert list(lab.group_names) == names and lab.classes == [0.0, 1.0, 2.0, 3.0]
+    for name, (r, y, g) in want.items():
+        s = sets[name]
+        assert np.array_equal(s.rows, r) and np.array_equal(s.y, y) and np.array_equal(s.group, g), name
+        assert s.unit is s.rows                                        # patch level: the unit is the row
+    _, whole = _sets(st.index, cfg, 10**6, ("image",))                 # the whole frame, one block
+    assert np.array_equal(whole["image"].group, sets["image"].group)
+    lab, sets = _sets(st, ProbeConfig(label="per_image", k=4), 64, ("cls",))   # image-level: the CLS rows
+    r, y, g = _reference_sets(st.index, "per_image")[1]["cls"]
+    s = sets["cls"]
+    assert lab.level == "image" and np.array_equal(s.rows, r) and np.array_equal(s.y, y) and np.array_equal(s.group, g)
+    assert np.array_equal(s.unit, st.index["sample_idx"].to_numpy()[r])   # image level: the unit is the sample
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 40])
@@ -276,11 +317,12 @@ def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
     order = rows[np.random.default_rng(11).permutation(len(rows))]
     keep = pd.Series(group[order]).groupby(group[order]).cumcount().to_numpy() < k
     want = np.sort(order[keep])
-    got = data._cap(rows, group, k, seed=11)
+    keep = data._cap(group[rows], k, seed=11)
+    got = rows if keep is None else rows[keep]
     assert np.array_equal(got, want)
     assert np.bincount(group[got]).max() == min(k, np.bincount(group[rows]).max())
     if k == 40:
-        assert np.array_equal(data._cap(rows, group, 10**6, seed=11), rows)   # nothing over the cap: all of them
+        assert data._cap(group[rows], 10**6, seed=11) is None   # nothing over the cap: all of them, nothing drawn
 
 
 def _old_codes(raw: pd.Series):
@@ -292,11 +334,25 @@ def _old_codes(raw: pd.Series):
     return np.where(labelled, codes, -1), list(classes)
 
 
-@pytest.mark.parametrize("kind", ["int", "int_nan", "float", "str", "str_nan", "mixed", "bool_nan"])
-def test_label_codes_in_chunks_equal_one_factorize(kind, monkeypatch):
-    """Classes and codes gathered chunk by chunk are those of one sorted factorize of the column,
-    for every kind of label column a cache index holds (missing values: code -1)."""
-    monkeypatch.setattr(data, "ROW_CHUNK", 7)
+def _label_source(raw: pd.Series, where, tmp_path):
+    """An index of one row per sample holding ``raw`` as its label: a frame, or a store's index."""
+    frame = pd.DataFrame({"sample_idx": np.arange(len(raw)), "token_role": "image", "lab": raw,
+                          "image_path": [f"{i:03d}.png" for i in range(len(raw))]})
+    if where == "frame":
+        return frame
+    w = StoreWriter(tmp_path / "c", StoreConfig(sites=("vit.out",)))
+    w.add(frame, {"vit.out": torch.zeros(len(raw), 2)})
+    return w.finalize()
+
+
+@pytest.mark.parametrize("kind, where", [(k, "frame") for k in ("int", "int_nan", "float", "str", "str_nan", "mixed",
+                                                                "bool_nan")]
+                         + [(k, "store") for k in ("int_nan", "str_nan", "bool_nan")])
+def test_label_codes_in_blocks_equal_one_factorize(kind, where, tmp_path):
+    """Classes and codes gathered block by block are those of one sorted factorize of the whole
+    column, for every kind of label column an index holds (missing values: code -1), also where a
+    store's blocks differ in type from the whole column (booleans or ints with a missing value in
+    some blocks only)."""
     rng = np.random.default_rng(1)
     n = 100
     vals = {"int": rng.integers(-3, 9, n), "float": rng.choice([0.5, -2.0, 3.25], n),
@@ -304,31 +360,40 @@ def test_label_codes_in_chunks_equal_one_factorize(kind, monkeypatch):
     if kind in vals:
         raw = pd.Series(vals[kind])
     elif kind == "int_nan":
-        raw = pd.Series(np.where(rng.random(n) < 0.2, np.nan, rng.integers(0, 5, n)))
+        raw = pd.Series(np.where(np.arange(n) > 90, np.nan, rng.integers(0, 5, n)))
     elif kind == "str_nan":
         raw = pd.Series(np.where(rng.random(n) < 0.2, None, rng.choice(["x", "y", "z"], n)), dtype="str")
     elif kind == "mixed":
         raw = pd.Series(rng.choice(np.array([1, "1", "a", 10, 2], dtype=object), n), dtype=object)
     else:
-        raw = pd.Series(np.where(rng.random(n) < 0.2, None, rng.random(n) < 0.5), dtype=object)
-    labelled = raw.notna().to_numpy()
-    classes = data._classes(raw, labelled)
-    codes = np.full(n, -1)
-    for start, part in data._label_chunks(raw, labelled):
-        codes[start:start + len(part)] = classes.get_indexer(part)
-    want_codes, want_classes = _old_codes(raw)
-    assert list(classes) == want_classes and np.array_equal(codes, want_codes)
+        raw = pd.Series(np.where(np.arange(n) > 90, None, rng.random(n) < 0.5), dtype=object)
+    source = _label_source(raw, where, tmp_path)
+    whole = source["lab"] if where == "frame" else source.read_index(["lab"])["lab"]
+    index = _Index(source, block=7)
+    lab = _labels(index, ProbeConfig(label="lab", k=2, level="patch"))
+    codes = np.concatenate([lab.codes(b["lab"]) for _, b in index.blocks(["lab"], text="lab")])
+    want_codes, want_classes = _old_codes(whole)
+    assert lab.classes == want_classes and np.array_equal(codes, want_codes)
 
 
-def test_first_label_of_each_image_in_chunks(monkeypatch):
-    monkeypatch.setattr(data, "ROW_CHUNK", 13)
+def test_first_label_of_each_image_in_blocks():
+    """Each image's fold is dealt (stratified) by the label of its first labelled row in index
+    order: here samples of one row each, several samples (questions) per image with labels that
+    differ, an image's rows spread over several blocks."""
     rng = np.random.default_rng(2)
-    group = rng.integers(0, 40, 500).astype(np.int16)
-    codes = rng.integers(0, 3, 500).astype(np.int16)
-    labelled = rng.random(500) < 0.8
-    have, first = data._first_labels(group, codes, labelled, 45)
-    want_have, at = np.unique(group[labelled], return_index=True)
-    assert np.array_equal(have, want_have) and np.array_equal(first, codes[labelled][at])
+    group = rng.integers(0, 40, 500)
+    lab = rng.choice(np.array(["a", "b", "c"], dtype=object), 500)
+    lab[rng.random(500) < 0.3] = None
+    frame = pd.DataFrame({"sample_idx": np.arange(500), "image_path": [f"g{g:02d}" for g in group], "lab": lab})
+    cfg = ProbeConfig(label="lab", k=3)
+    got = _labels(_Index(frame, block=13), cfg)
+    assert got.level == "image"
+    first = frame.dropna(subset=["lab"]).groupby("image_path")["lab"].first()
+    last = frame.dropna(subset=["lab"]).groupby("image_path")["lab"].last()
+    assert (first != last).sum() > 10                       # the first row's label is not just any row's
+    have = np.searchsorted(got.group_names, first.index)
+    want = labels._deal_folds(have, pd.factorize(first, sort=True)[0], len(got.group_names), "image", cfg)
+    assert np.array_equal(got.fold_of_group, want) and (got.fold_of_group[have] >= 0).all()
 
 
 def test_split_records_are_categorical_and_name_the_images(store):

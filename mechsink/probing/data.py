@@ -1,5 +1,5 @@
-"""From a cache index to the rows a probe trains on: labels and their level, image folds, token
-sets (selections and the ``mean`` aggregate), control-task labels and the features themselves."""
+"""The rows a probe trains on: token sets (selections and the ``mean`` aggregate) read off the
+cache index, their control-task labels, and their features read from the store in blocks."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,115 +7,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-import pandas as pd
 
 from .config import _SEED_ORDER, ProbeConfig, ProbeError
-from .linear import _plain
+from .labels import _Index, _int_type, _Labels, _small
 
 
-ROW_CHUNK = 1 << 16   # index rows looked at once by the passes that keep a number per image
-
-
-@dataclass
-class _Labels:
-    """Per index row: class code (-1 unlabelled), unit id and group (image) id. Per-row arrays are
-    held in the smallest integer type their values fit (a probe over 10^7 tokens holds several)."""
-
-    level: str
-    classes: list
-    y: np.ndarray          # [n_rows] class codes in the smallest signed type, -1 where unlabelled
-    unit: np.ndarray | None  # [n_rows]: sample (image-level); None at patch level, where the unit is the row
-    group: np.ndarray      # [n_rows] int: image the row belongs to (split and bootstrap unit)
-    group_names: np.ndarray
-    fold_of_group: np.ndarray  # [n_groups] int8/int16
-
-
-def _int_type(top: int):
-    """The smallest signed integer type that holds 0..top (and -top - 1..0)."""
-    return next(dt for dt in (np.int8, np.int16, np.int32, np.int64) if top <= np.iinfo(dt).max)
-
-
-def _small(a: np.ndarray) -> np.ndarray:
-    """Non-negative integers in the smallest of int8/16/32/64 that holds them (storage only:
-    arithmetic on them casts to int64 first)."""
-    return a.astype(_int_type(int(a.max(initial=0))), copy=False)
-
-
-def _labels(index: pd.DataFrame, config: ProbeConfig) -> _Labels:
-    col = config.label
-    if col not in index.columns:
-        skip = {"row", "shard", "shard_row"}
-        raise ProbeError(f"label {col!r} is not a column of the cache index; columns: "
-                         f"{[c for c in index.columns if c not in skip]}")
-    raw = index[col]
-    labelled = raw.notna().to_numpy()
-    classes = _classes(raw, labelled)
-    if len(classes) < 2:
-        raise ProbeError(f"label {col!r} has {len(classes)} distinct value(s); a probe needs at least 2")
-    if len(classes) > 1000:
-        raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
-                         "(bin a continuous label first)")
-    codes = np.full(len(raw), -1, dtype=_int_type(len(classes)))   # int8 up to 127 classes
-    for start, part in _label_chunks(raw, labelled):
-        codes[start:start + len(part)] = classes.get_indexer(part)
-    sample = index["sample_idx"].to_numpy()
-
-    ids, varies = _varies(sample[labelled], codes[labelled])
-    constant = not varies.any()
-    level = ("image" if constant else "patch") if config.level == "auto" else config.level
-    if level == "image" and not constant:
-        bad = ids[varies][:3].tolist()
-        raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
-
-    paths = index["image_path"] if "image_path" in index.columns else None
-    if paths is not None and paths.isna().any():
-        paths = paths.astype(str)                  # a missing path is the path "nan"
-    if paths is not None and (paths != "").all():
-        if _sorted_categories(paths):          # the probe's index: its codes are the factorized ones
-            gcodes, gnames = paths.cat.codes.to_numpy(), np.asarray(paths.cat.categories, dtype=object)
-        else:
-            gcodes, gnames = pd.factorize(paths, sort=True)  # no string object per row
-            gnames = np.asarray(gnames, dtype=object)
-    else:
-        gcodes, gnames = pd.factorize(sample, sort=True)
-    group = _small(gcodes)
-    unit = sample if level == "image" else None
-
-    return _Labels(level, _plain(classes), codes, unit, group, np.asarray(gnames),
-                   _deal_folds(group, codes, labelled, len(gnames), level, config))
-
-
-def _label_chunks(raw: pd.Series, labelled: np.ndarray):
-    """(start, labels) of the index rows in chunks, mixed str/int labels (an object column) as strings."""
-    for start in range(0, len(raw), ROW_CHUNK):
-        part = raw.iloc[start:start + ROW_CHUNK]
-        if raw.dtype == object:      # mixed str/int labels compare as strings
-            ok = labelled[start:start + ROW_CHUNK]
-            part = part.where(~ok, part.astype(str))
-        yield start, part
-
-
-def _classes(raw: pd.Series, labelled: np.ndarray) -> pd.Index:
-    """The label's distinct values, sorted as ``pd.factorize(raw, sort=True)`` sorts them, from
-    each chunk's own (no hash table over every row)."""
-    seen = [pd.Series(pd.unique(part[labelled[start:start + len(part)]]), dtype=part.dtype)
-            for start, part in _label_chunks(raw, labelled)]
-    if not seen:
-        return pd.Index([])
-    return pd.Index(pd.factorize(pd.concat(seen, ignore_index=True), sort=True)[1])
-
-
-def _sorted_categories(col: pd.Series) -> bool:
-    """A categorical whose categories are sorted, every one used and no value missing: its codes
-    are what ``pd.factorize(col, sort=True)`` returns, without a hash table over the rows."""
-    if not isinstance(col.dtype, pd.CategoricalDtype):
-        return False
-    cats, codes = col.cat.categories, col.cat.codes.to_numpy()
-    if not cats.is_monotonic_increasing or (len(codes) and codes.min() < 0):
-        return False
-    used = np.zeros(len(cats), dtype=bool)
-    used[codes] = True
-    return bool(used.all())
+ROW_CHUNK = 1 << 16   # rows looked at once by the passes that find positions
 
 
 def _where(mask: np.ndarray) -> np.ndarray:
@@ -133,55 +30,6 @@ def _where(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def _varies(sample: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(sample ids [m], bool [m]: that sample's rows carry more than one class code), from per-sample
-    least and greatest codes: no hash table over the rows. Ids index the arrays directly (sample
-    indices are a dataset's order), unless they are sparse."""
-    size = int(sample.max(initial=-1)) + 1
-    if size > 2 * len(sample) + 1024:
-        ids, sample = np.unique(sample, return_inverse=True)
-    else:
-        ids = np.arange(size)
-    lo = np.full(len(ids), np.iinfo(codes.dtype).max, codes.dtype)
-    hi = np.full(len(ids), -1, codes.dtype)
-    np.minimum.at(lo, sample, codes)
-    np.maximum.at(hi, sample, codes)
-    return ids, hi > lo
-
-
-def _deal_folds(group, codes, labelled, n_groups, level, config) -> np.ndarray:
-    """Assign each image to one of k folds, stratified by its label when the label is image-level."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    have, glabel = _first_labels(group, codes, labelled, n_groups)
-    if len(have) < config.k:
-        raise ProbeError(f"{len(have)} labelled images cannot fill k={config.k} folds; lower k or add images")
-    fold = np.full(n_groups, -1, dtype=np.int8 if config.k < 128 else np.int16)
-    counts = np.bincount(glabel)
-    if level == "image" and counts[counts > 0].min() >= config.k:
-        splitter = StratifiedKFold(config.k, shuffle=True, random_state=config.seed)
-        parts = splitter.split(have, glabel)
-    else:
-        parts = KFold(config.k, shuffle=True, random_state=config.seed).split(have)
-    for f, (_, test) in enumerate(parts):
-        fold[have[test]] = f
-    return fold
-
-
-def _first_labels(group, codes, labelled, n_groups) -> tuple[np.ndarray, np.ndarray]:
-    """(images with a labelled row, sorted; the label of each one's first labelled row), from a
-    walk over the rows in chunks: nothing of the index's size is sorted or copied."""
-    first = np.full(n_groups, -1, dtype=codes.dtype)
-    for start in range(0, len(group), ROW_CHUNK):
-        ok = labelled[start:start + ROW_CHUNK]
-        g, c = group[start:start + ROW_CHUNK][ok], codes[start:start + ROW_CHUNK][ok]
-        g, at = np.unique(g, return_index=True)        # each image's first row in the chunk
-        new = first[g] < 0
-        first[g[new]] = c[at[new]]
-    have = np.flatnonzero(first >= 0)
-    return have, first[have]
-
-
 @dataclass
 class _Set:
     """Rows of one token set: index rows (or pooled rows for ``mean``) with their labels and images."""
@@ -196,37 +44,51 @@ class _Set:
     group: np.ndarray
 
 
-def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig) -> _Set | str:
-    """The rows of a token set, or a string saying why it is left out."""
-    role = index["token_role"]
-    ok = lab.y >= 0
-    image = (role == "image").to_numpy(bool) & ok
-    sink = index["is_sink"].to_numpy(bool)
-    pool = pool_rows = None
+_SET_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")   # what a token set reads
+
+
+def _token_set(name: str, index: _Index, lab: _Labels, config: ProbeConfig) -> _Set | str:
+    """The rows of a token set, read off the index in one scan of its blocks, or a string saying
+    why it is left out."""
     if name in ("cls", "mean") and lab.level == "patch":
         return f"{name}: a patch-level label has no {name} token"
-    if name == "sinks":
-        rows = _where(image & sink)
-    elif name == "nonsinks":
-        rows = _where(image & ~sink)
-    elif name == "image":
-        rows = _where(image)
-    elif name == "cls":
-        rows = _where((role == "cls").to_numpy(bool) & ok)
-    else:  # mean (an aggregate, not a selection): one pooled row per (sample, image)
-        pool_rows = _where(image)
-        img = index["image"].to_numpy()[pool_rows].astype(np.int64)
+    need = ("sample_idx", "token_role") + (("is_sink",) if name in ("sinks", "nonsinks") else ()) \
+        + (("image",) if name == "mean" else ())
+    missing = [c for c in need if c not in index.columns]
+    if missing:
+        raise ProbeError(f"the cache index has no column {missing[0]!r}, which the token set {name!r} needs")
+    row_type = np.int32 if index.n < 2**31 else np.int64
+    parts = []
+    for at, b in index.blocks([lab.label, *_SET_COLUMNS], text=lab.label):
+        y = lab.codes(b[lab.label])
+        keep = (b["token_role"] == ("cls" if name == "cls" else "image")).to_numpy(bool) & (y >= 0)
+        if name in ("sinks", "nonsinks"):
+            sink = b["is_sink"].to_numpy(bool)
+            keep &= sink if name == "sinks" else ~sink
+        p = np.flatnonzero(keep)
+        parts.append(((p + at).astype(row_type), y[p], lab.groups(b.iloc[p]),
+                      b["sample_idx"].to_numpy()[p], b["image"].to_numpy()[p] if name == "mean" else None))
+    rows, y, group, sample = (np.concatenate([q[i] for q in parts]) if parts else np.array([], dtype=np.int64)
+                              for i in range(4))
+    group = group.astype(_int_type(len(lab.group_names)))
+    pool = pool_rows = None
+    if name == "mean":   # an aggregate, not a selection: one pooled row per (sample, image)
+        pool_rows = rows
+        img = np.concatenate([q[4] for q in parts]).astype(np.int64)
         img -= img.min(initial=0)
-        keys = index["sample_idx"].to_numpy()[pool_rows].astype(np.int64) * (int(img.max(initial=0)) + 1) + img
+        keys = sample.astype(np.int64) * (int(img.max(initial=0)) + 1) + img
+        del img
         _, first, pool = _unique(keys)     # (sample, image) pairs in order; index order: no sort
         pool = _small(pool.ravel())
-        rows = pool_rows[first]
+        rows, y, group, sample = pool_rows[first], y[first], group[first], sample[first]
+    del parts
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
-        rows = _cap(rows, lab.group, config.max_tokens_per_image, config.seed)
+        keep = _cap(group, config.max_tokens_per_image, config.seed)
+        if keep is not None:
+            rows, y, group, sample = rows[keep], y[keep], group[keep], sample[keep]
     if len(rows) == 0:
         return f"{name}: no rows in the cache"
-    y, group = lab.y[rows], lab.group[rows]
-    unit = rows if lab.unit is None else lab.unit[rows]
+    unit = sample if lab.level == "image" else rows
     control = _control_labels(y, unit, group, lab.level, np.random.default_rng([config.seed, _SEED_ORDER.index(name)]))
     return _Set(name, rows, pool, pool_rows, y, control, unit, group)
 
@@ -234,19 +96,19 @@ def _token_set(name: str, index: pd.DataFrame, lab: _Labels, config: ProbeConfig
 CAP_CHUNK = 1 << 16   # rows of the random order looked at once when a token set is capped per image
 
 
-def _cap(rows: np.ndarray, group: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """The sorted ``rows`` less all but k of each image's (``group[rows]``): the first k of each
-    image in the order ``default_rng(seed).permutation(len(rows))`` puts the rows in. Walked in
-    chunks with a count per image, so that besides that order nothing of the set's size is held;
-    when no image has more than k rows every row is kept and nothing is drawn."""
-    counts = np.bincount(group[rows])
+def _cap(group: np.ndarray, k: int, seed: int) -> np.ndarray | None:
+    """Positions (sorted) of a token set's rows that keep at most k of each image's (``group`` [n]):
+    the first k of each image in the order ``default_rng(seed).permutation(n)`` puts the rows in;
+    None when no image has more than k rows (every row kept, nothing drawn). Walked in chunks with
+    a count per image, so that besides that order nothing of the set's size is held."""
+    counts = np.bincount(group)
     if counts.max(initial=0) <= k:
-        return rows
-    order = np.random.default_rng(seed).permutation(len(rows))
+        return None
+    order = np.random.default_rng(seed).permutation(len(group))
     seen = np.zeros(len(counts), dtype=np.int64)      # rows of each image met so far in that order
     kept = []
     for start in range(0, len(order), CAP_CHUNK):
-        r = rows[order[start:start + CAP_CHUNK]]
+        r = order[start:start + CAP_CHUNK]
         g = group[r]
         by = np.argsort(g, kind="stable")               # within an image, in the random order
         sg = g[by]

@@ -21,77 +21,14 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _int_type, _labels, _subset, _token_set, _where
+from .data import _features, _subset, _token_set, _where
+from .labels import _Index, _labels
 from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .scoring import _cross_val, _score
 
 log = logging.getLogger("mechsink")
-
-
-# What a probe reads of the index: a large cache's other columns (labels, paths, norms) stay on disk.
-_PROBE_COLUMNS = ("sample_idx", "image_path", "token_role", "is_sink", "image")
-_CATEGORICAL = ("image_path", "token_role")
-_SET_COLUMNS = ("sample_idx", "token_role", "is_sink", "image")  # what the token sets read
-_INDEX_BLOCK = 1 << 14
-
-
-def _index(store, label: str) -> pd.DataFrame:
-    """The index columns a probe needs (all of them when the label is not a column, so that the
-    error can list the columns there are). Read block by block into arrays of the final size, each in
-    the smallest integer type that holds it: no per-block frames to concatenate, strings as
-    categorical codes (paths repeat per token, roles are few)."""
-    names = store.index_columns
-    if label not in names:
-        return store.index
-    cols = [c for c in _PROBE_COLUMNS if c in names and c != label]
-    n = len(store)
-    # each column in the smallest type that holds it, widened when a block needs more
-    out: dict[str, np.ndarray] = {c: np.empty(n, dtype=bool if c == "is_sink" else np.int8) for c in cols}
-    seen: dict[str, dict] = {c: {} for c in cols if c in _CATEGORICAL}   # value -> code, in order of appearance
-    at = 0
-    for block in store.iter_index(batch_rows=_INDEX_BLOCK, columns=cols,  # no whole string column at once
-                                  categorical=[c for c in cols if c in _CATEGORICAL]):
-        k = len(block)
-        for c in cols:
-            v = block[c]
-            if c in seen:
-                codes, uniques = pd.factorize(v)                 # a missing value is -1, as in a Categorical
-                v = np.array([seen[c].setdefault(u, len(seen[c])) for u in uniques] + [-1], dtype=np.int64)[codes]
-                lo, hi = -1, len(seen[c])
-            else:
-                v = v.to_numpy()
-                lo, hi = (int(v.min()), int(v.max())) if len(v) and v.dtype != bool else (0, 0)
-            out[c] = _widened(out[c], lo, hi)
-            out[c][at:at + k] = v
-        at += k
-        del block
-    if at != n:
-        raise ProbeError(f"the cache index holds {at} rows, its summary says {n}")
-    columns = {}
-    for c in cols:
-        if c in seen:      # categories sorted, as the strings would sort
-            values = np.array(list(seen[c]), dtype=object)
-            order = np.argsort(values.astype(str), kind="stable")
-            rank = np.full(len(order) + 1, -1, dtype=np.int64)     # rank[-1] = -1: missing stays missing
-            rank[order] = np.arange(len(order))
-            rank = rank.astype(_int_type(len(order) + 1))   # the type pandas keeps the codes in
-            columns[c] = pd.Categorical.from_codes(rank[out[c]], values[order])   # codes in their pandas type: not copied
-        else:
-            columns[c] = out[c]
-        out[c] = None
-    columns[label] = store.read_index([label])[label]
-    trim()  # the blocks' freed pages
-    return pd.DataFrame(columns, copy=False)
-
-
-def _widened(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """``a`` itself, or a copy in the smallest signed type that holds [lo, hi]."""
-    if a.dtype == bool:
-        return a
-    dt = np.dtype(_int_type(max(hi, -lo - 1)))
-    return a if dt.itemsize <= a.itemsize else a.astype(dt)
 
 
 def _site_order(sites: Sequence[str]) -> list[str]:
@@ -129,7 +66,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             config = config.replace(**settings)
     if not isinstance(store, Store):
         store = Store.open(store)
-    index = _index(store, config.label)
+    index = _Index(store)
     sites = list(store.sites) if config.sites is None else list(config.sites)
     missing = [s for s in sites if s not in store.sites]
     if missing:
@@ -137,7 +74,6 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     sites = _site_order(sites)
     depth = {s: i for i, s in enumerate(_site_order(store.sites))}
     lab = _labels(index, config)
-    index = index[[c for c in _SET_COLUMNS if c in index.columns]]  # the label and paths live on in lab
     trim()  # each phase below peaks on its own, not on top of what the ones before freed
     done = _resume(out, config, store) if out is not None else {}
 
