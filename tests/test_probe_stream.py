@@ -155,7 +155,10 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
     x = np.concatenate([held.read(pos[i:i + 23]) for i in range(0, len(pos), 23)])
     if name == "mean":
         want = store.get(site, s.pool_rows).astype(np.float64)
-        want = pd.DataFrame(want).groupby(s.pool).mean().to_numpy()[pos]
+        pool = np.repeat(np.arange(len(s.rows)), np.diff(s.pool_start))
+        want = pd.DataFrame(want).groupby(pool).mean().to_numpy()[pos]
+        assert np.array_equal(np.unique(store.index["sample_idx"].to_numpy()[s.pool_rows[s.pool_start[:-1]]]),
+                              np.arange(N_IMG))                              # one pool per image
         assert np.allclose(x, want, rtol=1e-6)
     else:
         assert x.dtype == np.float32 and np.array_equal(x, store.get(site, s.rows[pos]))
@@ -431,3 +434,23 @@ def test_out_of_fold_predictions_equal_those_of_the_whole_score_matrix(model, k)
     assert np.array_equal(got.token_pred, scores.argmax(1)) and np.array_equal(got.unit_pred, mean.argmax(1))
     assert np.array_equal(got.units, np.arange(100)) and np.array_equal(got.first, np.arange(0, 600, 6))
     assert (got.unit_pred == y[::6]).mean() > 0.8               # a real signal: the argmaxes are not all 0
+
+
+@pytest.mark.parametrize("order", ["runs", "shuffled"])
+def test_mean_pools_are_each_sample_and_image_rows_in_index_order(order):
+    """The mean set's pools: one per (sample, image) in that order, each holding its rows in index
+    order, whether the index holds them as runs (nothing sorted) or interleaved."""
+    rng = np.random.default_rng(7)
+    sample = np.repeat(np.arange(40), 6).astype(np.int16)
+    image = np.tile([0, 0, 0, 1, 1, 1], 40).astype(np.int8)
+    if order == "shuffled":
+        p = rng.permutation(len(sample))
+        sample, image = sample[p], image[p]
+    rows = np.sort(rng.choice(10**5, len(sample), replace=False)).astype(np.int32)
+    first, pool_rows, start = data._pools(rows, sample, image)
+    frame = pd.DataFrame({"s": sample, "i": image, "r": rows, "at": np.arange(len(rows))})
+    want = frame.groupby(["s", "i"], sort=True)
+    assert np.array_equal(first, want["at"].first().to_numpy())
+    assert np.array_equal(start, np.append(0, np.cumsum(want.size().to_numpy())))
+    assert np.array_equal(pool_rows, np.concatenate([g["r"].to_numpy() for _, g in want]))
+    assert order == "shuffled" or pool_rows is rows                 # runs: the rows themselves

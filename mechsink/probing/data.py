@@ -36,8 +36,8 @@ class _Set:
 
     name: str
     rows: np.ndarray        # [n] index rows; for mean: [n_pool] first row of each pooled image
-    pool: np.ndarray | None  # mean only: [n_image_rows] pool id of every image row in pool_rows
-    pool_rows: np.ndarray | None
+    pool_rows: np.ndarray | None   # mean only: [m] the image rows, pool by pool (index order within one)
+    pool_start: np.ndarray | None  # mean only: [n + 1] pool p is pool_rows[pool_start[p]:pool_start[p + 1]]
     y: np.ndarray           # class codes (lab.y's type)
     y_control: np.ndarray
     unit: np.ndarray        # sample (image-level) or index row (patch-level: ``rows`` itself)
@@ -66,21 +66,17 @@ def _token_set(name: str, index: _Index, lab: _Labels, config: ProbeConfig) -> _
             sink = b["is_sink"].to_numpy(bool)
             keep &= sink if name == "sinks" else ~sink
         p = np.flatnonzero(keep)
-        parts.append(((p + at).astype(row_type), y[p], lab.groups(b.iloc[p]),
-                      b["sample_idx"].to_numpy()[p], b["image"].to_numpy()[p] if name == "mean" else None))
+        sample = b["sample_idx"].to_numpy()[p]
+        sample = sample.astype(_int_type(int(np.abs(sample).max(initial=0))))   # the unit: 2 bytes, not 8
+        parts.append(((p + at).astype(row_type), y[p], lab.groups(b.iloc[p]).astype(np.int32), sample,
+                      _small(b["image"].to_numpy()[p] + 1) if name == "mean" else None))   # image -1: none
     rows, y, group, sample = (np.concatenate([q[i] for q in parts]) if parts else np.array([], dtype=np.int64)
                               for i in range(4))
     group = group.astype(_int_type(len(lab.group_names)))
-    pool = pool_rows = None
+    pool_rows = pool_start = None
     if name == "mean":   # an aggregate, not a selection: one pooled row per (sample, image)
-        pool_rows = rows
-        img = np.concatenate([q[4] for q in parts]).astype(np.int64)
-        img -= img.min(initial=0)
-        keys = sample.astype(np.int64) * (int(img.max(initial=0)) + 1) + img
-        del img
-        _, first, pool = _unique(keys)     # (sample, image) pairs in order; index order: no sort
-        pool = _small(pool.ravel())
-        rows, y, group, sample = pool_rows[first], y[first], group[first], sample[first]
+        first, pool_rows, pool_start = _pools(rows, sample, np.concatenate([q[4] for q in parts]))
+        rows, y, group, sample = rows[first], y[first], group[first], sample[first]
     del parts
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and len(rows):
         keep = _cap(group, config.max_tokens_per_image, config.seed)
@@ -90,7 +86,28 @@ def _token_set(name: str, index: _Index, lab: _Labels, config: ProbeConfig) -> _
         return f"{name}: no rows in the cache"
     unit = sample if lab.level == "image" else rows
     control = _control_labels(y, unit, group, lab.level, np.random.default_rng([config.seed, _SEED_ORDER.index(name)]))
-    return _Set(name, rows, pool, pool_rows, y, control, unit, group)
+    return _Set(name, rows, pool_rows, pool_start, y, control, unit, group)
+
+
+def _pools(rows: np.ndarray, sample: np.ndarray, image: np.ndarray):
+    """The ``mean`` set's pools, one per (sample, image), in (sample, image) order: (first row of
+    each [n], the rows pool by pool [m], pool starts [n + 1]). An index written sample by sample
+    holds each pool's rows as one run: then nothing is sorted."""
+    if not len(rows):
+        return np.array([], dtype=np.int64), rows, np.zeros(1, dtype=np.int64)
+    new = np.empty(len(rows), dtype=bool)
+    new[0] = True
+    np.not_equal(sample[1:], sample[:-1], out=new[1:])
+    new[1:] |= image[1:] != image[:-1]
+    step = (sample[1:] > sample[:-1]) | ((sample[1:] == sample[:-1]) & (image[1:] >= image[:-1]))
+    if step.all():                 # runs in order: pool p starts at its first row
+        first = _where(new)
+        return first, rows, np.append(first, len(rows))
+    del new, step
+    keys = sample.astype(np.int64) * (int(image.max()) + 1) + image
+    _, first, pool = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(pool.ravel(), kind="stable")                # within a pool: index order
+    return first, rows[order], np.append(0, np.cumsum(np.bincount(pool.ravel(), minlength=len(first))))
 
 
 CAP_CHUNK = 1 << 16   # rows of the random order looked at once when a token set is capped per image
@@ -174,7 +191,7 @@ def _features(store, s: _Set, site: str, memory_mb: float) -> tuple[_Rows, np.nd
     (NaN: not cached). Read once and held as float32 when n * d float32 fit in ``memory_mb``; else
     every pass of a fit gathers its rows from the store again, so memory does not grow with the cache."""
     d = store.dims[site]
-    if s.pool is None:
+    if s.pool_rows is None:
         def gather(pos):  # the store's float16/float32 (exact in float32; the fit computes in float64)
             return store.get(site, s.rows[pos])
     else:
@@ -201,10 +218,9 @@ def _take(x: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def _pooled(store, s: _Set, site: str, memory_mb: float):
     """positions -> [len, d] means of those pools' image rows (float64 sums in row order)."""
-    order = _small(np.argsort(s.pool, kind="stable"))          # rows of pool p: order[start[p]:start[p + 1]]
-    start = np.searchsorted(s.pool[order], np.arange(len(s.rows) + 1))
-    size = np.diff(start)
-    step = max(1, _Rows(store.dims[site], None, memory_mb).block_rows // max(1, int(size.max())))
+    start = s.pool_start[:-1]
+    size = np.diff(s.pool_start)
+    step = max(1, _Rows(store.dims[site], None, memory_mb).block_rows // max(1, int(size.max(initial=1))))
 
     def gather(pos):
         out = np.empty((len(pos), store.dims[site]), dtype=np.float32)
@@ -212,7 +228,7 @@ def _pooled(store, s: _Set, site: str, memory_mb: float):
             p = pos[i:i + step]
             n = size[p]
             first = np.cumsum(n) - n
-            members = order[np.repeat(start[p] - first, n) + np.arange(n.sum())]
+            members = np.repeat(start[p] - first, n) + np.arange(n.sum())
             x = np.asarray(store.get(site, s.pool_rows[members]), dtype=np.float64)
             out[i:i + len(p)] = np.add.reduceat(x, first, axis=0) / n[:, None]
         return out
