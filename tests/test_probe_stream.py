@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from mechsink.cache import StoreConfig, StoreWriter
-from mechsink.probing import ProbeConfig, ProbeError, data, fit_linear, labels, probe
-from mechsink.probing.data import _features, _Rows, _take, _token_set
-from mechsink.probing.fit import _moments, fit_rows
+from mechsink.probing import ProbeConfig, ProbeError, columns, features, fit_linear, labels, probe, sets
+from mechsink.probing.columns import _Columns
+from mechsink.probing.features import _features, _Rows, _take
+from mechsink.probing.fit import _moments, fit_batches, fit_rows
+from mechsink.probing.sets import _Set, _token_set
 from mechsink.probing.labels import _Index, _labels
 
 # Measured (relative to the largest coefficient): the blockwise fits agree with sklearn to 1.2e-15
@@ -81,7 +83,7 @@ def test_moments_over_blocks_equal_numpy():
     x, _ = _data(1001, 9, 2, seed=3)
     rows = _Rows(9, lambda p: x[p])
     rows.block_rows = 100
-    mu, sd = _moments(rows, np.arange(len(x)))
+    mu, sd = _moments(rows, lambda: ({"pos": np.arange(i, min(i + 100, len(x)))} for i in range(0, len(x), 100)))
     z = x.astype(np.float64)
     assert np.allclose(mu, z.mean(0), rtol=1e-14, atol=1e-12)
     assert np.allclose(sd[:-1], z.std(0)[:-1], rtol=1e-12) and sd[-1] == 1.0   # a constant column: unscaled
@@ -136,10 +138,12 @@ def _set(store, name, cfg):
 def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monkeypatch):
     cfg = ProbeConfig(label="lab", model=model, max_tokens_per_image=None)
     s = _set(store, name, cfg)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 8 * D * 23)   # 23-row blocks, whatever the budget
-    monkeypatch.setattr(data, "MIN_BLOCK_ROWS", 1)
-    held, fin_h = _features(store, s, site, memory_mb=64)
-    streamed, fin_s = _features(store, s, site, memory_mb=0)
+    monkeypatch.setattr(features, "BLOCK_BYTES", 8 * D * 23)   # 23-row blocks, whatever the budget
+    monkeypatch.setattr(features, "MIN_BLOCK_ROWS", 1)
+    held = _features(store, s, site, memory_mb=64)
+    fin_h = s.cols.read("ok").copy()
+    streamed = _features(store, s, site, memory_mb=0)
+    fin_s = s.cols.read("ok")
     assert held.held and not streamed.held and streamed.block_rows == held.block_rows == 23
     assert np.array_equal(fin_h, fin_s)
     pos = np.flatnonzero(fin_h)
@@ -147,28 +151,33 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
     gathered = []
     real = store.get
     monkeypatch.setattr(store, "get", lambda site_, rows_: gathered.append(len(rows_)) or real(site_, rows_))
-    a = fit_rows(streamed, pos, s.y[pos], 3, cfg)
+
+    def finite():
+        return s.batches(23, lambda c: c["ok"])
+    a = fit_batches(streamed, finite, 3, cfg)
     assert gathered and (max(gathered) <= 23 or name == "mean")          # never the whole matrix
-    b = fit_rows(held, pos, s.y[pos], 3, cfg)
+    b = fit_batches(held, finite, 3, cfg)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # the same blocks: the same numbers
+    assert [len(bt["pos"]) for bt in finite()][:-1] == [23] * (len(pos) // 23 - (len(pos) % 23 == 0))
     # the pooled rows are the images' mean tokens
-    x = np.concatenate([held.read(pos[i:i + 23]) for i in range(0, len(pos), 23)])
+    x = np.concatenate([held.read(bt) for bt in finite()])
     if name == "mean":
-        want = store.get(site, s.pool_rows).astype(np.float64)
-        pool = np.repeat(np.arange(len(s.rows)), np.diff(s.pool_start))
+        want = real(site, s.members.read("rows")).astype(np.float64)
+        pool = np.repeat(np.arange(s.n), np.diff(s.pool_start))
         want = pd.DataFrame(want).groupby(pool).mean().to_numpy()[pos]
-        assert np.array_equal(np.unique(store.index["sample_idx"].to_numpy()[s.pool_rows[s.pool_start[:-1]]]),
-                              np.arange(N_IMG))                              # one pool per image
         assert np.allclose(x, want, rtol=1e-6)
+        first = s.members.read("rows")[s.pool_start[:-1]]
+        assert np.array_equal(np.unique(store.index["sample_idx"].to_numpy()[first]), np.arange(N_IMG))   # one pool per image
     else:
-        assert x.dtype == np.float32 and np.array_equal(x, store.get(site, s.rows[pos]))
+        assert x.dtype == np.float32 and np.array_equal(x, real(site, s.cols.read("rows")[pos]))
 
 
 @pytest.mark.parametrize("model", ["logistic", "ridge"])
 def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
     cfg = ProbeConfig(label="lab", model=model, token_sets=("sinks", "nonsinks", "mean"), n_boot=200, k=4)
-    monkeypatch.setattr(data, "BLOCK_BYTES", 8 * D * 41)   # several blocks per fit, whatever the budget
-    monkeypatch.setattr(data, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(features, "BLOCK_BYTES", 8 * D * 41)   # several blocks per fit, whatever the budget
+    monkeypatch.setattr(features, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(columns, "CHUNK", 50)                  # spilled sets read back 50 rows at a time
     big = probe(store, cfg, memory_mb=1024)      # held, and standardised once per fit
     small = probe(store, cfg, memory_mb=0)       # read from the store on every pass
     pd.testing.assert_frame_equal(small.frame, big.frame, check_exact=False, rtol=1e-12)
@@ -188,19 +197,31 @@ def _sets(source, cfg, block, names=("image", "sinks", "nonsinks", "cls", "mean"
     return lab, {n: _token_set(n, index, lab, cfg) for n in names}
 
 
-def test_positions_and_units_are_small_and_found_in_chunks(monkeypatch):
-    from mechsink.probing.data import _where
+def test_columns_spill_past_their_budget_and_read_back_the_same(monkeypatch):
+    """Held under the budget, in a scratch folder past it (removed with the columns); either way
+    every range reads back what was appended, and a column started over holds only its new rows."""
     rng = np.random.default_rng(3)
-    sample = np.repeat(rng.permutation(300), rng.integers(1, 9, 300)).astype(np.int32)
-    labelled = rng.random(len(sample)) > 0.1
-    pos = _where(labelled)
-    assert pos.dtype == np.int32 and np.array_equal(pos, np.flatnonzero(labelled))
-    monkeypatch.setattr(data, "ROW_CHUNK", 37)                    # found chunk by chunk: the same positions
-    assert np.array_equal(_where(labelled), np.flatnonzero(labelled))
-    units, first, inv = data._unique(np.sort(sample))             # sorted units: no sort, a small inverse
-    w_units, w_first, w_inv = np.unique(np.sort(sample), return_index=True, return_inverse=True)
-    assert inv.dtype == np.int16 and np.array_equal(units, w_units) and np.array_equal(first, w_first)
-    assert np.array_equal(inv, w_inv)
+    pieces = [dict(a=rng.integers(0, 100, n).astype(np.int8), b=rng.integers(0, 10**6, n)) for n in (5, 0, 17, 9)]
+    want = {k: np.concatenate([p[k] for p in pieces]) for k in "ab"}
+    for budget in (float("inf"), 100):
+        c = _Columns({"a": np.int8, "b": np.int64}, budget)
+        for p in pieces:
+            c.append(**p)
+        c.close()
+        assert c.spilled == (budget == 100) and c.n == 31
+        for k in "ab":
+            assert np.array_equal(c.read(k), want[k]) and np.array_equal(c.read(k, 4, 22), want[k][4:22])
+        monkeypatch.setattr(columns, "CHUNK", 7)
+        got = [(start, ch["a"]) for start, ch in c.chunks(["a"])]
+        assert [g[0] for g in got] == [0, 7, 14, 21, 28] and np.array_equal(np.concatenate([g[1] for g in got]), want["a"])
+        monkeypatch.undo()
+        c.reset("ok", bool)
+        c.append(ok=want["a"] > 50)
+        c.close()
+        assert np.array_equal(c.read("ok"), want["a"] > 50) and np.array_equal(c.read("b"), want["b"])
+        folder = c.folder
+        del c
+        assert folder is None or not folder.exists()
 
 
 def _index_frame(seed, n_samples=300, sparse=0):
@@ -221,12 +242,14 @@ def test_labels_and_folds_read_in_blocks_say_what_pandas_says(block):
     cfg = ProbeConfig(label="lab", k=4)
     lab, sets = _sets(index, cfg, block, ("image",))
     s = sets["image"]
+    rows, y, group, sample = (s.cols.read(c) for c in ("rows", "y", "group", "sample"))
     ok = index["lab"].notna().to_numpy()
     assert lab.level == "image" and lab.classes == ["a", "b", "c"] and lab.fold_of_group.dtype == np.int8
-    assert s.y.dtype == np.int8 and s.group.dtype == np.int16 and s.rows.dtype == np.int32   # 3 classes: 1 byte
-    assert np.array_equal(s.rows, np.flatnonzero(ok)) and np.array_equal(s.unit, index["sample_idx"][ok])
+    assert y.dtype == np.int8 and group.dtype == np.int16 and rows.dtype == np.int32   # 3 classes: 1 byte
+    assert sample.dtype == np.int16 and s.unit == "sample"                    # image level: the unit is the sample
+    assert np.array_equal(rows, np.flatnonzero(ok)) and np.array_equal(sample, index["sample_idx"][ok])
     assert list(lab.group_names) == sorted(index["image_path"].unique())
-    assert np.array_equal(lab.group_names[s.group], index["image_path"][ok])
+    assert np.array_equal(lab.group_names[group], index["image_path"][ok])
     first = index[ok].groupby("image_path")["lab"].first()     # each image's label, by pandas
     folds = lab.fold_of_group[np.searchsorted(lab.group_names, first.index)]
     assert (folds >= 0).all()
@@ -235,7 +258,7 @@ def test_labels_and_folds_read_in_blocks_say_what_pandas_says(block):
         assert per_fold.max() - per_fold.min() <= 1, per_fold
     many = index.assign(lab=np.where(ok, index["sample_idx"] % 200, -1)).replace({"lab": {-1: None}})
     _, sets = _sets(many, ProbeConfig(label="lab", k=4, level="patch"), block, ("image",))
-    assert sets["image"].y.dtype == np.int16                      # 200 classes: 2 bytes
+    assert sets["image"].cols.read("y").dtype == np.int16          # 200 classes: 2 bytes
 
 
 @pytest.mark.parametrize("sparse", [0, 10**9])
@@ -298,34 +321,34 @@ def test_token_sets_scanned_from_the_store_in_blocks_equal_pandas_on_the_whole_i
     assert list(lab.group_names) == names and lab.classes == [0.0, 1.0, 2.0, 3.0]
     for name, (r, y, g) in want.items():
         s = sets[name]
-        assert np.array_equal(s.rows, r) and np.array_equal(s.y, y) and np.array_equal(s.group, g), name
-        assert s.unit is s.rows                                        # patch level: the unit is the row
+        assert [s.cols.read(c).tolist() for c in ("rows", "y", "group")] == [r.tolist(), y.tolist(), g.tolist()], name
+        assert s.unit == "rows"                                        # patch level: the unit is the row
     _, whole = _sets(st.index, cfg, 10**6, ("image",))                 # the whole frame, one block
-    assert np.array_equal(whole["image"].group, sets["image"].group)
+    assert np.array_equal(whole["image"].cols.read("group"), sets["image"].cols.read("group"))
     lab, sets = _sets(st, ProbeConfig(label="per_image", k=4), 64, ("cls",))   # image-level: the CLS rows
     r, y, g = _reference_sets(st.index, "per_image")[1]["cls"]
     s = sets["cls"]
-    assert lab.level == "image" and np.array_equal(s.rows, r) and np.array_equal(s.y, y) and np.array_equal(s.group, g)
-    assert np.array_equal(s.unit, st.index["sample_idx"].to_numpy()[r])   # image level: the unit is the sample
+    assert lab.level == "image" and [s.cols.read(c).tolist() for c in ("rows", "y", "group")] == [r.tolist(), y.tolist(), g.tolist()]
+    assert np.array_equal(s.cols.read("sample"), st.index["sample_idx"].to_numpy()[r])
 
 
 @pytest.mark.parametrize("k", [1, 3, 8, 40])
 def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
     """Capping a token set per image chunk by chunk keeps exactly the rows the one-shot reference
     keeps (the first k of each image in the seeded random order, by pandas' cumcount)."""
-    monkeypatch.setattr(data, "CAP_CHUNK", 97)                 # many chunks, images split across them
+    monkeypatch.setattr(sets, "CAP_CHUNK", 97)                 # many chunks, images split across them
     rng = np.random.default_rng(k)
     group = rng.integers(0, 50, 3000).astype(np.int16)          # 50 images, ~60 rows each, unsorted
     rows = np.flatnonzero(rng.random(3000) < 0.7).astype(np.int32)
     order = rows[np.random.default_rng(11).permutation(len(rows))]
     keep = pd.Series(group[order]).groupby(group[order]).cumcount().to_numpy() < k
     want = np.sort(order[keep])
-    keep = data._cap(group[rows], k, seed=11)
+    keep = sets._cap(group[rows], k, seed=11)
     got = rows if keep is None else rows[keep]
     assert np.array_equal(got, want)
     assert np.bincount(group[got]).max() == min(k, np.bincount(group[rows]).max())
     if k == 40:
-        assert data._cap(group[rows], 10**6, seed=11) is None   # nothing over the cap: all of them, nothing drawn
+        assert sets._cap(group[rows], 10**6, seed=11) is None   # nothing over the cap: all of them, nothing drawn
 
 
 def _old_codes(raw: pd.Series):
@@ -410,47 +433,104 @@ def test_split_records_are_categorical_and_name_the_images(store):
         assert train and test and not train & test and train | test <= paths
 
 
-@pytest.mark.parametrize("model,k", [("logistic", 2), ("logistic", 3), ("ridge", 3)])
-def test_out_of_fold_predictions_equal_those_of_the_whole_score_matrix(model, k):
-    """_cross_val holds per-unit sums, not the [n, K] scores: its predictions equal the argmax of
-    every token's out-of-fold scores and of each unit's mean probability (score) computed whole."""
+def _made_set(level, y, sample, group, fold_of_group, budget=float("inf")):
+    """A token set of rows 0..n-1 (every one finite), as the probe's scan would make it."""
+    schema = {"rows": np.int32, "y": np.int16, "sample": np.int64, "group": np.int32}
+    cols = _Columns(schema, budget)
+    cols.append(rows=np.arange(len(y)), y=y, sample=sample, group=group)
+    cols.reset("ok", bool)
+    cols.append(ok=np.ones(len(y), dtype=bool))
+    return _Set("image", level, cols.close(), np.asarray(fold_of_group, dtype=np.int8))
+
+
+@pytest.mark.parametrize("model,k,level", [("logistic", 2, "image"), ("logistic", 3, "image"), ("ridge", 3, "image"),
+                                           ("logistic", 3, "patch")])
+def test_out_of_fold_counts_equal_those_of_the_whole_score_matrix(model, k, level):
+    """_cross_val holds counts per image and class, not the [n, K] scores: they equal those of
+    every token's out-of-fold scores computed whole, each unit predicted by its tokens' mean
+    probability (score), or at patch level by the token itself."""
     from mechsink.probing.linear import LinearProbe, _softmax
-    from mechsink.probing.run import _Folds
     from mechsink.probing.scoring import _cross_val
     x, _ = _data(600, 6, k, seed=4)
-    unit = np.repeat(np.arange(100), 6)                           # 6 tokens per unit (image)
+    unit = np.repeat(np.arange(100), 6)                           # 6 tokens per unit (a sample of one image)
     y = np.repeat(np.random.default_rng(5).integers(0, k, 100), 6)
     x[:, :2] += (y[:, None] == [1, 2]) * 3 * x[:, :2].std(0)   # class 1 shifts dim 0, class 2 dim 1
-    fold = np.repeat(np.arange(100) % 4, 6).astype(np.int8)
+    fold_of_image = np.arange(100) % 4
+    fold = fold_of_image[unit]
     cfg = ProbeConfig(label="lab", model=model)
-    rows, pos = _Rows(6, partial(_take, x)), np.arange(600)
-    got = _cross_val(rows, pos, y, unit, _Folds(fold, 4), k, cfg)
+    rows = _Rows(6, partial(_take, x))
+    rows.block_rows = 50
+    s = _made_set(level, y, unit, unit, fold_of_image)
+    got = _cross_val(rows, s, [0, 1, 2, 3], False, k, cfg)
     scores = np.zeros((600, k))
-    for train, test in _Folds(fold, 4):
-        w, b = fit_rows(rows, pos[train], y[train], k, cfg)
+    for f in range(4):
+        train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        w, b = fit_rows(rows, train, y[train], k, cfg)
         scores[test] = LinearProbe(w, b, list(range(k)), model).scores(x[test])
     values = _softmax(scores) if model == "logistic" else scores
-    mean = pd.DataFrame(values).groupby(unit).mean().to_numpy()
-    assert np.array_equal(got.token_pred, scores.argmax(1)) and np.array_equal(got.unit_pred, mean.argmax(1))
-    assert np.array_equal(got.units, np.arange(100)) and np.array_equal(got.first, np.arange(0, 600, 6))
-    assert (got.unit_pred == y[::6]).mean() > 0.8               # a real signal: the argmaxes are not all 0
+    if level == "image":
+        pred, uy, ug = pd.DataFrame(values).groupby(unit).mean().to_numpy().argmax(1), y[::6], np.arange(100)
+    else:
+        pred, uy, ug = values.argmax(1), y, unit
+    counts, hits = np.zeros((100, k)), np.zeros((100, k))
+    np.add.at(counts, (ug, uy), 1)
+    np.add.at(hits, (ug, uy), pred == uy)
+    assert np.array_equal(got.counts, counts) and np.array_equal(got.hits, hits)
+    assert np.array_equal(got.tokens, np.bincount(y, minlength=k))
+    assert np.array_equal(got.token_hits, np.bincount(y[scores.argmax(1) == y], minlength=k))
+    assert got.n_units == len(uy) and got.n_tokens == 600
+    assert np.array_equal(got.by_fold, pd.crosstab(fold_of_image[ug], uy).reindex(columns=range(k), fill_value=0).to_numpy())
+    assert hits.sum() / counts.sum() > 0.8                          # a real signal: the argmaxes are not all 0
 
 
 @pytest.mark.parametrize("order", ["runs", "shuffled"])
-def test_mean_pools_are_each_sample_and_image_rows_in_index_order(order):
+@pytest.mark.parametrize("budget", [float("inf"), 0])
+def test_mean_pools_are_each_sample_and_image_rows_in_index_order(order, budget, monkeypatch):
     """The mean set's pools: one per (sample, image) in that order, each holding its rows in index
-    order, whether the index holds them as runs (nothing sorted) or interleaved."""
+    order, whether the index holds them as runs (found chunk by chunk: nothing sorted) or
+    interleaved, held or spilled."""
+    monkeypatch.setattr(columns, "CHUNK", 29)                    # runs cut across chunks
     rng = np.random.default_rng(7)
-    sample = np.repeat(np.arange(40), 6).astype(np.int16)
-    image = np.tile([0, 0, 0, 1, 1, 1], 40).astype(np.int8)
+    sample = np.repeat(np.arange(40), 6)
+    image = np.tile([0, 0, 0, 1, 1, 1], 40)
     if order == "shuffled":
         p = rng.permutation(len(sample))
         sample, image = sample[p], image[p]
-    rows = np.sort(rng.choice(10**5, len(sample), replace=False)).astype(np.int32)
-    first, pool_rows, start = data._pools(rows, sample, image)
-    frame = pd.DataFrame({"s": sample, "i": image, "r": rows, "at": np.arange(len(rows))})
+    rows = np.sort(rng.choice(10**5, len(sample), replace=False))
+    schema = {"rows": np.int32, "y": np.int8, "sample": np.int64, "group": np.int32}
+    cols = _Columns({**schema, "image": np.int64}, budget)
+    cols.append(rows=rows, y=np.zeros(len(rows), np.int8), sample=sample, group=sample, image=image)
+    out, members, start = sets._pools(cols.close(), schema, budget)
+    frame = pd.DataFrame({"s": sample, "i": image, "r": rows})
     want = frame.groupby(["s", "i"], sort=True)
-    assert np.array_equal(first, want["at"].first().to_numpy())
+    assert np.array_equal(out.read("rows"), want["r"].first().to_numpy())
+    assert np.array_equal(out.read("sample"), want["s"].first().to_numpy())
     assert np.array_equal(start, np.append(0, np.cumsum(want.size().to_numpy())))
-    assert np.array_equal(pool_rows, np.concatenate([g["r"].to_numpy() for _, g in want]))
-    assert order == "shuffled" or pool_rows is rows                 # runs: the rows themselves
+    assert np.array_equal(members.read("rows"), np.concatenate([g["r"].to_numpy() for _, g in want]))
+    assert out.spilled == members.spilled == (budget == 0)
+
+
+@pytest.mark.parametrize("level, budget", [("image", float("inf")), ("image", 0), ("patch", float("inf")), ("patch", 0)])
+def test_control_labels_looked_up_per_chunk_equal_those_drawn_whole(level, budget, monkeypatch):
+    """The control table, built and looked up chunk by chunk, gives every row the label the whole-set
+    draw gives: image level, the units' labels permuted across units; patch level, one draw from
+    the label frequencies per (image, label) pair in sorted order."""
+    monkeypatch.setattr(columns, "CHUNK", 31)
+    rng = np.random.default_rng(8)
+    n = 500
+    sample = np.sort(rng.integers(0, 80, n))
+    group = sample // 2
+    y = (sample % 3) if level == "image" else rng.integers(0, 4, n)
+    s = _made_set(level, y.astype(np.int16), sample, group, np.zeros(40), budget)
+    got = sets._Control(s, np.random.default_rng([3, 1]))
+    got = np.concatenate([got(c) for _, c in s.cols.chunks(("y", "sample", "group"))])
+    want_rng = np.random.default_rng([3, 1])
+    if level == "image":
+        units, first, inv = np.unique(sample, return_index=True, return_inverse=True)
+        want = want_rng.permutation(y[first].astype(np.int16))[inv]
+        assert (pd.Series(got).groupby(sample).nunique() == 1).all()       # one control label per unit
+    else:
+        pairs, inv = np.unique(np.stack([group, y], axis=1), axis=0, return_inverse=True)
+        freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
+        want = want_rng.choice(len(freq), size=len(pairs), p=freq).astype(np.int16)[inv.ravel()]
+    assert np.array_equal(got, want) and not np.array_equal(got, y)

@@ -3,9 +3,9 @@ with the rows: the objective, optimiser and tolerances of scikit-learn 1.9's
 ``LogisticRegression(C, max_iter)`` (lbfgs) and ``RidgeClassifier(alpha)``, with the loss, its
 gradient and the ridge's sufficient statistics summed block by block.
 
-Rows come from a feature source (:class:`.data._Rows`): ``rows.blocks(pos)`` yields
-``(start, x)`` with ``x`` the features of ``pos[start:start + len(x)]``. Every pass over the
-rows reads them again, from memory or from the store.
+Rows come in blocks (``batches()``: dicts with "pos", "rows" and class codes "y", as
+:meth:`.sets._Set.batches` yields them) whose features a feature source gives
+(:class:`.features._Rows`). Every pass over the rows reads them again, from memory or from the store.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _Rows, _take
+from .features import _Rows, _take
 
 log = logging.getLogger("mechsink")
 
@@ -31,52 +31,69 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig
 
 
 def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Fit on the rows ``pos`` of ``rows`` with class codes y [len(pos)]; return (weight [K, d],
-    bias [K]) on raw activations (the scaler folded in: w' = w / sigma, b' = b - w' . mu).
+    """Fit on the rows ``pos`` of ``rows`` with class codes y [len(pos)]; see :func:`fit_batches`."""
+    pos, y = np.asarray(pos), np.asarray(y)
 
-    Classes missing from y get a bias of -1e30 (never predicted); one class present: predict it.
+    def batches():
+        for start in range(0, len(pos), rows.block_rows):
+            p = pos[start:start + rows.block_rows]
+            yield {"pos": p, "rows": p, "y": y[start:start + rows.block_rows]}
+    return fit_batches(rows, batches, n_classes, config)
+
+
+def fit_batches(rows, batches, n_classes: int, config: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Fit on the blocks ``batches()`` yields (called once per pass); return (weight [K, d], bias
+    [K]) on raw activations (the scaler folded in: w' = w / sigma, b' = b - w' . mu).
+
+    Classes missing from the rows get a bias of -1e30 (never predicted); one class present: predict it.
     """
     from threadpoolctl import threadpool_limits
 
-    pos = np.asarray(pos)
-    mu, sigma = _moments(rows, pos)
-    y = np.asarray(y)
-    present = np.flatnonzero(np.bincount(y))      # np.unique(y) of class codes, without sorting y
-    # codes 0..m-1 of the present classes (y itself when every class is present: no copy)
-    code = y if len(present) and present[-1] == len(present) - 1 else np.searchsorted(present, y).astype(y.dtype)
+    counts = np.zeros(n_classes, dtype=np.int64)
+    for b in batches():                            # the classes present (no features read)
+        counts += np.bincount(b["y"], minlength=n_classes)
+    present = np.flatnonzero(counts)
+    n = int(counts.sum())
+    # codes 0..m-1 of the present classes (the codes themselves when every class is present)
+    lut = None if len(present) and present[-1] == len(present) - 1 else np.cumsum(counts > 0) - 1
+    mu, sigma = _moments(rows, batches)
     weight = np.zeros((n_classes, rows.d))
     bias = np.full(n_classes, -1e30)
     if len(present) == 1:
         bias[present[0]] = 0.0
         return weight, bias
 
-    buf = np.empty((min(rows.block_rows, len(pos)), rows.d))  # one block, reused: no page faults per pass
+    buf = np.empty((min(rows.block_rows, n), rows.d))  # one block, reused: no page faults per pass
     # held rows whose float64 copy fits the budget too are standardised once, not on every pass
     # (the same blocks, the same arithmetic: the same numbers)
-    kept: list | None = [] if rows.held and len(pos) * rows.d * 8 <= rows.memory_bytes else None
+    kept: list | None = [] if rows.held and n * rows.d * 8 <= rows.memory_bytes else None
+    done = [False]
 
-    def blocks():  # standardised float64 blocks, as sklearn sees the whole matrix
-        if kept and kept[-1][0] + len(kept[-1][1]) == len(pos):
+    def blocks():  # (standardised float64 block, its codes), as sklearn sees the whole matrix
+        if done[0]:
             yield from kept
             return
         kept_now = kept is not None
         if kept_now:
             kept.clear()                 # a pass left unfinished starts over
-        for start, x in rows.blocks(pos):
+        for b in batches():
+            x = rows.read(b)
             z = np.subtract(x, mu, out=np.empty(x.shape) if kept_now else buf[:len(x)])
             z /= sigma
+            code = b["y"] if lut is None else lut[b["y"]].astype(b["y"].dtype)
             if kept_now:
-                kept.append((start, z))
-            yield start, z
+                kept.append((z, code))
+            yield z, code
+        done[0] = kept_now
 
     # Small fits run on one thread: BLAS on small blocks is overhead-bound and spin-waits badly on
     # a busy machine (sklearn's OpenMP loss measured 6x slower with 2 threads on 2 shared cores).
-    threads = 1 if len(pos) * rows.d < SMALL_FIT else None
+    threads = 1 if n * rows.d < SMALL_FIT else None
     with threadpool_limits(threads):
         if config.model == "logistic":
-            coef, icpt = _logistic(blocks, code, len(present), rows.d, config.C, config.max_iter)
+            coef, icpt = _logistic(blocks, n, len(present), rows.d, config.C, config.max_iter)
         else:
-            coef, icpt = _ridge(blocks, code, len(present), rows.d, config.alpha)
+            coef, icpt = _ridge(blocks, len(present), rows.d, config.alpha)
     if coef.shape[0] == 1:  # binary: one score s; [-s/2, s/2] keeps argmax and softmax = sigmoid(s)
         coef, icpt = np.vstack([-coef / 2, coef / 2]), np.array([-icpt[0] / 2, icpt[0] / 2])
     w = coef / sigma
@@ -85,12 +102,12 @@ def fit_rows(rows, pos: np.ndarray, y: np.ndarray, n_classes: int, config: Probe
     return weight, bias
 
 
-def _moments(rows, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _moments(rows, batches) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and (population) std of the rows, in one pass: float64 block moments merged
     with Chan et al.'s update (exact to rounding; one block is numpy's own two-pass formula)."""
     n, mean, m2 = 0, np.zeros(rows.d), np.zeros(rows.d)
-    for _, x in rows.blocks(pos):
-        x = np.asarray(x, dtype=np.float64)
+    for b in batches():
+        x = np.asarray(rows.read(b), dtype=np.float64)
         nb, mb = len(x), x.mean(axis=0)
         m2b = np.square(x - mb).sum(axis=0)
         delta, tot = mb - mean, n + nb
@@ -102,15 +119,14 @@ def _moments(rows, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, sigma
 
 
-def _ridge(blocks, code: np.ndarray, k: int, d: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def _ridge(blocks, k: int, d: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """RidgeClassifier: targets +-1 per class (one column for two classes, +1 = the second), the
     intercept from centred data, coef = (Zc'Zc + alpha I)^-1 Zc'Yc; here from Z'Z, Z'Y and the sums."""
     from scipy import linalg
 
     m = 1 if k == 2 else k
     gram, zy, sz, sy, n = np.zeros((d, d)), np.zeros((d, m)), np.zeros(d), np.zeros(m), 0
-    for start, z in blocks():
-        c = code[start:start + len(z)]
+    for z, c in blocks():
         t = (2.0 * (c == 1) - 1.0)[:, None] if k == 2 else 2.0 * (c[:, None] == np.arange(k)) - 1.0
         gram += z.T @ z
         zy += z.T @ t
@@ -124,14 +140,13 @@ def _ridge(blocks, code: np.ndarray, k: int, d: int, alpha: float) -> tuple[np.n
     return coef, ym - coef @ zm
 
 
-def _logistic(blocks, code: np.ndarray, k: int, d: int, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+def _logistic(blocks, n: int, k: int, d: int, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """LogisticRegression's lbfgs fit: mean half-binomial (two classes, one coefficient vector, the
     second class positive) or half-multinomial loss + 1 / (2 C n) |w|^2, intercept unpenalised,
     coefficients (classes contiguous per feature) from zeros, sklearn's L-BFGS-B options."""
     from scipy import optimize
     from scipy.special import expit
 
-    n = len(code)
     l2 = 1.0 / (C * n)
     binary = k == 2
 
@@ -144,8 +159,7 @@ def _logistic(blocks, code: np.ndarray, k: int, d: int, C: float, max_iter: int)
     def loss_grad(w):
         coef, icpt = split(w)
         loss, g_coef, g_icpt = 0.0, np.zeros_like(coef), np.zeros_like(icpt)
-        for start, z in blocks():
-            t = code[start:start + len(z)]
+        for z, t in blocks():
             if binary:
                 t = (t == 1).astype(np.float64)
                 raw = z @ coef + icpt

@@ -150,10 +150,11 @@ def _labels(index: _Index, config: ProbeConfig) -> _Labels:
         raise ProbeError(f"label {col!r} varies within samples {bad}; use level='patch' for a patch-level label")
 
     if by_path:
-        names = np.array(list(path_id), dtype=object)
-        order = np.argsort(names.astype(str), kind="stable")       # sorted as the strings sort
-        lab.path_code = {names[j]: i for i, j in enumerate(order)}
-        group_names, first = names[order], np.asarray(path_first, dtype=np.int64)[order]
+        names = sorted(path_id)         # as the strings sort (no fixed-width copy of every path)
+        first = np.asarray(path_first, dtype=np.int64)[[path_id[n] for n in names]]
+        del path_id, path_first
+        lab.path_code = {n: i for i, n in enumerate(names)}
+        group_names = np.array(names, dtype=object)
     else:
         lab.samples = np.unique(np.concatenate(samples)) if samples else np.array([], dtype=np.int64)
         group_names = lab.samples

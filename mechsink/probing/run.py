@@ -21,12 +21,13 @@ from ..memory import trim
 from ..results import json_safe
 from ..sites import Site
 from .config import ProbeConfig, ProbeError
-from .data import _features, _subset, _token_set, _where
+from .features import _features
+from .fit import fit_batches
 from .labels import _Index, _labels
-from .fit import fit_rows
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .scoring import _cross_val, _score
+from .sets import _token_set
 
 log = logging.getLogger("mechsink")
 
@@ -81,13 +82,12 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     rows, probes, splits, notes = [], [], [], []
     recorded: dict[str, set[str]] = {}
     for t, name in enumerate(config.token_sets):
-        s = _token_set(name, index, lab, config)
+        s = _token_set(name, index, lab, config, memory_mb)
         if isinstance(s, str):
             if mine(t * len(sites)):
                 notes.append((t * len(sites), s))
             log.info("probe: %s", s)
             continue
-        fold = lab.fold_of_group[s.group]
         for j, site in enumerate(sites, start=t * len(sites)):
             if not mine(j):
                 continue
@@ -96,7 +96,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
                 rows.append((j, done[key][0]))
                 probes.append((j, (key, done[key][1])))
                 continue
-            item = _fit_one(store, s, site, fold, lab, config, memory_mb, recorded, depth[site])
+            item = _fit_one(store, s, site, lab, config, memory_mb, recorded, depth[site])
             trim()
             if isinstance(item, str):
                 notes.append((j, item))
@@ -108,7 +108,7 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
             rows.append((j, row))
             if out is not None and world() == 1:
                 _checkpoint(Path(out), row, probe_)
-        del s, fold  # the next set's arrays do not meet this one's
+        del s  # the next set's arrays do not meet this one's
         trim()
 
     rows, probes, notes = gather(rows), dict(gather(probes)), gather(notes)
@@ -125,74 +125,65 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     return result
 
 
-def _fit_one(store, s, site: str, fold: np.ndarray, lab, config: ProbeConfig, memory_mb: float,
-             recorded: dict, depth: int):
+def _fit_one(store, s, site: str, lab, config: ProbeConfig, memory_mb: float, recorded: dict, depth: int):
     """One (token set, site): (result row, probe, split records or None), or a note saying why it
-    is left out. A function of its own so that its per-token arrays are freed when it returns."""
+    is left out. A function of its own so that what it holds is freed when it returns."""
     name, n_classes = s.name, len(lab.classes)
-    feats, finite = _features(store, s, site, memory_mb)
-    if not finite.any():
+    feats = _features(store, s, site, memory_mb)
+    seen = _Finite(s, n_classes)
+    if not seen.n:
         return f"{name} @ {site}: no activations cached for these tokens"
-    sub = _subset(s, finite)
-    every = bool(finite.all())          # then positions are the rows themselves: no copies of them
-    pos, f_sub = (None, fold) if every else (_where(finite), fold[finite])
-    folds = _Folds(f_sub, config.k)
+    folds = np.unique(s.fold_of_group[seen.images]).tolist()      # the folds with finite rows
     if len(folds) < 2:
         return f"{name} @ {site}: its images fall in fewer than 2 folds"
     split = None
-    used = hashlib.sha256(finite.tobytes()).hexdigest()
-    if used not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
-        recorded[name].add(used)
-        split = (name, used, _split_records(name, site, folds, sub.group))
-    del finite
-    real = _score(sub, sub.y, _cross_val(feats, pos, sub.y, sub.unit, folds, n_classes, config), f_sub, n_classes, config)
-    ctrl = None
-    if config.control:
-        ctrl = _score(sub, sub.y_control, _cross_val(feats, pos, sub.y_control, sub.unit, folds, n_classes, config),
-                      f_sub, n_classes, config)
-    w, b = fit_rows(feats, np.arange(len(sub.y), dtype=np.int32) if pos is None else pos, sub.y, n_classes, config)
+    if seen.hash not in recorded.setdefault(name, set()):  # sites reading the same rows share splits
+        recorded[name].add(seen.hash)
+        split = (name, seen.hash, _split_records(name, site, folds, seen.images, s.fold_of_group))
+    real = _score(_cross_val(feats, s, folds, False, n_classes, config), config)
+    ctrl = _score(_cross_val(feats, s, folds, True, n_classes, config), config) if config.control else None
+    w, b = fit_batches(feats, lambda: s.batches(feats.block_rows, lambda c: c["ok"]), n_classes, config)
     meta = {"label": config.label, "level": lab.level, "token_set": name, "site": site,
-            "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(),
-            "n_tokens": int(len(sub.y))}
+            "aggregate": real.aggregate, "store_id": store.id, "config": config.to_dict(), "n_tokens": seen.n}
     probe_ = LinearProbe(w, b, lab.classes, config.model, meta)
     acc, c_acc = real.accuracy, (ctrl.accuracy if ctrl else (math.nan,) * 3)
-    present = np.flatnonzero(np.bincount(sub.y))
+    present = np.flatnonzero(seen.classes)
     row = {"label": config.label, "level": lab.level, "token_set": name, "site": site, "depth": depth,
            "unit": "image" if lab.level == "image" else "token", "aggregate": real.aggregate,
            "metric": "balanced_accuracy", "accuracy": acc[0], "ci_low": acc[1], "ci_high": acc[2],
            "token_accuracy": real.token_accuracy, "control_accuracy": c_acc[0], "control_ci_low": c_acc[1],
            "control_ci_high": c_acc[2], "selectivity": acc[0] - c_acc[0], "majority": real.majority,
            "chance": 1.0 / len(present), "n_classes": int(len(present)),
-           "n_images": int(len(np.unique(sub.group))), "n_units": real.n_units, "n_tokens": int(len(sub.y)),
+           "n_images": int(len(seen.images)), "n_units": real.n_units, "n_tokens": seen.n,
            "k": len(folds), "model": config.model}
     log.info("probe %s @ %s: accuracy %.3f [%.3f, %.3f], control %.3f", name, site, *acc, c_acc[0])
     return row, probe_, split
 
 
-class _Folds:
-    """(train, test) positions of each fold that has test rows, made when iterated: the k pairs of
-    index arrays, together the size of k token sets, are never all held at once."""
+class _Finite:
+    """What a pass over a set's finite rows at a site says: how many (n), a hash of which ones
+    (sites that read the same rows share their splits), the images with one, and rows per class."""
 
-    def __init__(self, fold: np.ndarray, k: int) -> None:
-        self.fold = fold
-        self.ids = [f for f in range(k) if (fold == f).any()]
+    def __init__(self, s, n_classes: int) -> None:
+        h = hashlib.sha256()
+        has = np.zeros(len(s.fold_of_group), dtype=bool)
+        self.classes = np.zeros(n_classes, dtype=np.int64)
+        for _, c in s.cols.chunks(("ok", "y", "group")):
+            ok = c["ok"]
+            h.update(ok.tobytes())
+            has[c["group"][ok]] = True
+            self.classes += np.bincount(c["y"][ok], minlength=n_classes)
+        self.n, self.hash, self.images = int(self.classes.sum()), h.hexdigest(), np.flatnonzero(has)
 
-    def __len__(self) -> int:
-        return len(self.ids)
 
-    def __iter__(self):
-        for f in self.ids:
-            yield _where(self.fold != f), _where(self.fold == f)
-
-
-def _split_records(name, site, folds, group) -> tuple:
-    """(token set, site, fold [m], image code [m], tested [m]): the images on each side of each fold,
-    read off the index arrays the fold trains and tests on (codes, not strings: a record per image)."""
+def _split_records(name, site, folds: list[int], images: np.ndarray, fold_of_group: np.ndarray) -> tuple:
+    """(token set, site, fold [m], image code [m], tested [m]): the images on each side of each
+    fold (``images``: those with finite rows; codes, not strings: a record per image)."""
     fold, image, tested = [], [], []
-    for f, (train, test) in enumerate(folds):
-        for is_test, idx in ((False, train), (True, test)):
-            g = np.unique(group[idx])
-            fold.append(np.full(len(g), f, dtype=np.int16))
+    of = fold_of_group[images]
+    for i, f in enumerate(folds):
+        for is_test, g in ((False, images[of != f]), (True, images[of == f])):
+            fold.append(np.full(len(g), i, dtype=np.int16))
             image.append(g)
             tested.append(np.full(len(g), is_test))
     return name, site, np.concatenate(fold), np.concatenate(image), np.concatenate(tested)

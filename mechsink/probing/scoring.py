@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ProbeConfig
-from .data import _int_type, _Set, _unique
-from .fit import fit_rows
+from .fit import fit_batches
 from .linear import LinearProbe, _softmax
+from .sets import _Set
 
 
 def _balanced_counts(group: np.ndarray, y: np.ndarray, correct: np.ndarray, n_groups: int, k: int):
@@ -37,17 +37,21 @@ def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0
     evaluated unit (image or token). Images are resampled whole (a cluster bootstrap), so tokens
     of one image never count as independent evidence. Returns (estimate, low, high), the BCa
     interval of ``mechsink.stats.bootstrap_ci``.
-
-    Memory stays O(images x classes): resamples are reduced in blocks of at most ``_BOOT_ELEMENTS``
-    image ids, and the jackknife is the totals less each image's own counts (the generic one would
-    evaluate n resamples of n - 1 images).
     """
-    from ..stats import bootstrap_ci
-
     gids, g = np.unique(np.asarray(group), return_inverse=True)
     y = np.asarray(y, dtype=np.int64)
     counts, hits = _balanced_counts(g.ravel(), y, np.asarray(correct, bool), len(gids), int(y.max()) + 1)
-    n = len(gids)
+    return _balanced_ci(counts, hits, n_boot=n_boot, seed=seed, alpha=alpha)
+
+
+def _balanced_ci(counts: np.ndarray, hits: np.ndarray, *, n_boot: int, seed: int, alpha: float = 0.05):
+    """``balanced_accuracy_ci`` from evaluated and correct units per image and class [G, K] (every
+    image with a unit). Memory stays O(images x classes): resamples are reduced in blocks of at most
+    ``_BOOT_ELEMENTS`` image ids, and the jackknife is the totals less each image's own counts (the
+    generic one would evaluate n resamples of n - 1 images)."""
+    from ..stats import bootstrap_ci
+
+    n = len(counts)
     if n < 2:
         return _balanced(counts, hits), float("nan"), float("nan")
 
@@ -69,15 +73,20 @@ def balanced_accuracy_ci(group, y, correct, *, n_boot: int = 1000, seed: int = 0
 
 
 @dataclass
-class _OutOfFold:
-    """Out-of-fold predictions of a token set: each token's class (argmax of its scores) and each
-    unit's (argmax of its tokens' mean probability, logistic, or mean score, ridge). Per unit only
-    [u, K] sums are held while the folds run, never the [n, K] scores of every token."""
+class _Outcomes:
+    """Out-of-fold outcomes of a token set, as counts: per image and class the units evaluated and
+    the units predicted right [G, K], units per fold and class [F, K] (the majority baseline) and
+    tokens per class, all and right [K]. A unit's prediction is its token's class (argmax of its
+    scores), or for a unit of several tokens the argmax of their mean probability (logistic) or
+    mean score (ridge). Nothing per token is held."""
 
-    token_pred: np.ndarray   # [n]
-    units: np.ndarray        # [u] unit ids, sorted
-    first: np.ndarray        # [u] first token of each unit
-    unit_pred: np.ndarray    # [u]
+    counts: np.ndarray
+    hits: np.ndarray
+    by_fold: np.ndarray
+    tokens: np.ndarray
+    token_hits: np.ndarray
+    n_units: int
+    n_tokens: int
 
 
 @dataclass
@@ -89,48 +98,82 @@ class _Scored:
     aggregate: str
 
 
-def _score(s: _Set, y: np.ndarray, oof: _OutOfFold, fold: np.ndarray, n_classes: int, config: ProbeConfig) -> _Scored:
-    """Score out-of-fold predictions against codes y [n] at the unit level."""
-    right = y[oof.token_pred == y]
-    token_acc = _balanced(np.bincount(y, minlength=n_classes)[None].astype(float),
-                          np.bincount(right, minlength=n_classes)[None].astype(float))
-    del right
-    units, first, pred = oof.units, oof.first, oof.unit_pred
-    uy, ug, uf = y[first], s.group[first], fold[first]
-    agg = "none" if len(units) == len(y) else ("mean_proba" if config.model == "logistic" else "mean_score")
-    acc = balanced_accuracy_ci(ug, uy, pred == uy, n_boot=config.n_boot, seed=config.seed)
-    # majority baseline: each fold predicts its training units' most frequent class
-    maj = np.empty(len(uy), dtype=np.int64)
-    for f in np.unique(uf):
-        train = uy[uf != f]
-        maj[uf == f] = np.bincount(train, minlength=n_classes).argmax() if len(train) else 0
-    majority = _balanced(*_balanced_counts(np.zeros(len(uy), np.int64), uy, maj == uy, 1, n_classes))
-    return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, len(units), agg)
+def _score(o: _Outcomes, config: ProbeConfig) -> _Scored:
+    """Balanced accuracy of the units with its image-bootstrap CI, token accuracy and the majority
+    baseline (each fold predicts its training units' most frequent class)."""
+    k = int(np.flatnonzero(o.counts.sum(0))[-1]) + 1        # classes up to the last one evaluated
+    have = o.counts.sum(1) > 0                                # images with a unit
+    acc = _balanced_ci(o.counts[have, :k], o.hits[have, :k], n_boot=config.n_boot, seed=config.seed)
+    agg = "none" if o.n_units == o.n_tokens else ("mean_proba" if config.model == "logistic" else "mean_score")
+    token_acc = _balanced(o.tokens[None].astype(float), o.token_hits[None].astype(float))
+    total = o.by_fold.sum(0)
+    right = np.zeros(len(total))
+    for f in np.flatnonzero(o.by_fold.sum(1)):
+        train = total - o.by_fold[f]
+        maj = int(train.argmax()) if train.sum() else 0
+        right[maj] += o.by_fold[f, maj]
+    majority = _balanced(total[None].astype(float), right[None])
+    return _Scored(acc, token_acc if agg != "none" else float("nan"), majority, o.n_units, agg)
 
 
-def _cross_val(rows, pos, y, unit, folds, n_classes, config) -> _OutOfFold:
-    """Each fold's tokens scored by a probe fit on the other folds. rows: a feature source
-    (:class:`.data._Rows`); pos [n]: its rows (None: row i is token i); unit [n]: the unit of each
-    token; folds: (train, test) into pos. A unit's tokens are summed fold by fold, in token order
-    within each: the order of the whole set, unless the unit's sample holds images that fall in
-    different folds."""
-    units, first, inv = _unique(unit)
-    one = len(units) == len(unit)            # one token per unit: its own prediction
-    token_pred = np.zeros(len(y), dtype=_int_type(n_classes))
-    unit_pred = np.zeros(len(units), dtype=token_pred.dtype)
-    sums = None if one else np.zeros((len(units), n_classes))
-    for train, test in folds:
-        w, b = fit_rows(rows, train if pos is None else pos[train], y[train], n_classes, config)
+def _cross_val(feats, s: _Set, folds: list[int], control: bool, n_classes: int, config: ProbeConfig) -> _Outcomes:
+    """Each fold's finite tokens scored by a probe fit on the other folds' (``control``: on the
+    control labels). feats: the set's feature source (:class:`.features._Rows`); folds: the fold
+    ids with test rows. A unit's tokens are summed fold by fold, in token order within each: the
+    order of the whole set, unless the unit's sample holds images that fall in different folds."""
+    n_groups, n_folds = len(s.fold_of_group), int(s.fold_of_group.max(initial=0)) + 1
+    counts, hits = np.zeros((n_groups, n_classes)), np.zeros((n_groups, n_classes))
+    by_fold = np.zeros((n_folds, n_classes))
+    tokens, token_hits = np.zeros(n_classes, dtype=np.int64), np.zeros(n_classes, dtype=np.int64)
+    units = _units(s, control)       # None: every unit is one token (its own prediction)
+    sums = None if units is None else np.zeros((len(units[0]), n_classes))
+    fold_of = s.fold_of_group
+    for f in folds:
+        w, b = fit_batches(feats, lambda: s.batches(feats.block_rows, lambda c: c["ok"] & (fold_of[c["group"]] != f),
+                                                    control), n_classes, config)
         p = LinearProbe(w, b, list(range(n_classes)), config.model)
-        for start, x in rows.blocks(test if pos is None else pos[test]):
-            idx = test[start:start + len(x)]
-            scores = p.scores(x)
-            token_pred[idx] = scores.argmax(axis=1)
+        for bt in s.batches(feats.block_rows, lambda c: c["ok"] & (fold_of[c["group"]] == f), control,
+                            extra=("group", s.unit) if s.unit != "rows" else ("group",)):
+            scores = p.scores(feats.read(bt))
+            y = bt["y"]
+            tokens += np.bincount(y, minlength=n_classes)
+            token_hits += np.bincount(y[scores.argmax(axis=1) == y], minlength=n_classes)
             values = _softmax(scores) if config.model == "logistic" else scores
-            if one:
-                unit_pred[inv[idx]] = values.argmax(axis=1)
+            if units is None:
+                np.add.at(counts, (bt["group"], y), 1.0)
+                np.add.at(hits, (bt["group"], y), (values.argmax(axis=1) == y).astype(float))
+                by_fold[f] += np.bincount(y, minlength=n_classes)
             else:
-                np.add.at(sums, inv[idx], values)
-    if not one:
-        unit_pred[:] = (sums / np.bincount(inv)[:, None]).argmax(axis=1)
-    return _OutOfFold(token_pred, units, first, unit_pred)
+                np.add.at(sums, np.searchsorted(units[0], bt[s.unit]), values)
+    if units is None:
+        n_units = int(tokens.sum())
+    else:
+        ids, uy, ug, n_tok = units
+        pred = (sums / n_tok[:, None]).argmax(axis=1)
+        np.add.at(counts, (ug, uy), 1.0)
+        np.add.at(hits, (ug, uy), (pred == uy).astype(float))
+        np.add.at(by_fold, (fold_of[ug], uy), 1.0)
+        n_units = len(ids)
+    return _Outcomes(counts, hits, by_fold, tokens, token_hits, n_units, int(tokens.sum()))
+
+
+def _units(s: _Set, control: bool):
+    """(unit ids sorted, each unit's label, image and finite tokens) of a set whose units (samples)
+    hold several finite tokens; None when every unit is one token (patch level: the token itself)."""
+    if s.unit == "rows":
+        return None
+    ids, y = [], []
+    for _, c in s.cols.chunks(("ok", "y", "sample", "group")):
+        m = c["ok"]
+        u, at, n = np.unique(c["sample"][m], return_index=True, return_counts=True)
+        lab = s.labels(c, control)[m]
+        ids.append(u.astype(np.int64))
+        y.append(np.column_stack([lab[at].astype(np.int64), c["group"][m][at].astype(np.int64), n]))
+    if not ids:
+        return None
+    ids, rest = np.concatenate(ids), np.concatenate(y)
+    units, first, inv = np.unique(ids, return_index=True, return_inverse=True)
+    if len(units) == int(rest[:, 2].sum()):
+        return None
+    n_tok = np.bincount(inv.ravel(), weights=rest[:, 2], minlength=len(units))
+    return units, rest[first, 0], rest[first, 1], n_tok
