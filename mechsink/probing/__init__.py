@@ -31,15 +31,22 @@ chance flags leakage or an over-expressive probe. ``selectivity`` = accuracy - c
 Probes are saved as safetensors (weight [K, d], bias [K]) + JSON (classes, site, label, config):
 the feature standardisation is folded into the weights, so a saved probe is one affine map.
 
-The features do not grow memory with the cache: a (token set, site)'s are held in memory (float32)
-when they fit ``probe(..., memory_mb=1024)``, else read from the store block by block on every pass
-of the fit, which is sklearn's (lbfgs ``LogisticRegression`` / ``RidgeClassifier``) computed over
-blocks whose size depends on the width only. Either way, under any budget, it is the same probe.
+Memory does not grow with the cache. The index is read in blocks, several times over, and what the
+probe keeps of it is per image, per sample or per class (names, folds, control tables, counts).
+A token set's per-token arrays (index row, class code, sample, image: ~17 bytes a token) are held
+while they fit ``probe(..., memory_mb=1024)`` and spilled to a scratch folder (``TMPDIR``) past it;
+a (token set, site)'s features are held (float32) when they fit the same budget, else read from the
+store block by block on every pass of the fit, which is sklearn's (lbfgs ``LogisticRegression`` /
+``RidgeClassifier``) computed over blocks whose size depends on the width only. Either way, under
+any budget, it is the same probe. (``max_tokens_per_image`` draws its subset in memory: a
+permutation of the set.)
 
-Modules: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear` (LinearProbe, saving),
-:mod:`.fit` (the blockwise fit), :mod:`.data` (labels, folds, token sets, feature source),
-:mod:`.scoring` (balanced accuracy, cross-validation), :mod:`.result` (ProbeResult), :mod:`.run`
-(``probe``).
+Modules, in dependency order: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear`
+(LinearProbe, saving), :mod:`.labels` (the label's classes and level, images, folds: index scans),
+:mod:`.columns` (per-token arrays, held or spilled), :mod:`.sets` (token sets, control labels,
+blocks of rows), :mod:`.features` (the feature source), :mod:`.fit` (the blockwise fit),
+:mod:`.scoring` (balanced accuracy, cross-validation as counts), :mod:`.result` (ProbeResult),
+:mod:`.run` (``probe``).
 """
 from .config import AGGREGATES, LEVELS, MODELS, SELECTIONS, TOKEN_SETS, ProbeConfig, ProbeError
 from .fit import fit_linear

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-CHUNK = 1 << 16   # rows a pass over the columns reads at once
+CHUNK = 1 << 14   # rows a pass over the columns reads at once
 
 
 class _Columns:

@@ -41,7 +41,7 @@ def _site_order(sites: Sequence[str]) -> list[str]:
     return sorted(sites, key=key)
 
 
-MEMORY_MB = 1024.0  # features of one (token set, site) held in memory up to this size; beyond, streamed
+MEMORY_MB = 1024.0  # features of one (token set, site), and a set's per-token arrays, held up to this size; beyond, streamed
 
 
 def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str | os.PathLike | None = None,
@@ -55,7 +55,8 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
     memory_mb: a (token set, site)'s float32 features are read once and held when they fit in it,
     else streamed from the store on every pass of every fit (slower, memory flat in the cache size);
-    the probe is exactly the same (blocks depend on the width only), so the budget is not part of the config.
+    a token set's per-token arrays likewise, else spilled to a scratch folder. The probe is exactly
+    the same (blocks depend on the width only), so the budget is not part of the config.
     """
     from ..cache import Store
 
