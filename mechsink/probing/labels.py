@@ -63,8 +63,8 @@ class _Labels:
     label: str
     class_index: pd.Index
     as_text: bool                 # labels compared as strings (a column of mixed values)
-    path_code: dict | None        # path -> group code; None: groups are samples
-    samples: np.ndarray | None    # sorted sample ids (the groups when path_code is None)
+    by_path: bool                 # groups are image files (group_names, sorted); else samples
+    samples: np.ndarray | None    # sorted sample ids (the groups when not by path)
 
     def codes(self, part: pd.Series) -> np.ndarray:
         """Class codes of a block's labels, -1 where unlabelled, in the smallest type."""
@@ -74,11 +74,13 @@ class _Labels:
 
     def groups(self, block: pd.DataFrame) -> np.ndarray:
         """Image (group) code of each row of a block (int64)."""
-        if self.path_code is None:
+        if not self.by_path:
             return np.searchsorted(self.samples, block["sample_idx"].to_numpy())
         names, codes = _path_codes(block["image_path"])
-        lut = [self.path_code.get(n, -1) for n in names] + [self.path_code.get("nan", -1)]   # code -1: missing
-        return np.array(lut, dtype=np.int64)[codes]
+        names = np.array(names + ["nan"], dtype=object)            # code -1: missing, the path "nan"
+        at = np.minimum(np.searchsorted(self.group_names, names), len(self.group_names) - 1)
+        lut = np.where(self.group_names[at] == names, at, -1)      # a category no row of the block uses: -1
+        return lut[codes]
 
 
 def _path_codes(col: pd.Series) -> tuple[list[str], np.ndarray]:
@@ -102,7 +104,7 @@ def _labels(index: _Index, config: ProbeConfig) -> _Labels:
     if len(classes) > 1000:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
                          "(bin a continuous label first)")
-    lab = _Labels("", _plain(classes), np.array([]), np.array([]), col, classes, as_text, None, None)
+    lab = _Labels("", _plain(classes), np.array([]), np.array([]), col, classes, as_text, False, None)
 
     # per sample: least and greatest code, first code; per path and per sample: the first label
     spans, firsts, samples, path_id, path_first = [], [], [], {}, []
@@ -153,7 +155,7 @@ def _labels(index: _Index, config: ProbeConfig) -> _Labels:
         names = sorted(path_id)         # as the strings sort (no fixed-width copy of every path)
         first = np.asarray(path_first, dtype=np.int64)[[path_id[n] for n in names]]
         del path_id, path_first
-        lab.path_code = {n: i for i, n in enumerate(names)}
+        lab.by_path = True
         group_names = np.array(names, dtype=object)
     else:
         lab.samples = np.unique(np.concatenate(samples)) if samples else np.array([], dtype=np.int64)

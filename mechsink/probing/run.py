@@ -23,7 +23,7 @@ from ..sites import Site
 from .config import ProbeConfig, ProbeError
 from .features import _features
 from .fit import fit_batches
-from .labels import _Index, _labels
+from .labels import _Index, _int_type, _labels
 from .linear import LinearProbe, load_probe
 from .result import PROBES, RESULT_COLUMNS, SPLIT_COLUMNS, ProbeResult, probe_name
 from .scoring import _cross_val, _score
@@ -181,6 +181,7 @@ def _split_records(name, site, folds: list[int], images: np.ndarray, fold_of_gro
     """(token set, site, fold [m], image code [m], tested [m]): the images on each side of each
     fold (``images``: those with finite rows; codes, not strings: a record per image)."""
     fold, image, tested = [], [], []
+    images = images.astype(_int_type(len(fold_of_group)))        # codes in the smallest type: a record per image
     of = fold_of_group[images]
     for i, f in enumerate(folds):
         for is_test, g in ((False, images[of != f]), (True, images[of == f])):
