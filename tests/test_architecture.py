@@ -110,16 +110,20 @@ def test_no_import_cycles():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-# The activation store's modules in dependency order (docs/architecture.md): each imports only earlier ones.
-CACHE_ORDER = ["layout", "rows", "tensorfile", "samples", "locks", "store", "index", "writer", "integrity",
-               "extract", "export"]
+# The activation store's and probing's modules in dependency order (docs/architecture.md): each
+# imports only earlier ones.
+ORDERS = {"cache": ["layout", "rows", "tensorfile", "samples", "locks", "store", "index", "writer", "integrity",
+                    "extract", "export"],
+          "probing": ["config", "linear", "labels", "columns", "sets", "features", "fit", "scoring", "result", "run"]}
 
 
-def test_the_store_modules_import_in_order():
-    mods = {f"mechsink.cache.{m}" for m in CACHE_ORDER}
-    assert {n for n in MODULES if n.startswith("mechsink.cache.")} == mods, "a cache module is missing from CACHE_ORDER"
-    bad = [f"{m} imports {d}" for k, m in enumerate(CACHE_ORDER) for d in GRAPH[f"mechsink.cache.{m}"]
-           if d in mods and CACHE_ORDER.index(d.rsplit(".", 1)[1]) >= k]
+@pytest.mark.parametrize("package", sorted(ORDERS))
+def test_the_modules_of_a_package_import_in_order(package):
+    order = ORDERS[package]
+    mods = {f"mechsink.{package}.{m}" for m in order}
+    assert {n for n in MODULES if n.startswith(f"mechsink.{package}.")} == mods, f"a {package} module is missing"
+    bad = [f"{m} imports {d}" for k, m in enumerate(order) for d in GRAPH[f"mechsink.{package}.{m}"]
+           if d in mods and order.index(d.rsplit(".", 1)[1]) >= k]
     assert not bad, bad
 
 
