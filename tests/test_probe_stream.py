@@ -332,23 +332,30 @@ def test_token_sets_scanned_from_the_store_in_blocks_equal_pandas_on_the_whole_i
     assert np.array_equal(s.cols.read("sample"), st.index["sample_idx"].to_numpy()[r])
 
 
-@pytest.mark.parametrize("k", [1, 3, 8, 40])
-def test_cap_per_image_keeps_what_the_whole_permutation_keeps(k, monkeypatch):
-    """Capping a token set per image chunk by chunk keeps exactly the rows the one-shot reference
-    keeps (the first k of each image in the seeded random order, by pandas' cumcount)."""
-    monkeypatch.setattr(sets, "CAP_CHUNK", 97)                 # many chunks, images split across them
+@pytest.mark.parametrize("k, budget", [(1, float("inf")), (3, 0), (8, float("inf")), (40, 0)])
+def test_cap_per_image_keeps_each_images_draw(k, budget, monkeypatch):
+    """Capping a token set per image, chunk by chunk (images split across chunks, held or
+    spilled), keeps exactly the rows the whole-set reference keeps: of image g's rows in index
+    order, those whose rank is in default_rng([seed, g]).choice(count, k, replace=False)."""
+    monkeypatch.setattr(columns, "CHUNK", 97)
     rng = np.random.default_rng(k)
-    group = rng.integers(0, 50, 3000).astype(np.int16)          # 50 images, ~60 rows each, unsorted
-    rows = np.flatnonzero(rng.random(3000) < 0.7).astype(np.int32)
-    order = rows[np.random.default_rng(11).permutation(len(rows))]
-    keep = pd.Series(group[order]).groupby(group[order]).cumcount().to_numpy() < k
-    want = np.sort(order[keep])
-    keep = sets._cap(group[rows], k, seed=11)
-    got = rows if keep is None else rows[keep]
-    assert np.array_equal(got, want)
-    assert np.bincount(group[got]).max() == min(k, np.bincount(group[rows]).max())
+    group = rng.integers(0, 50, 3000)                         # 50 images, ~60 rows each, unsorted
+    rows = np.flatnonzero(rng.random(3000) < 0.7)
+    g = group[rows]
+    rank = pd.Series(g).groupby(g).cumcount().to_numpy()
+    count = np.bincount(g)
+    keep = np.ones(len(rows), dtype=bool)
+    for img in np.flatnonzero(count > k):
+        chosen = np.random.default_rng([11, img]).choice(count[img], k, replace=False)
+        keep[g == img] = np.isin(rank[g == img], chosen)
+    schema = {"rows": np.int32, "y": np.int8, "sample": np.int64, "group": np.int16}
+    cols = _Columns(schema, budget)
+    cols.append(rows=rows, y=np.zeros(len(rows), np.int8), sample=g, group=g)
+    got = sets._cap(cols.close(), k, 11, schema, budget)
+    assert np.array_equal(got.read("rows"), rows[keep]) and np.array_equal(got.read("group"), g[keep])
+    assert np.array_equal(np.bincount(got.read("group")), np.minimum(count, k))
     if k == 40:
-        assert sets._cap(group[rows], 10**6, seed=11) is None   # nothing over the cap: all of them, nothing drawn
+        assert sets._cap(cols, 10**6, 11, schema, budget) is None   # nothing over the cap: all of them, nothing drawn
 
 
 def _old_codes(raw: pd.Series):

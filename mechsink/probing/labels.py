@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..memory import trim
 from .config import ProbeConfig, ProbeError
 from .linear import _plain
 
@@ -47,6 +48,7 @@ class _Index:
         for part in parts:
             yield at, part
             at += len(part)
+        trim()    # the blocks' freed pages (Arrow's pool, the heap): a scan leaves nothing behind
         if at != self.n:
             raise ProbeError(f"the cache index holds {at} rows, its summary says {self.n}")
 

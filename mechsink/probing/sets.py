@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import columns
 from .columns import _Columns
 from .config import _SEED_ORDER, ProbeConfig, ProbeError
 from .labels import _Index, _int_type, _Labels
@@ -101,22 +100,11 @@ def _token_set(name: str, index: _Index, lab: _Labels, config: ProbeConfig,
     if name == "mean":   # an aggregate, not a selection: one pooled row per (sample, image)
         s.cols, s.members, s.pool_start = _pools(cols, schema, budget)
     if name in ("sinks", "nonsinks", "image") and config.max_tokens_per_image is not None and s.n:
-        keep = _cap(cols.read("group"), config.max_tokens_per_image, config.seed)
-        if keep is not None:
-            s.cols = _taken(cols, keep, schema, budget)
+        s.cols = _cap(cols, config.max_tokens_per_image, config.seed, schema, budget) or cols
     if s.n == 0:
         return f"{name}: no rows in the cache"
     s.control = _Control(s, np.random.default_rng([config.seed, _SEED_ORDER.index(name)]))
     return s
-
-
-def _taken(cols: _Columns, keep: np.ndarray, schema: dict, budget: float) -> _Columns:
-    """The rows ``keep`` (sorted positions) of ``cols``, as new columns."""
-    out = _Columns(schema, budget)
-    for start in range(0, len(keep), columns.CHUNK):
-        p = keep[start:start + columns.CHUNK]
-        out.append(**{k: cols.read(k, int(p[0]), int(p[-1]) + 1)[p - p[0]] for k in schema})
-    return out.close()
 
 
 def _pools(cols: _Columns, schema: dict, budget: float):
@@ -164,31 +152,38 @@ def _pools_sorted(cols: _Columns, schema: dict, budget: float):
     return out.close(), members.close(), pool_start
 
 
-CAP_CHUNK = 1 << 16   # rows of the random order looked at once when a token set is capped per image
-
-
-def _cap(group: np.ndarray, k: int, seed: int) -> np.ndarray | None:
-    """Positions (sorted) of a token set's rows that keep at most k of each image's (``group`` [n]):
-    the first k of each image in the order ``default_rng(seed).permutation(n)`` puts the rows in;
-    None when no image has more than k rows (every row kept, nothing drawn). Walked in chunks with
-    a count per image; the order itself is held (a capped set is drawn in memory)."""
-    counts = np.bincount(group)
+def _cap(cols: _Columns, k: int, seed: int, schema: dict, budget: float) -> _Columns | None:
+    """The rows of a token set less all but k of each image's: image g keeps the rows whose rank
+    among its own (in index order) is in ``default_rng([seed, g]).choice(c_g, k, replace=False)``,
+    a uniform draw of k of its c_g rows. Two passes in chunks, holding a count per image; None when
+    no image has more than k rows (every row kept, nothing drawn)."""
+    counts = np.zeros(0, dtype=np.int64)
+    for _, c in cols.chunks(("group",)):
+        b = np.bincount(c["group"])
+        counts = np.pad(counts, (0, max(0, len(b) - len(counts))))
+        counts[:len(b)] += b
     if counts.max(initial=0) <= k:
         return None
-    order = np.random.default_rng(seed).permutation(len(group))
-    seen = np.zeros(len(counts), dtype=np.int64)      # rows of each image met so far in that order
-    kept = []
-    for start in range(0, len(order), CAP_CHUNK):
-        r = order[start:start + CAP_CHUNK]
-        g = group[r]
-        by = np.argsort(g, kind="stable")               # within an image, in the random order
+    seen = np.zeros(len(counts), dtype=np.int64)         # rows of each image met so far
+    out = _Columns(schema, budget)
+    for _, c in cols.chunks(tuple(schema)):
+        g = c["group"].astype(np.int64)
+        by = np.argsort(g, kind="stable")                 # the chunk's rows image by image, in index order
         sg = g[by]
         head = np.r_[True, sg[1:] != sg[:-1]]
         first = np.flatnonzero(head)
-        rank = np.arange(len(sg)) - first[np.cumsum(head) - 1] + seen[sg]
-        kept.append(r[by[rank < k]])
+        rank = np.empty(len(g), dtype=np.int64)
+        rank[by] = np.arange(len(sg)) - first[np.cumsum(head) - 1] + seen[sg]
+        keep = np.ones(len(g), dtype=bool)
+        ends = np.append(first[1:], len(sg))
+        for j in np.flatnonzero(counts[sg[first]] > k):   # images over the cap: their draw
+            img, idx = int(sg[first[j]]), by[first[j]:ends[j]]
+            drawn = np.zeros(counts[img], dtype=bool)
+            drawn[np.random.default_rng([seed, img]).choice(counts[img], k, replace=False)] = True
+            keep[idx] = drawn[rank[idx]]
         seen += np.bincount(g, minlength=len(seen))
-    return np.sort(np.concatenate(kept))
+        out.append(**{name: c[name][keep] for name in schema})
+    return out.close()
 
 
 class _Control:
