@@ -172,9 +172,12 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
         assert x.dtype == np.float32 and np.array_equal(x, real(site, s.cols.read("rows")[pos]))
 
 
-@pytest.mark.parametrize("model", ["logistic", "ridge"])
-def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
-    cfg = ProbeConfig(label="lab", model=model, token_sets=("sinks", "nonsinks", "mean"), n_boot=200, k=4)
+@pytest.mark.parametrize("model, cap", [("logistic", 64), ("ridge", 64), ("logistic", 5)])
+def test_probe_streamed_equals_probe_held(store, model, cap, monkeypatch):
+    """Features and token sets held, or read from the store and a scratch folder on every pass
+    (also with the per-image cap drawing 5 of each image's 10 non-sink tokens): the same result."""
+    cfg = ProbeConfig(label="lab", model=model, token_sets=("sinks", "nonsinks", "mean"), n_boot=200, k=4,
+                      max_tokens_per_image=cap)
     monkeypatch.setattr(features, "BLOCK_BYTES", 8 * D * 41)   # several blocks per fit, whatever the budget
     monkeypatch.setattr(features, "MIN_BLOCK_ROWS", 1)
     monkeypatch.setattr(columns, "CHUNK", 50)                  # spilled sets read back 50 rows at a time
@@ -189,6 +192,8 @@ def test_probe_streamed_equals_probe_held(store, model, monkeypatch):
         q = small.probes[key]
         assert np.array_equal(q.weight, p.weight) and np.array_equal(q.bias, p.bias)   # the same blocks: the same sums
     assert (big.frame.loc[big.frame["token_set"] == "nonsinks", "accuracy"] > 0.6).all()  # a real signal
+    tokens = big.frame.set_index(["token_set", "site"])["n_tokens"]
+    assert tokens["nonsinks", "vit.out"] == N_IMG * min(cap, PER - 2)                     # the cap, per image
 
 
 def _sets(source, cfg, block, names=("image", "sinks", "nonsinks", "cls", "mean")):
