@@ -5,6 +5,7 @@
     python -m benchmarks.rss merge STORE_DIR
     python -m benchmarks.rss read STORE_DIR
     python -m benchmarks.rss probe STORE_DIR
+    python -m benchmarks.rss tokens N TOKENS_PER_IMAGE WORKDIR
     python -m benchmarks.rss ablate MODEL IMAGES_DIR N BATCH DRAWS
 
 The variant is set up (a TL bridge, an nnsight wrapper) and runs once on one image (lazy imports
@@ -24,6 +25,9 @@ crc32 of every file it touches) against a second read of the same files (checked
 store made by ``stream`` of a labelled image set, after the same probe over a store of its first
 ``WARM_IMAGES`` images (so that neither its imports nor the library code it runs the first time,
 file-backed pages of several MB, count as the run's memory: as in the other drivers' warm-ups);
+``tokens`` writes a store of N synthetic images of TOKENS_PER_IMAGE image tokens (2 of them
+sinks, width 32, float16, sites ``vit.out`` and ``llm.out``, an image-level label written weakly
+in one dimension) and runs the same probe over it: at equal N, its peak must not depend on the tokens.
 ``ablate`` runs ``mechsink.ablation.ablate`` (zero at ``proj.out``, fixed patches, DRAWS random
 draws) over N images read from disk, with ``out=`` a temporary directory (its rows stream to disk).
 Both warm up on a small input first (lazy imports, first fit or forward), then the peak mark is reset.
@@ -53,6 +57,8 @@ def main(argv: list[str]) -> dict:
         return read_only(argv[1])
     if kind == "probe":
         return probe_only(argv[1])
+    if kind == "tokens":
+        return tokens_only(int(argv[1]), int(argv[2]), Path(argv[3]))
     if kind == "ablate":
         return ablate_only(argv[1], argv[2], int(argv[3]), int(argv[4]), int(argv[5]))
     if kind == "stream":
@@ -183,6 +189,32 @@ def probe_only(store: str, **overrides) -> dict:
     return {"probe_peak_mb": added_mb(peak_rss_kb(), start), "probe_s": wall, "probes": len(res.frame),
             "probe_rows": len(Store.open(store)),
             "probe_tokens": int(res.frame["n_tokens"].sum()) if len(res.frame) else 0}
+
+
+def tokens_only(n: int, per: int, workdir: Path) -> dict:
+    """``probe_only`` over a synthetic store of n images of ``per`` tokens each (see the module docstring)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from mechsink.cache import StoreConfig, StoreWriter
+    store = workdir / f"tokens-{n}x{per}"
+    shutil.rmtree(store, ignore_errors=True)
+    rng = np.random.default_rng(0)
+    w = StoreWriter(store, StoreConfig(sites=("vit.out", "llm.out")), dtype="float16")
+    step = max(1, 16384 // per)
+    for first in range(0, n, step):
+        img = np.repeat(np.arange(first, min(n, first + step)), per)
+        x = rng.normal(size=(len(img), 32)).astype(np.float32)
+        x[:, 0] += img % 2                                          # the label, weakly
+        rows = pd.DataFrame({"sample_idx": img, "token_role": "image", "is_sink": np.arange(len(img)) % per < 2,
+                             "image": 0, "label": img % 2, "image_path": [f"images/{i:07d}.png" for i in img]})
+        w.add(rows, {"vit.out": torch.from_numpy(x), "llm.out": torch.from_numpy(2 * x)})
+    w.finalize()
+    try:
+        return {**probe_only(str(store), sites=("vit.out", "llm.out")), "tokens_per_image": per, "images": n}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 ABLATE_SINKS = (0, 5, 10)

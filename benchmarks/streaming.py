@@ -13,6 +13,10 @@ and ablation drivers over N and 10 N images.
   two sites, token sets image / nonsinks / mean) over the tiny-llava stores of N and 10 N images,
   with ``memory_mb=rss.PROBE_MEMORY_MB`` (0.25), below one token set at N: both runs stream their
   features from the store as a large cache does (a cache within the budget is held instead).
+- the probe driver again over two synthetic stores of 2,000 images, 16 and 160 tokens each
+  (``benchmarks.rss tokens``; 160 is past the default cap of 64 tokens per image, so the capped
+  sets are drawn as on a real model's 576): the ratio of their peaks says whether anything the
+  probe holds grows with the tokens.
 - the ablation driver (``mechsink.ablation.ablate``: zero at ``proj.out``, 3 fixed patches, 32
   random draws, batches of 16) over N and 10 N tiny-llava images read from disk, with ``out=`` (the
   rows stream to disk; the result returned holds a few numbers per image, ``held_mb_*``), its
@@ -34,6 +38,8 @@ FLOOR_MB = 1.0     # a part's peak below this is allocator noise (a merge that s
 
 
 TWIN_STREAM = dict(sites="vit", shard_mb=32, batch_size=4)
+TOKENS = (16, 160)   # tokens per image of the probe's synthetic stores (160: the set capped at 64 per image)
+TOKENS_IMAGES = 2000  # their images: enough that a set fills the fit's blocks (at 200 x 16 tokens it does not)
 
 
 def _measure(model: str, folder, n: int, bs: int, workdir, sites: str = "all", shard_mb: float | None = None,
@@ -108,6 +114,16 @@ def section(models: dict, args, workdir) -> list:
                                f"probe_s_{n_large}": large["probe_s"], "probes": large["probes"],
                                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in PROBE.items()},
                                "memory_mb": PROBE_MEMORY_MB}))
+        # the same probe at N images of 16 and of 160 tokens each: memory must not grow with the tokens
+        tok = {t: measure_rss(["tokens", str(TOKENS_IMAGES), str(t), str(workdir)], timeout=1800) for t in TOKENS}
+        a, b = tok[TOKENS[0]], tok[TOKENS[1]]
+        ratio = b["probe_peak_mb"] / max(a["probe_peak_mb"], 1e-9)
+        rows.append(Row("streaming", "synthetic", f"probe driver peak {TOKENS[1]} / {TOKENS[0]} tokens per image",
+                        None, None, ratio, ratio, f"{TOKENS_IMAGES} images", f"<= {TARGET}",
+                        extra={**{f"probe_peak_mb_{t}_tokens": tok[t]["probe_peak_mb"] for t in TOKENS},
+                               **{f"probe_tokens_{t}_tokens": tok[t]["probe_tokens"] for t in TOKENS},
+                               **{f"probe_s_{t}_tokens": tok[t]["probe_s"] for t in TOKENS},
+                               "index_rows": b["probe_rows"], "images": TOKENS_IMAGES, "memory_mb": PROBE_MEMORY_MB}))
         abl = {n: measure_rss(["ablate", "tiny-llava", str(folder), str(n), str(bs), "32"], timeout=1800)
                for n in (n_small, n_large)}
         a, b = abl[n_small], abl[n_large]
