@@ -257,27 +257,31 @@ class AblationResult(Result):
         rand = f[f["condition"] == "random"].pivot(index="sample", columns="draw", values="effect").sort_index()
         return sink.to_numpy(), rand.loc[sink.index].to_numpy(), sink.index
 
-    def _valid(self) -> pd.DataFrame:
-        """The valid samples of ``samples()``, ordered by sample (the order of ``effects()``)."""
+    def _valid(self, columns: list[str]) -> dict[str, pd.Series]:
+        """``columns`` of the valid samples of ``samples()``, ordered by sample (the order of
+        ``effects()``): arrays of only those columns, not copies of the whole frame."""
         s = self.samples()
-        s = s[s["valid"]]
-        if s.empty:
+        valid = s["valid"].to_numpy(dtype=bool)
+        if not valid.any():
             raise AblationError("no valid samples: every sample lacked sinks or matched controls")
-        return s.sort_values("sample", kind="stable")
+        at = np.flatnonzero(valid)
+        at = at[np.argsort(s["sample"].to_numpy()[at], kind="stable")]
+        return {c: s[c].iloc[at] for c in columns}
 
     def units(self) -> np.ndarray:
-        """The image of every valid sample, in the order of ``effects()`` (a frame without
-        ``image_key``, saved by an older version, counts every sample as its own image)."""
-        s = self._valid()
+        """The image of every valid sample, in the order of ``effects()``, as a code: images
+        numbered in the order they first appear (a frame without ``image_key``, saved by an older
+        version, counts every sample as its own image). Codes, not the keys: no string per sample."""
+        s = self._valid(["image_key", "sample"])
         keys = s["image_key"] if s["image_key"].notna().all() else s["sample"]
-        return keys.astype(str).to_numpy()
+        return pd.factorize(keys)[0]
 
     def comparison(self, *, by: str = "image", **kw):
         """mechsink.stats.Comparison of sink vs random effects (bootstrap CIs, permutation p), over
         images (``by="image"``: questions on one image averaged first) or, for comparison only,
         over questions (``by="question"``, which treats correlated questions as independent)."""
         from .stats import compare_paired
-        s = self._valid()
+        s = self._valid(["effect", "random", "n_draws"])
         trim()      # what the run and the reading of its rows freed, before the statistics resample
         c = self.config
         args = dict(n_boot=c.n_boot, n_perm=c.n_perm, alpha=c.alpha, alternative=c.alternative, seed=c.seed)
