@@ -106,7 +106,8 @@ def _labels(index: _Index, config: ProbeConfig) -> _Labels:
     if len(classes) > 1000:
         raise ProbeError(f"label {col!r} has {len(classes)} distinct values; probes here are classifiers "
                          "(bin a continuous label first)")
-    lab = _Labels("", _plain(classes), np.array([]), np.array([]), col, classes, as_text, False, None)
+    lab = _Labels(level="", classes=_plain(classes), group_names=np.array([]), fold_of_group=np.array([]),
+                  label=col, class_index=classes, as_text=as_text, by_path=False, samples=None)   # codes() first
 
     # per sample: least and greatest code, first code; per path and per sample: the first label
     spans, firsts, samples, path_id, path_first = [], [], [], {}, []
