@@ -259,7 +259,7 @@ class AblationResult(Result):
 
     def _valid(self, columns: list[str]) -> dict[str, pd.Series]:
         """``columns`` of the valid samples of ``samples()``, ordered by sample (the order of
-        ``effects()``): arrays of only those columns, not copies of the whole frame."""
+        ``effects()``): those columns only, not copies of the whole frame."""
         s = self.samples()
         valid = s["valid"].to_numpy(dtype=bool)
         if not valid.any():
