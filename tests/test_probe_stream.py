@@ -546,3 +546,13 @@ def test_control_labels_looked_up_per_chunk_equal_those_drawn_whole(level, budge
         freq = np.bincount(y, minlength=int(y.max()) + 1) / len(y)
         want = want_rng.choice(len(freq), size=len(pairs), p=freq).astype(np.int16)[inv.ravel()]
     assert np.array_equal(got, want) and not np.array_equal(got, y)
+
+
+def test_a_scratch_folder_that_cannot_be_written_is_one_clear_error(store, tmp_path, monkeypatch):
+    """A set past the budget needs a scratch folder: where TMPDIR cannot hold one, the probe stops
+    with one line that says what to do, not a traceback from deep inside."""
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))        # what TMPDIR would set
+    with pytest.raises(ProbeError, match=r"cannot write a token set to a scratch folder in .*missing .*set TMPDIR"):
+        probe(store, ProbeConfig(label="lab", token_sets=("nonsinks",), n_boot=100, k=4), memory_mb=0)
+    assert probe(store, ProbeConfig(label="lab", token_sets=("nonsinks",), n_boot=100, k=4)).frame.shape[0] == 2

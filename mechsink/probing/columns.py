@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from ..memory import trim
+from .config import ProbeError
 
 CHUNK = 1 << 14   # rows a pass over the columns reads at once
+
+
+def _no_room(e: OSError) -> ProbeError:
+    return ProbeError(f"cannot write a token set to a scratch folder in {tempfile.gettempdir()} "
+                      f"({e.strerror or e}); set TMPDIR to a writable folder with room, or raise memory_mb")
 
 
 class _Columns:
@@ -49,7 +55,10 @@ class _Columns:
             self._spill()
 
     def _spill(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="mechsink-probe-"))
+        try:
+            self.folder = Path(tempfile.mkdtemp(prefix="mechsink-probe-"))
+        except OSError as e:
+            raise _no_room(e) from None
         weakref.finalize(self, shutil.rmtree, self.folder, True)
         for name in self.schema:
             for a in self.parts[name] + ([self.arrays[name]] if name in self.arrays else []):
@@ -58,8 +67,11 @@ class _Columns:
         self.arrays, self.held_bytes = {}, 0
 
     def _write(self, name: str, a: np.ndarray) -> None:
-        with open(self.folder / name, "ab") as f:
-            a.astype(self.schema[name], copy=False).tofile(f)
+        try:
+            with open(self.folder / name, "ab") as f:
+                a.astype(self.schema[name], copy=False).tofile(f)
+        except OSError as e:
+            raise _no_room(e) from None
 
     def close(self) -> "_Columns":
         """Join the held pieces (each array in the widest of its pieces' types)."""
