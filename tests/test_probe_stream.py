@@ -110,7 +110,8 @@ N_IMG, PER, D = 60, 12, 16
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def store(tmp_path_factory, request):
     """60 images of 12 tokens (2 of them sinks) whose label is written, weakly, in a few dims; some
-    tokens not cached (NaN) at one site. Float16 rows are read as they are and held as float32."""
+    tokens not cached (NaN) at one site. Float16 rows are read and held as they are (float32 holds
+    them exactly)."""
     rng = np.random.default_rng(0)
     label = np.arange(N_IMG) % 3
     img = np.repeat(np.arange(N_IMG), PER)
@@ -169,7 +170,8 @@ def test_rows_read_from_the_store_equal_rows_held(store, name, site, model, monk
         first = s.members.read("rows")[s.pool_start[:-1]]
         assert np.array_equal(np.unique(store.index["sample_idx"].to_numpy()[first]), np.arange(N_IMG))   # one pool per image
     else:
-        assert x.dtype == np.float32 and np.array_equal(x, real(site, s.cols.read("rows")[pos]))
+        want = real(site, s.cols.read("rows")[pos])
+        assert x.dtype == want.dtype == store.dtype and np.array_equal(x, want)   # held in the store's own type
 
 
 @pytest.mark.parametrize("model, cap", [("logistic", 64), ("ridge", 64), ("logistic", 5)])

@@ -1,5 +1,6 @@
-"""A token set's features at a site, read from the store in blocks of rows: held in memory as
-float32 when they fit the probe's budget, else gathered from the store on every pass of a fit."""
+"""A token set's features at a site, read from the store in blocks of rows: held in memory (in
+the store's float16, or float32) when they fit the probe's budget, else gathered from the store on
+every pass of a fit."""
 from __future__ import annotations
 
 from functools import partial
@@ -31,15 +32,18 @@ class _Rows:
 
 def _features(store, s: _Set, site: str, memory_mb: float) -> _Rows:
     """The set's features at a site (mean: pooled per image, float32), and in ``s.cols["ok"]``
-    which rows are finite (NaN: not cached). Read once and held as float32 when n * d float32 fit in
-    ``memory_mb``; else every pass of a fit gathers its rows from the store again, so memory does
-    not grow with the cache."""
+    which rows are finite (NaN: not cached). Read once and held when they fit in ``memory_mb``
+    (float16 from a float16 store, else float32); else every pass of a fit gathers its rows from
+    the store again, so memory does not grow with the cache."""
     d = store.dims[site]
     if s.members is None:   # the store's float16/float32 (exact in float32; the fit computes in float64)
         rows = _Rows(d, lambda index_rows: store.get(site, index_rows), memory_mb, key="rows")
     else:
         rows = _Rows(d, _pooled(store, s, site, memory_mb), memory_mb)
-    held = np.empty((s.n, d), dtype=np.float32) if s.n * d * 4 <= memory_mb * 2**20 else None
+    # held in the store's own float16 where it has it (float32 holds it exactly: the same numbers,
+    # twice the rows in the budget); pooled means and the other types as float32
+    dt = np.dtype(np.float16 if s.members is None and store.dtype == "float16" else np.float32)
+    held = np.empty((s.n, d), dtype=dt) if s.n * d * dt.itemsize <= memory_mb * 2**20 else None
     s.cols.reset("ok", bool)
     for b in s.batches(rows.block_rows):
         x = rows.read(b)
