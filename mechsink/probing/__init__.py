@@ -35,11 +35,12 @@ Memory does not grow with the cache. The index is read in blocks, several times 
 probe keeps of it is per image, per sample or per class (names, folds, control tables, counts).
 A token set's per-token arrays (index row, class code, sample, image: ~17 bytes a token) are held
 while they fit ``probe(..., memory_mb=1024)`` and spilled to a scratch folder (``TMPDIR``) past it;
-a (token set, site)'s features are held (float32) when they fit the same budget, else read from the
-store block by block on every pass of the fit, which is sklearn's (lbfgs ``LogisticRegression`` /
-``RidgeClassifier``) computed over blocks whose size depends on the width only. Either way, under
-any budget, it is the same probe. ``max_tokens_per_image`` keeps a uniform draw of k of an
-image's tokens, seeded by the seed and the image, so that it too is drawn chunk by chunk.
+a (token set, site)'s features are held (a float16 store's as float16, else float32) when they
+fit the same budget, else read from the store block by block on every pass of the fit, which is
+sklearn's (lbfgs ``LogisticRegression`` / ``RidgeClassifier``) computed over blocks whose size
+depends on the width only. Either way, under any budget, it is the same probe.
+``max_tokens_per_image`` keeps a uniform draw of k of an image's tokens, seeded by the seed and the
+image, so that it too is drawn chunk by chunk.
 
 Modules, in dependency order: :mod:`.config` (ProbeConfig, token-set names), :mod:`.linear`
 (LinearProbe, saving), :mod:`.labels` (the label's classes and level, images, folds: index scans),

@@ -53,8 +53,9 @@ def probe(store, config: ProbeConfig | Mapping[str, Any] | None = None, out: str
     written there at once (its row to rows.jsonl, its probe to probes/) and a rerun with the same
     config skips it, so an interrupted run loses at most the probe in progress; the finished result
     is saved there at the end (``ProbeResult.save``; no figure: see ``report.figures.probe_figure``).
-    memory_mb: a (token set, site)'s float32 features are read once and held when they fit in it,
-    else streamed from the store on every pass of every fit (slower, memory flat in the cache size);
+    memory_mb: a (token set, site)'s features are read once and held when they fit in it (float16
+    from a float16 store, else float32), else streamed from the store on every pass of every fit
+    (slower, memory flat in the cache size);
     a token set's per-token arrays likewise, else spilled to a scratch folder. The probe is exactly
     the same (blocks depend on the width only), so the budget is not part of the config.
     """
