@@ -21,12 +21,6 @@ def _int_type(top: int):
     return next(dt for dt in (np.int8, np.int16, np.int32, np.int64) if top <= np.iinfo(dt).max)
 
 
-def _small(a: np.ndarray) -> np.ndarray:
-    """Non-negative integers in the smallest of int8/16/32/64 that holds them (storage only:
-    arithmetic on them casts to int64 first)."""
-    return a.astype(_int_type(int(a.max(initial=0))), copy=False)
-
-
 class _Index:
     """A cache index (a Store's, or a DataFrame) read in blocks, as many times as the probe asks."""
 

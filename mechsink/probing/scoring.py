@@ -162,16 +162,16 @@ def _units(s: _Set, control: bool):
     hold several finite tokens; None when every unit is one token (patch level: the token itself)."""
     if s.unit == "rows":
         return None
-    ids, y = [], []
+    ids, rest = [], []           # per chunk: its units, and each one's (label, image, finite tokens)
     for _, c in s.cols.chunks(("ok", "y", "sample", "group")):
         m = c["ok"]
         u, at, n = np.unique(c["sample"][m], return_index=True, return_counts=True)
         lab = s.labels(c, control)[m]
         ids.append(u.astype(np.int64))
-        y.append(np.column_stack([lab[at].astype(np.int64), c["group"][m][at].astype(np.int64), n]))
+        rest.append(np.column_stack([lab[at].astype(np.int64), c["group"][m][at].astype(np.int64), n]))
     if not ids:
         return None
-    ids, rest = np.concatenate(ids), np.concatenate(y)
+    ids, rest = np.concatenate(ids), np.concatenate(rest)
     units, first, inv = np.unique(ids, return_index=True, return_inverse=True)
     if len(units) == int(rest[:, 2].sum()):
         return None

@@ -152,16 +152,22 @@ def _pools_sorted(cols: _Columns, schema: dict, budget: float):
     return out.close(), members.close(), pool_start
 
 
+def _bincount(cols: _Columns, name: str) -> np.ndarray:
+    """np.bincount of a column, summed chunk by chunk (its length: the largest value + 1)."""
+    total = np.zeros(0, dtype=np.int64)
+    for _, c in cols.chunks((name,)):
+        b = np.bincount(c[name])
+        total = np.pad(total, (0, max(0, len(b) - len(total))))
+        total[:len(b)] += b
+    return total
+
+
 def _cap(cols: _Columns, k: int, seed: int, schema: dict, budget: float) -> _Columns | None:
     """The rows of a token set less all but k of each image's: image g keeps the rows whose rank
     among its own (in index order) is in ``default_rng([seed, g]).choice(c_g, k, replace=False)``,
     a uniform draw of k of its c_g rows. Two passes in chunks, holding a count per image; None when
     no image has more than k rows (every row kept, nothing drawn)."""
-    counts = np.zeros(0, dtype=np.int64)
-    for _, c in cols.chunks(("group",)):
-        b = np.bincount(c["group"])
-        counts = np.pad(counts, (0, max(0, len(b) - len(counts))))
-        counts[:len(b)] += b
+    counts = _bincount(cols, "group")
     if counts.max(initial=0) <= k:
         return None
     seen = np.zeros(len(counts), dtype=np.int64)         # rows of each image met so far
@@ -194,7 +200,7 @@ class _Control:
 
     def __init__(self, s: _Set, rng) -> None:
         self.image_level = s.level == "image"
-        ks, vs, counts = [], [], None
+        ks, vs = [], []
         for _, c in s.cols.chunks(("y", "sample", "group")):
             if self.image_level:
                 u, at = np.unique(c["sample"], return_index=True)     # each unit's first row in the chunk
@@ -202,15 +208,13 @@ class _Control:
                 vs.append(c["y"][at])
             else:
                 ks.append(np.unique(self._pair(c)))
-                b = np.bincount(c["y"])
-                counts = b if counts is None else np.pad(counts, (0, max(0, len(b) - len(counts)))) + \
-                    np.pad(b, (0, max(0, len(counts) - len(b))))
         keys = np.concatenate(ks)
         if self.image_level:      # units in order, each with its first row's label, shuffled
             self.keys, at = np.unique(keys, return_index=True)
             self.values = rng.permutation(np.concatenate(vs)[at])
         else:                     # pairs in (image, label) order, each a draw from the label frequencies
             self.keys = np.unique(keys)
+            counts = _bincount(s.cols, "y")
             freq = counts / counts.sum()
             self.values = rng.choice(len(freq), size=len(self.keys), p=freq).astype(s.cols.schema["y"])
 
