@@ -558,3 +558,15 @@ def test_a_scratch_folder_that_cannot_be_written_is_one_clear_error(store, tmp_p
     with pytest.raises(ProbeError, match=r"cannot write a token set to a scratch folder in .*missing .*set TMPDIR"):
         probe(store, ProbeConfig(label="lab", token_sets=("nonsinks",), n_boot=100, k=4), memory_mb=0)
     assert probe(store, ProbeConfig(label="lab", token_sets=("nonsinks",), n_boot=100, k=4)).frame.shape[0] == 2
+
+
+def test_an_index_without_a_column_a_token_set_needs_is_one_clear_error():
+    """An index written without ``is_sink`` (an older or foreign cache) can still be probed on
+    the token sets that do not read it; the sink sets say what is missing in one line."""
+    index = _index_frame(5).drop(columns=["is_sink"])
+    cfg = ProbeConfig(label="lab", k=4)
+    idx = _Index(index, block=50)
+    lab = _labels(idx, cfg)
+    with pytest.raises(ProbeError, match="has no column 'is_sink', which the token set 'sinks' needs"):
+        _token_set("sinks", idx, lab, cfg)
+    assert _token_set("image", idx, lab, cfg).n == int(index["lab"].notna().sum())
