@@ -114,7 +114,7 @@ def section(models: dict, args, workdir) -> list:
                                f"probe_s_{n_large}": large["probe_s"], "probes": large["probes"],
                                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in PROBE.items()},
                                "memory_mb": PROBE_MEMORY_MB}))
-        # the same probe at N images of 16 and of 160 tokens each: memory must not grow with the tokens
+        # the same probe over TOKENS_IMAGES images of 16 and of 160 tokens each: memory must not grow with the tokens
         tok = {t: measure_rss(["tokens", str(TOKENS_IMAGES), str(t), str(workdir)], timeout=1800) for t in TOKENS}
         a, b = tok[TOKENS[0]], tok[TOKENS[1]]
         ratio = b["probe_peak_mb"] / max(a["probe_peak_mb"], 1e-9)
