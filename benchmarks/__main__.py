@@ -20,7 +20,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny-llava only, fewer rounds (about 2 minutes)")
     p.add_argument("--json", type=Path, help="write every row and the run's settings here")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
-    p.add_argument("--models", help="comma-separated (default: tiny-llava with --quick, else tiny-llava,vitb-llava)")
+    p.add_argument("--models", help="comma-separated (default: tiny-llava with --quick, else tiny-llava,vitb-llava,twin-llava)")
     p.add_argument("--repeats", type=int, help="timed rounds per comparison (default 3 quick, 4 full)")
     p.add_argument("--draws", type=int, default=32, help="random draws in the ablation section")
     p.add_argument("--stream-images", help="N,10N images of the streaming section (default 40,400 quick, 200,2000 full)")
