@@ -152,13 +152,19 @@ def _pools_sorted(cols: _Columns, schema: dict, budget: float):
     return out.close(), members.close(), pool_start
 
 
+def _tally(total: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``total`` plus np.bincount of ``values`` (as long as the longer of the two)."""
+    b = np.bincount(values)
+    total = np.pad(total, (0, max(0, len(b) - len(total))))
+    total[:len(b)] += b
+    return total
+
+
 def _bincount(cols: _Columns, name: str) -> np.ndarray:
     """np.bincount of a column, summed chunk by chunk (its length: the largest value + 1)."""
     total = np.zeros(0, dtype=np.int64)
     for _, c in cols.chunks((name,)):
-        b = np.bincount(c[name])
-        total = np.pad(total, (0, max(0, len(b) - len(total))))
-        total[:len(b)] += b
+        total = _tally(total, c[name])
     return total
 
 
@@ -200,7 +206,7 @@ class _Control:
 
     def __init__(self, s: _Set, rng) -> None:
         self.image_level = s.level == "image"
-        ks, vs = [], []
+        ks, vs, counts = [], [], np.zeros(0, dtype=np.int64)
         for _, c in s.cols.chunks(("y", "sample", "group")):
             if self.image_level:
                 u, at = np.unique(c["sample"], return_index=True)     # each unit's first row in the chunk
@@ -208,13 +214,13 @@ class _Control:
                 vs.append(c["y"][at])
             else:
                 ks.append(np.unique(self._pair(c)))
+                counts = _tally(counts, c["y"])          # the label frequencies, in the same pass
         keys = np.concatenate(ks)
         if self.image_level:      # units in order, each with its first row's label, shuffled
             self.keys, at = np.unique(keys, return_index=True)
             self.values = rng.permutation(np.concatenate(vs)[at])
         else:                     # pairs in (image, label) order, each a draw from the label frequencies
             self.keys = np.unique(keys)
-            counts = _bincount(s.cols, "y")
             freq = counts / counts.sum()
             self.values = rng.choice(len(freq), size=len(self.keys), p=freq).astype(s.cols.schema["y"])
 
